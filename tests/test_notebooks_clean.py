@@ -1,0 +1,138 @@
+"""Committed notebooks carry no outputs, and the table of contents points at real files.
+
+Outputs belong to the build (every chapter is executed when the book is built), not to git:
+stored outputs bloat diffs, leak the author's paths and can show results the code no longer
+gives. Kernel metadata must stay, because the build starts the kernel the notebook names and
+Sphinx reads ``language_info`` for syntax highlighting (a notebook without it fails ``-W``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIRS = ("book", "exercises")
+PAGE_SUFFIXES = (".ipynb", ".md")
+
+
+def find_notebooks() -> list[Path]:
+    """Every notebook under book/ and exercises/, without Jupyter's checkpoint copies."""
+    found = []
+    for folder in NOTEBOOK_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.ipynb")):
+            if ".ipynb_checkpoints" not in path.parts:
+                found.append(path)
+    return found
+
+
+def notebook_problems(notebook: dict) -> list[str]:
+    """What keeps a notebook (parsed JSON) from being committable; empty when it is clean."""
+    problems = []
+    metadata = notebook.get("metadata", {})
+    kernelspec = metadata.get("kernelspec", {})
+    if kernelspec.get("name") != "python3":
+        problems.append(f"metadata.kernelspec.name should be 'python3', got {kernelspec!r}")
+    if metadata.get("language_info", {}).get("name") != "python":
+        problems.append("metadata.language_info is missing or not python")
+    if "widgets" in metadata:
+        problems.append("metadata.widgets holds saved widget state (an output)")
+    for index, cell in enumerate(notebook.get("cells", [])):
+        if cell.get("cell_type") != "code":
+            continue
+        if cell.get("outputs"):
+            problems.append(f"cell {index} has outputs")
+        if cell.get("execution_count") is not None:
+            problems.append(f"cell {index} has execution_count {cell['execution_count']}")
+    return problems
+
+
+def toc_files() -> list[str]:
+    """Every page named in _toc.yml (root, chapters, sections), without suffix."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    names = [toc["root"]]
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            if "file" in entry:
+                names.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
+    walk(toc.get("chapters", []))
+    return names
+
+
+def page_path(name: str) -> Path | None:
+    for suffix in PAGE_SUFFIXES:
+        candidate = ROOT / (name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+CLEAN_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "markdown", "metadata": {}, "source": "# A chapter"},
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": "x = 1"},
+    ],
+    "metadata": {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    },
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+
+
+def test_checker_accepts_a_clean_notebook() -> None:
+    assert notebook_problems(CLEAN_NOTEBOOK) == []
+
+
+def test_checker_flags_outputs_counts_and_missing_metadata() -> None:
+    dirty = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    dirty["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "1\n"}]
+    dirty["cells"][1]["execution_count"] = 3
+    del dirty["metadata"]["language_info"]
+    dirty["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    problems = notebook_problems(dirty)
+    assert problems == [
+        "metadata.language_info is missing or not python",
+        "metadata.widgets holds saved widget state (an output)",
+        "cell 1 has outputs",
+        "cell 1 has execution_count 3",
+    ]
+    dirty["metadata"].pop("kernelspec")
+    assert any("kernelspec" in problem for problem in notebook_problems(dirty))
+
+
+@pytest.mark.parametrize(
+    "path", find_notebooks(), ids=lambda path: str(path.relative_to(ROOT))
+)
+def test_notebook_is_committed_clean(path: Path) -> None:
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    assert notebook.get("nbformat") == 4, f"{path.name}: not an nbformat 4 notebook"
+    problems = notebook_problems(notebook)
+    assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems) + (
+        " (clear all outputs in Jupyter, then save, before committing)"
+    )
+
+
+def test_toc_pages_exist() -> None:
+    names = toc_files()
+    assert names[0] == "book/intro"
+    missing = [name for name in names if page_path(name) is None]
+    assert not missing, f"_toc.yml names pages that are not on disk: {missing}"
+
+
+def test_every_toc_notebook_is_checked() -> None:
+    """The glob above must see every notebook the book builds, or the clean check is hollow."""
+    checked = set(find_notebooks())
+    in_toc = [page_path(name) for name in toc_files()]
+    notebooks_in_toc = [path for path in in_toc if path is not None and path.suffix == ".ipynb"]
+    assert set(notebooks_in_toc) <= checked
