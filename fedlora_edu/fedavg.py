@@ -1,0 +1,335 @@
+"""FedAvg (McMahan et al. 2017): the server's weighted average of client models.
+
+The survey (arXiv 2505.13502, section 2.1) writes federated learning as eq. 1,
+
+    min_W f(W) = sum_{k=1}^{K} p_k f_k(W; D_k),    p_k = n_k / n,
+
+and FedAvg (McMahan, Moore, Ramage, Hampson and Aguera y Arcas, AISTATS 2017) optimises it
+in communication rounds: the server sends W to a sample of clients, each runs a few local
+gradient steps on f_k from W, and the server replaces W by the p_k-weighted average of what
+comes back. Every FedLoRA method of the later chapters is this loop with a different
+answer to "what is averaged, and how".
+
+* :func:`fedavg`: the aggregation step, sum_k p_k W_k, on state dicts (pure, tested).
+* :func:`embed_texts`: frozen sentence embeddings from the embedded MiniLM encoder, so that
+  FedAvg can be taught on a model that trains in milliseconds.
+* :func:`federated_linear_probe` and :func:`centralized_linear_probe`: a linear classifier on
+  those embeddings, trained by FedAvg and, as the upper bound, on the pooled data with the
+  same number of gradient steps.
+
+Taught in the chapter "book/part1/federated_learning.ipynb".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from fedlora_edu.aggregation import check_weights
+
+__all__ = [
+    "centralized_linear_probe",
+    "embed_texts",
+    "fedavg",
+    "federated_linear_probe",
+]
+
+PROBE_COLUMNS = ["round", "accuracy", "test_loss", "train_loss", "client_drift"]
+
+
+# ----------------------------------------------------------------------------------------
+# The aggregation step
+# ----------------------------------------------------------------------------------------
+def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
+    """FedAvg's server step: the weighted average sum_k p_k W_k of the clients' models.
+
+    ``states[k]`` is client k's model as a state dict (name -> tensor) and ``weights[k]`` its
+    weight p_k = n_k / n from the survey's eq. 1 (arXiv 2505.13502), as in McMahan et al.
+    (2017, FedAvg). Every state must have the same names and, per name, the same shape; the
+    weights must be non-negative and sum to 1; tensors must be floating point. Returns new
+    tensors (the inputs are not modified). Taught in the chapter
+    "book/part1/federated_learning.ipynb".
+    """
+    if isinstance(states, Mapping) or len(states) == 0:
+        raise ValueError("states must be a non-empty list of state dicts (one per client)")
+    p = check_weights(weights, len(states))
+    names = list(states[0].keys())
+    for k, state in enumerate(states):
+        if set(state.keys()) != set(names):
+            missing = sorted(set(names) - set(state.keys()))
+            extra = sorted(set(state.keys()) - set(names))
+            raise ValueError(
+                f"states[{k}] has different keys from states[0]: missing {missing}, extra {extra}"
+            )
+        for name in names:
+            tensor = state[name]
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise ValueError(f"states[{k}][{name!r}] must be a floating-point tensor")
+            if tensor.shape != states[0][name].shape:
+                raise ValueError(
+                    f"states[{k}][{name!r}] has shape {tuple(tensor.shape)}, states[0][{name!r}] "
+                    f"has {tuple(states[0][name].shape)}"
+                )
+    # Eq. 1 weights the clients' objectives by p_k; FedAvg weights their models the same way.
+    return {
+        name: sum((w * state[name] for w, state in zip(p, states, strict=True)), torch.zeros_like(states[0][name]))
+        for name in names
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Frozen sentence embeddings
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_texts(
+    model: nn.Module,
+    tokenizer: object,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Tensor:
+    """Mean-pooled, unit-length sentence embeddings of ``texts`` from a frozen encoder.
+
+    ``model`` is the encoder or a classifier around it (its ``base_model`` is used, so the
+    ``load_classifier`` result of :mod:`fedlora_edu.models` works); the token vectors of the
+    last layer are averaged over real (non-padding) tokens and scaled to length 1, as
+    all-MiniLM-L6-v2 (Reimers and Gurevych 2019) is meant to be used. Returns a float tensor of
+    shape (len(texts), hidden size) on the CPU. These fixed features let the chapter
+    "book/part1/federated_learning.ipynb" teach FedAvg (McMahan et al. 2017) on a linear
+    classifier before LoRA adapts the encoder itself.
+    """
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    encoder = getattr(model, "base_model", model)
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="embedding", unit="batch", leave=False, disable=not progress):
+        batch = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt").to(device)
+        hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        chunks.append(F.normalize(pooled, dim=-1).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------------
+# A linear probe trained by FedAvg
+# ----------------------------------------------------------------------------------------
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_data(features: Tensor, labels: object, num_classes: int, prefix: str) -> tuple[Tensor, Tensor]:
+    features = torch.as_tensor(features, dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"{prefix}features must be a non-empty 2-D tensor, got shape {tuple(features.shape)}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(
+            f"{prefix}labels has shape {tuple(labels.shape)}; need one label per row of {prefix}features "
+            f"({features.shape[0]})"
+        )
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{prefix}labels must lie in 0..{num_classes - 1} (num_classes={num_classes})")
+    return features, labels
+
+
+def _zero_probe(dimension: int, num_classes: int) -> dict[str, Tensor]:
+    # Zero start: the loss is convex in (weight, bias), so there is no symmetry to break, and
+    # every client and every method starts from the same W.
+    return {"weight": torch.zeros(num_classes, dimension), "bias": torch.zeros(num_classes)}
+
+
+def _logits(state: Mapping[str, Tensor], features: Tensor) -> Tensor:
+    return features @ state["weight"].T + state["bias"]
+
+
+@torch.no_grad()
+def _evaluate_probe(state: Mapping[str, Tensor], features: Tensor, labels: Tensor) -> tuple[float, float]:
+    logits = _logits(state, features)
+    accuracy = float((logits.argmax(dim=1) == labels).float().mean())
+    return accuracy, float(F.cross_entropy(logits, labels))
+
+
+def _sgd_steps(
+    state: Mapping[str, Tensor],
+    features: Tensor,
+    labels: Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], float]:
+    """Plain minibatch SGD on the cross-entropy from ``state``: f_k's local steps in FedAvg."""
+    parameters = {name: tensor.clone().requires_grad_(True) for name, tensor in state.items()}
+    optimizer = torch.optim.SGD(parameters.values(), lr=learning_rate)
+    losses = []
+    size = min(batch_size, features.shape[0])
+    for _ in range(steps):
+        index = torch.randperm(features.shape[0], generator=generator)[:size]
+        loss = F.cross_entropy(_logits(parameters, features[index]), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return {name: tensor.detach() for name, tensor in parameters.items()}, float(np.mean(losses))
+
+
+def _distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    return math.sqrt(sum(float((a[name] - b[name]).pow(2).sum()) for name in a))
+
+
+def _check_probe_options(num_classes, rounds, local_steps, clients_per_round, learning_rate, batch_size):
+    _check_positive_int(rounds, "rounds")
+    _check_positive_int(local_steps, "local_steps")
+    _check_positive_int(clients_per_round, "clients_per_round")
+    _check_positive_int(batch_size, "batch_size")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ValueError(f"learning_rate must be a number > 0, got {learning_rate!r}")
+
+
+def federated_linear_probe(
+    features: Tensor,
+    labels: Sequence[int] | Tensor,
+    partitions: Sequence[Sequence[int]],
+    test_features: Tensor,
+    test_labels: Sequence[int] | Tensor,
+    *,
+    num_classes: int,
+    rounds: int,
+    local_steps: int,
+    clients_per_round: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train a linear classifier on frozen embeddings with FedAvg (McMahan et al. 2017).
+
+    The clients are ``partitions`` (index arrays into ``features``/``labels``: the D_k of the
+    survey's eq. 1, arXiv 2505.13502). The model W = (weight, bias) starts at zero. Each round
+    the server samples ``clients_per_round`` clients uniformly without replacement; each starts
+    from the global W and runs ``local_steps`` minibatch SGD steps on its own cross-entropy f_k;
+    the server sets W to :func:`fedavg` of the returned models with weights p_k = n_k / sum of
+    n_j over the sampled clients (McMahan et al.'s weighting). The same ``seed`` gives the same
+    history.
+
+    Returns a DataFrame with one row per round, round 0 being the start: ``round``,
+    ``accuracy`` and ``test_loss`` (of the global W on the test set), ``train_loss`` (mean local
+    loss of the sampled clients) and ``client_drift`` (sum_k p_k ||W_k - W||_F, how far the
+    clients' models lie from their average; it grows with ``local_steps`` when the D_k
+    differ). Taught in the chapter "book/part1/federated_learning.ipynb".
+    """
+    _check_probe_options(num_classes, rounds, local_steps, clients_per_round, learning_rate, batch_size)
+    features, labels = _check_data(features, labels, num_classes, "")
+    test_features, test_labels = _check_data(test_features, test_labels, num_classes, "test_")
+    if test_features.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"test_features has {test_features.shape[1]} columns but features has {features.shape[1]}"
+        )
+    if len(partitions) == 0:
+        raise ValueError("partitions must hold at least one client")
+    parts = [torch.as_tensor(np.asarray(part, dtype=np.int64)) for part in partitions]
+    for k, part in enumerate(parts):
+        if part.numel() == 0:
+            raise ValueError(f"partitions[{k}] is empty: every client needs at least one example")
+        if part.min() < 0 or part.max() >= features.shape[0]:
+            raise ValueError(f"partitions[{k}] holds an index outside 0..{features.shape[0] - 1}")
+    if clients_per_round > len(parts):
+        raise ValueError(f"clients_per_round={clients_per_round} is more than the {len(parts)} clients")
+
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    state = _zero_probe(features.shape[1], num_classes)
+    accuracy, test_loss = _evaluate_probe(state, test_features, test_labels)
+    rows = [{"round": 0, "accuracy": accuracy, "test_loss": test_loss, "train_loss": math.nan,
+             "client_drift": 0.0}]
+    for round_index in tqdm(range(1, rounds + 1), desc="FedAvg", unit="round", leave=False, disable=not progress):
+        sampled = np.sort(rng.choice(len(parts), size=clients_per_round, replace=False))
+        client_states, sizes, losses = [], [], []
+        for k in sampled:
+            index = parts[k]
+            client_state, loss = _sgd_steps(state, features[index], labels[index], steps=local_steps,
+                                            batch_size=batch_size, learning_rate=learning_rate,
+                                            generator=generator)
+            client_states.append(client_state)
+            sizes.append(len(index))
+            losses.append(loss)
+        p = [n / sum(sizes) for n in sizes]
+        state = fedavg(client_states, p)
+        drift = sum(w * _distance(client_state, state) for w, client_state in zip(p, client_states, strict=True))
+        accuracy, test_loss = _evaluate_probe(state, test_features, test_labels)
+        rows.append({"round": round_index, "accuracy": accuracy, "test_loss": test_loss,
+                     "train_loss": float(np.dot(p, losses)), "client_drift": drift})
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+def centralized_linear_probe(
+    features: Tensor,
+    labels: Sequence[int] | Tensor,
+    test_features: Tensor,
+    test_labels: Sequence[int] | Tensor,
+    *,
+    num_classes: int,
+    rounds: int,
+    local_steps: int,
+    clients_per_round: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The same linear classifier trained on the pooled data: the upper bound for FedAvg.
+
+    Minimises f(W) of the survey's eq. 1 (arXiv 2505.13502) directly, as if all D_k sat in one
+    place, with the budget of :func:`federated_linear_probe`: each "round" is ``local_steps``
+    SGD steps (the same number of sequential steps) on minibatches of ``clients_per_round *
+    batch_size`` examples (the same number of examples per step, summed over the sampled
+    clients). Same zero start and columns (``client_drift`` is 0: there is one model).
+    Taught in the chapter "book/part1/federated_learning.ipynb" as the line FedAvg (McMahan et
+    al. 2017) is compared against.
+    """
+    _check_probe_options(num_classes, rounds, local_steps, clients_per_round, learning_rate, batch_size)
+    features, labels = _check_data(features, labels, num_classes, "")
+    test_features, test_labels = _check_data(test_features, test_labels, num_classes, "test_")
+    if test_features.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"test_features has {test_features.shape[1]} columns but features has {features.shape[1]}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    state = _zero_probe(features.shape[1], num_classes)
+    accuracy, test_loss = _evaluate_probe(state, test_features, test_labels)
+    rows = [{"round": 0, "accuracy": accuracy, "test_loss": test_loss, "train_loss": math.nan,
+             "client_drift": 0.0}]
+    for round_index in tqdm(range(1, rounds + 1), desc="centralized", unit="round", leave=False,
+                            disable=not progress):
+        state, loss = _sgd_steps(state, features, labels, steps=local_steps,
+                                 batch_size=clients_per_round * batch_size, learning_rate=learning_rate,
+                                 generator=generator)
+        accuracy, test_loss = _evaluate_probe(state, test_features, test_labels)
+        rows.append({"round": round_index, "accuracy": accuracy, "test_loss": test_loss,
+                     "train_loss": loss, "client_drift": 0.0})
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)

@@ -1,0 +1,91 @@
+"""The embedded model, hub names offline, LoRA wrapping, profiles and adapter I/O."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora_edu import adapters as adapter_io
+from fedlora_edu.models import add_lora, embedded_model_dir, load_classifier, resolve_model
+from fedlora_edu.profiles import PROFILES, describe_environment, get_profile
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    model, tokenizer = load_classifier(num_labels=3, seed=0)
+    return add_lora(model, rank=4, alpha=8.0, seed=0), tokenizer
+
+
+def test_embedded_model_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (embedded_model_dir() / "model.safetensors").is_file()
+    model, tokenizer = load_classifier("all-MiniLM-L6-v2", num_labels=5)
+    assert model.config.model_type == "bert" and model.num_labels == 5
+    assert sum(p.numel() for p in model.parameters()) > 22_000_000
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_hub_name_offline_fails_at_once_naming_the_embedded_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="embedded") as error:
+        resolve_model("bert-base-uncased")
+    assert "bert-base-uncased" in str(error.value)
+    with pytest.raises(ValueError, match="num_labels"):
+        load_classifier(num_labels=1)
+    with pytest.raises(ValueError, match="model name"):
+        resolve_model("")
+
+
+def test_add_lora_starts_equal_to_the_pretrained_model(lora_model):
+    model, tokenizer = lora_model
+    batch = tokenizer(["the markets fell sharply"], return_tensors="pt")
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with model.disable_adapter():
+            plain = model(**batch).logits
+    torch.testing.assert_close(adapted, plain)  # B = 0 (survey eq. 9)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable)
+    assert all("lora_" in n or "classifier" in n for n in trainable)
+
+
+def test_bad_lora_arguments_are_named(lora_model):
+    model, _ = load_classifier(num_labels=2)
+    for kwargs, name in [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"), ({"dropout": 1.0}, "dropout")]:
+        with pytest.raises(ValueError, match=name):
+            add_lora(model, **kwargs)
+
+
+def test_factor_round_trip_and_zero_padding(lora_model):
+    model, _ = lora_model
+    factors = adapter_io.get_lora_factors(model)
+    name, (a, b) = next(iter(factors.items()))
+    assert a.shape == (4, 384) and b.shape == (384, 4)  # A is r x n, B is m x r
+    low = {n: (torch.ones(2, a.shape[1]), torch.ones(b.shape[0], 2)) for n, (a, b) in factors.items()}
+    adapter_io.set_lora_factors(model, low)
+    padded = adapter_io.get_lora_factors(model)
+    assert torch.equal(padded[name][0][2:], torch.zeros(2, a.shape[1]))
+    assert torch.equal(adapter_io.get_lora_factors(model, rank=2)[name][0], torch.ones(2, a.shape[1]))
+    scaling = adapter_io.lora_scaling(model)
+    assert scaling == pytest.approx(2.0)
+    expected = adapter_io.base_weight(model, name) + scaling * torch.ones(384, 2) @ torch.ones(2, 384)
+    torch.testing.assert_close(adapter_io.effective_weight(model, name), expected.detach())
+    with pytest.raises(ValueError, match="do not fit"):
+        adapter_io.set_lora_factors(model, {n: (b.T, a.T.T) for n, (a, b) in factors.items()} | {
+            name: (torch.ones(4, 10), torch.ones(384, 4))})
+    adapter_io.set_lora_factors(model, factors)
+
+
+def test_profiles_are_chosen_by_environment(monkeypatch):
+    monkeypatch.setenv("FEDLORA_PROFILE", "smoke")
+    assert get_profile().name == "smoke"
+    monkeypatch.setenv("FEDLORA_PROFILE", "huge")
+    with pytest.raises(ValueError, match="FEDLORA_PROFILE"):
+        get_profile()
+    assert get_profile("cpu") is PROFILES["cpu"]
+    text = describe_environment(PROFILES["cpu"])
+    assert "profile: cpu" in text and "torch" in text and "peft" in text
+    with pytest.raises(ValueError, match="unknown profile field"):
+        PROFILES["cpu"].with_overrides(clients=3)
+    small, big = PROFILES["smoke"], PROFILES["gpu"]
+    assert small.num_clients < big.num_clients and small.rounds < big.rounds and small.max_length < big.max_length

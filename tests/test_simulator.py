@@ -1,0 +1,209 @@
+"""The simulator on the real embedded model: exactness of FLoRA and FedEx-LoRA in the effective
+weights, discordance of FedIT vs FFA-LoRA, determinism, NaN handling, bytes and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from fedlora_edu import adapters as adapter_io
+from fedlora_edu.aggregation import FedExLoRA, FedIT, FFALoRA, FlexLoRA, FLoRA, ideal_update, truncated_factors
+from fedlora_edu.profiles import get_profile
+from fedlora_edu.simulator import build_federation
+from fedlora_edu.strategy import Payload, split_factors
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+TINY = get_profile("smoke").with_overrides(
+    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
+    train_examples=60, test_examples=20, rank=4,
+)
+
+
+@pytest.fixture(scope="module")
+def federation():
+    return build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
+
+
+def recording(cls):
+    """A subclass that keeps the uploads it aggregated, to recompute the ideal update."""
+
+    class Recording(cls):
+        def aggregate(self, server, uploads, round_index):
+            self.uploads = uploads
+            super().aggregate(server, uploads, round_index)
+
+    Recording.name = cls.name
+    return Recording
+
+
+def ideal_effective_weights(federation, strategy) -> dict[str, torch.Tensor]:
+    """W'_0 + (alpha/r) sum_k p_k B_k A_k from the round's uploads (survey eq. 4, right side)."""
+    pristine = federation.fresh_model()
+    scaling = adapter_io.lora_scaling(pristine)
+    names = list(adapter_io.lora_layers(pristine))
+    total = sum(u.num_examples for u in strategy.uploads)
+    weights = [u.num_examples / total for u in strategy.uploads]
+    expected = {}
+    for name in names:
+        As, Bs = [], []
+        for upload in strategy.uploads:
+            a, b = split_factors(upload.payload, [name])
+            As.append(a[name])
+            Bs.append(b[name])
+        expected[name] = adapter_io.base_weight(pristine, name).detach() + scaling * ideal_update(As, Bs, weights)
+    return expected
+
+
+def matches_ideal(federation, cls) -> bool:
+    strategy = recording(cls)()
+    federation.run(strategy, rounds=1, progress=False)
+    expected = ideal_effective_weights(federation, strategy)
+    return all(
+        torch.allclose(adapter_io.effective_weight(federation.last_model, name), w, atol=1e-5, rtol=1e-4)
+        for name, w in expected.items()
+    )
+
+
+@pytest.mark.parametrize("cls", [FedExLoRA, FLoRA])
+def test_exact_methods_reproduce_the_ideal_update_in_the_effective_weights(federation, cls):
+    assert matches_ideal(federation, cls)
+
+
+def test_flexlora_global_weight_is_the_best_rank_r_approximation(federation):
+    strategy = recording(FlexLoRA)()
+    federation.run(strategy, rounds=1, progress=False)
+    pristine = federation.fresh_model()
+    scaling = adapter_io.lora_scaling(pristine)
+    base = {n: adapter_io.base_weight(pristine, n).detach() for n in adapter_io.lora_layers(pristine)}
+    ideal = {n: w - base[n] for n, w in ideal_effective_weights(federation, strategy).items()}
+    for name, update in ideal.items():
+        a, b = truncated_factors(update / scaling, TINY.rank)
+        got = adapter_io.effective_weight(federation.last_model, name)
+        torch.testing.assert_close(got, base[name] + scaling * (b @ a), atol=1e-5, rtol=1e-4)
+        # Three rank-4 clients make a rank-12 sum: a rank-4 global weight cannot be exact.
+        assert float(torch.linalg.matrix_norm(got - base[name] - update)) > 1e-6
+
+
+def test_fedit_does_not_reproduce_the_ideal_update(federation):
+    assert not matches_ideal(federation, FedIT)
+
+
+def test_a_transposed_residual_fails_the_exactness_check(federation):
+    class TransposedFedEx(FedExLoRA):
+        def aggregate(self, server, uploads, round_index):
+            super().aggregate(server, uploads, round_index)
+            server.base_deltas = {n: d.T.contiguous() for n, d in server.base_deltas.items()}
+
+    layer = next(iter(adapter_io.lora_layers(federation.fresh_model()).values()))
+    assert layer.get_base_layer().weight.shape[0] == layer.get_base_layer().weight.shape[1]  # square: shapes fit
+    assert not matches_ideal(federation, TransposedFedEx)
+
+
+def test_ffa_lora_leaves_no_discordance_while_fedit_does(federation):
+    fedit = federation.run(FedIT(), rounds=2, progress=False)
+    ffa = federation.run(FFALoRA(), rounds=2, progress=False)
+    assert (fedit["discordance"] > 1e-4).all()
+    assert (ffa["discordance"] < 1e-6).all()
+    # A never moves under FFA-LoRA.
+    initial = adapter_io.get_lora_factors(federation.fresh_model())
+    final = federation.last_server.adapters
+    for name, (a, _) in initial.items():
+        torch.testing.assert_close(final[name][0], a)
+
+
+def test_same_seed_gives_the_same_history(federation):
+    first = federation.run(FedIT(), rounds=2, progress=False, seed=3)
+    second = federation.run(FedIT(), rounds=2, progress=False, seed=3)
+    other = federation.run(FedIT(), rounds=2, progress=False, seed=4)
+    columns = [c for c in first.columns if c != "server_seconds"]
+    pd.testing.assert_frame_equal(first[columns], second[columns])
+    assert not first[columns].equals(other[columns])
+
+
+def test_history_counts_real_bytes(federation):
+    history = federation.run(FedIT(), rounds=1, progress=False)
+    model = federation.fresh_model()
+    adapter_bytes = adapter_io.tensor_bytes([t for f in adapter_io.get_lora_factors(model).values() for t in f])
+    head_bytes = adapter_io.tensor_bytes(adapter_io.get_head_state(model))
+    per_client = adapter_bytes + head_bytes
+    assert history.loc[0, "bytes_up"] == 3 * per_client
+    assert history.loc[0, "bytes_down"] == 3 * per_client
+    ffa = federation.run(FFALoRA(), rounds=1, progress=False)
+    assert ffa.loc[0, "bytes_up"] == 3 * (adapter_bytes // 2 + head_bytes)  # A and B have the same size here
+    fedex = federation.run(FedExLoRA(), rounds=2, progress=False)
+    full_size = sum(adapter_io.base_weight(model, n).numel() * 4 for n in adapter_io.lora_layers(model))
+    assert fedex.loc[1, "bytes_down"] == 3 * (per_client + full_size)
+    assert full_size > adapter_bytes
+
+
+def test_nan_update_is_left_out_with_a_warning(federation):
+    class Poisoned(FedIT):
+        def client_upload(self, result, client_state, round_index):
+            payload = super().client_upload(result, client_state, round_index)
+            if result.client_id == 0:
+                first = next(iter(payload.tensors))
+                payload.tensors[first] = torch.full_like(payload.tensors[first], math.nan)
+                return Payload(payload.tensors)
+            return payload
+
+    with pytest.warns(RuntimeWarning, match="client 0"):
+        history = federation.run(Poisoned(), rounds=1, progress=False)
+    assert history.loc[0, "excluded"] == 1
+    for a, b in federation.last_server.adapters.values():
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert math.isfinite(history.loc[0, "accuracy"])
+
+
+def test_heterogeneous_ranks_train_only_their_components(federation):
+    strategy = recording(FlexLoRA)(ranks=[1, 2, 4])
+    history = federation.run(strategy, rounds=1, progress=False)
+    assert math.isnan(history.loc[0, "discordance"])  # separate averaging is undefined for mixed ranks
+    by_client = {u.client_id: u for u in strategy.uploads}
+    for client_id, rank in enumerate([1, 2, 4]):
+        a, b = split_factors(by_client[client_id].payload, list(federation.last_server.adapters))
+        assert all(t.shape[0] == rank for t in a.values())
+        assert all(t.shape[1] == rank for t in b.values())
+    assert all(a.shape[0] == 4 for a, _ in federation.last_server.adapters.values())
+
+
+def test_flora_download_is_the_stacked_adapter(federation):
+    history = federation.run(FLoRA(), rounds=2, progress=False)
+    model = federation.fresh_model()
+    head_bytes = adapter_io.tensor_bytes(adapter_io.get_head_state(model))
+    adapter_bytes = adapter_io.tensor_bytes([t for f in adapter_io.get_lora_factors(model).values() for t in f])
+    assert history.loc[0, "bytes_down"] == 3 * head_bytes  # nothing stacked yet
+    assert history.loc[1, "bytes_down"] == 3 * (head_bytes + 3 * adapter_bytes)  # stack of 3 clients
+
+
+def test_bad_run_arguments_are_named(federation):
+    with pytest.raises(ValueError, match="rounds"):
+        federation.run(FedIT(), rounds=0, progress=False)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        federation.run(FedIT(), clients_per_round=10, progress=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        federation.run(FedIT(), learning_rate=-1.0, progress=False)
+    with pytest.raises(TypeError, match="strategy"):
+        federation.run("FedIT", progress=False)
+
+
+def test_bad_federation_arguments_are_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="num_clients"):
+        build_federation("bbc_news", profile=TINY, num_clients=1000)
+    with pytest.raises(ValueError, match="name"):
+        build_federation("no_such_dataset_offline", profile=TINY)
+    with pytest.raises(ValueError, match="scheme"):
+        build_federation("bbc_news", profile=TINY, scheme="zipf")
+    with pytest.raises(ValueError, match="alpha"):
+        build_federation("bbc_news", profile=TINY, scheme="dirichlet", alpha=0.0)
+
+
+def test_centralized_training_learns(federation):
+    history = federation.centralized(steps=20, eval_every=10, batch_size=8, progress=False)
+    assert list(history["step"]) == [10, 20]
+    assert history["train_loss"].iloc[-1] < math.log(5)  # below the loss of a uniform guess
