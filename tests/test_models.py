@@ -89,3 +89,16 @@ def test_profiles_are_chosen_by_environment(monkeypatch):
         PROFILES["cpu"].with_overrides(clients=3)
     small, big = PROFILES["smoke"], PROFILES["gpu"]
     assert small.num_clients < big.num_clients and small.rounds < big.rounds and small.max_length < big.max_length
+
+
+def test_any_model_folder_goes_through_the_same_call(tmp_path):
+    """Hub names and local folders share one path: a small BERT saved to disk loads like a hub model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=4)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(tmp_path)
+    model, _ = load_classifier(str(tmp_path), num_labels=4)
+    wrapped = add_lora(model, rank=2, alpha=4.0)
+    assert len(adapter_io.lora_layers(wrapped)) == 4  # query and value in 2 layers

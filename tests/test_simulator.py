@@ -207,3 +207,44 @@ def test_centralized_training_learns(federation):
     history = federation.centralized(steps=20, eval_every=10, batch_size=8, progress=False)
     assert list(history["step"]) == [10, 20]
     assert history["train_loss"].iloc[-1] < math.log(5)  # below the loss of a uniform guess
+
+
+def test_the_interface_expresses_private_state_personal_models_and_compressed_payloads(federation):
+    """A toy personalised method: each client keeps its trained adapter (never uploaded), is
+    evaluated with it on its own split, and sends a head quantised to one byte per value."""
+    from fedlora_edu.strategy import Strategy
+
+    class PrivateAdapters(Strategy):
+        name = "private"
+
+        def client_start(self, server, client_id, client_state, round_index):
+            start = super().client_start(server, client_id, client_state, round_index)
+            if "adapters" in client_state:
+                start.adapters = client_state["adapters"]
+            start.download = Payload(nbytes=0)
+            return start
+
+        def client_upload(self, result, client_state, round_index):
+            client_state["adapters"] = result.adapters
+            client_state["head"] = result.head
+            return Payload({f"head.{k}": v for k, v in result.head.items()},
+                           nbytes=sum(v.numel() for v in result.head.values()))
+
+        def aggregate(self, server, uploads, round_index):
+            server.extra["rounds_seen"] = server.extra.get("rounds_seen", 0) + 1
+            self.aggregate_head(server, uploads)
+
+        def personal_model(self, server, client_id, client_state):
+            return (client_state["adapters"], client_state["head"]) if "adapters" in client_state else None
+
+    strategy = PrivateAdapters()
+    history = federation.run(strategy, rounds=2, progress=False, evaluate_clients=True)
+    head_values = sum(v.numel() for v in adapter_io.get_head_state(federation.fresh_model()).values())
+    assert (history["bytes_up"] == 3 * head_values).all()
+    assert (history["bytes_down"] == 0).all()
+    assert history["client_accuracy"].between(0, 1).all()
+    assert federation.last_server.extra["rounds_seen"] == 2
+    # The global adapter never moved: nothing was aggregated into it.
+    for name, (a, _) in adapter_io.get_lora_factors(federation.fresh_model()).items():
+        torch.testing.assert_close(federation.last_server.adapters[name][0], a)
+        assert torch.count_nonzero(federation.last_server.adapters[name][1]) == 0
