@@ -84,6 +84,7 @@ def load_classifier(
     source = resolve_model(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    hf_logging.disable_progress_bar()  # a loading bar per chapter says nothing to a reader
     try:
         torch.manual_seed(seed)
         try:
@@ -95,6 +96,7 @@ def load_classifier(
             ) from error
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -89,6 +89,36 @@ def set_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
         layer.lora_B[adapter_io.ADAPTER].weight.requires_grad_("B" in trainable)
 
 
+class BatchSampler:
+    """Shuffled mini-batches of one client's data, drawn without replacement epoch after epoch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if size == 0:
+            raise ValueError("a client with no examples cannot train")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(size, generator=self.generator)
+        self.position = 0
+
+    def next(self) -> np.ndarray:
+        if self.position + self.batch_size > self.size:
+            self.order = torch.randperm(self.size, generator=self.generator)
+            self.position = 0
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return index.numpy()
+
+
+def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (no weight decay) over the parameters that train: LoRA factors and the head."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                             weight_decay=0.0)
+
+
 def local_train(
     model: nn.Module,
     data: ClientData,
@@ -99,38 +129,28 @@ def local_train(
     rank: int | None = None,
     seed: int = 0,
     device: torch.device | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    sampler: BatchSampler | None = None,
 ) -> float:
     """``steps`` AdamW steps on the trainable LoRA factors and head; returns the mean loss.
 
-    A fresh optimiser each call (its state never leaves the client). With ``rank``
-    below the model's rank, gradients of the padded components are zeroed, so a
-    rank-r_k client trains exactly r_k components.
+    A fresh optimiser and batch order each call unless ``optimizer`` and ``sampler`` are
+    passed (a client's optimiser state never leaves it; centralised training keeps
+    both across calls). With ``rank`` below the model's rank, gradients of the padded
+    components are zeroed, so a rank-r_k client trains exactly r_k components.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    if len(data) == 0:
-        raise ValueError("a client with no examples cannot train")
     device = default_device() if device is None else device
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(model, learning_rate) if optimizer is None else optimizer
+    if sampler is None:
+        sampler = BatchSampler(len(data), batch_size, seed)
+        torch.manual_seed(seed)  # dropout inside the model; a caller passing a sampler seeds it once
     layers = list(adapter_io.lora_layers(model).values())
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout inside the model
-    order = torch.randperm(len(data), generator=generator)
-    position = 0
     losses = []
     model.train()
     for _ in range(steps):
-        if position + batch_size > len(order):
-            order = torch.randperm(len(data), generator=generator)
-            position = 0
-        index = order[position:position + batch_size]
-        position += batch_size
-        loss = model(**_trim(data.subset(index.numpy()), device)).loss
+        loss = model(**_trim(data.subset(sampler.next()), device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if rank is not None:
@@ -348,12 +368,17 @@ class Federation:
         pooled = ClientData(*(torch.cat([getattr(c, field) for c in self.clients])
                               for field in ("input_ids", "attention_mask", "labels")))
         model = self.fresh_model(seed=seed)
+        # One optimiser and one batch order for the whole run: evaluating must not change training.
+        optimizer = make_optimizer(model, learning_rate)
+        sampler = BatchSampler(len(pooled), batch_size, seed)
+        torch.manual_seed(seed)
         rows, done = [], 0
         with tqdm(total=steps, desc="centralized", disable=not progress, leave=False) as bar:
             while done < steps:
                 chunk = min(eval_every, steps - done)
                 loss = local_train(model, pooled, steps=chunk, batch_size=batch_size, learning_rate=learning_rate,
-                                   seed=_seed_for(seed, done, 0), device=self.device)
+                                   seed=_seed_for(seed, done, 0), device=self.device, optimizer=optimizer,
+                                   sampler=sampler)
                 done += chunk
                 accuracy, test_loss = evaluate(model, self.test, device=self.device)
                 rows.append({"step": done, "accuracy": accuracy, "test_loss": test_loss, "train_loss": loss})

@@ -248,3 +248,9 @@ def test_the_interface_expresses_private_state_personal_models_and_compressed_pa
     for name, (a, _) in adapter_io.get_lora_factors(federation.fresh_model()).items():
         torch.testing.assert_close(federation.last_server.adapters[name][0], a)
         assert torch.count_nonzero(federation.last_server.adapters[name][1]) == 0
+
+
+def test_centralized_evaluation_does_not_change_training(federation):
+    coarse = federation.centralized(steps=6, eval_every=6, batch_size=4, progress=False)
+    fine = federation.centralized(steps=6, eval_every=2, batch_size=4, progress=False)
+    assert coarse["test_loss"].iloc[-1] == pytest.approx(fine["test_loss"].iloc[-1], abs=1e-6)
