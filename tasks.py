@@ -187,7 +187,10 @@ def book() -> int:
 
 def test(fast: bool) -> int:
     env = {**os.environ, **OFFLINE_ENV, "FEDLORA_PROFILE": "smoke"}
-    unit_env = {**env, "MPLBACKEND": "Agg"}
+    # Two pytest workers share the 2-core CI machine: one thread each, not two (oversubscribed
+    # torch threads made runs several times slower and their times unstable).
+    parallel = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    unit_env = {**env, "MPLBACKEND": "Agg", **parallel}
     # Notebook kernels keep their inline backend (ipykernel sets it only when MPLBACKEND is
     # unset); with Agg there, every plt.show() would print a warning into the page.
     kernel_env = {key: value for key, value in env.items() if key != "MPLBACKEND"}
@@ -207,7 +210,7 @@ def test(fast: bool) -> int:
             code = run(
                 [PYTHON, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-n", "2",
                  "--dist", "loadfile", "-p", "no:cacheprovider", *found],
-                kernel_env,
+                {**kernel_env, **parallel},
             )
             # Exit 5 ("no tests collected") with notebooks present means nbval saw none of them.
             record("notebooks (nbval)", code, f" ({len(found)} notebooks)")
