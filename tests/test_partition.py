@@ -219,8 +219,6 @@ LABELS = balanced_labels(num_classes=5, per_class=4)  # 20 examples
         (lambda: part.dirichlet_label_skew(LABELS, 4, alpha=float("nan")), "alpha"),
         (lambda: part.dirichlet_label_skew(LABELS, 4, alpha=1.0, min_size=6), "min_size"),
         (lambda: part.dirichlet_label_skew(LABELS, 4, alpha=1.0, min_size=-1), "min_size"),
-        # Feasible in count, but alpha this small almost never gives 10 clients 2 examples.
-        (lambda: part.dirichlet_label_skew(LABELS, 10, alpha=0.001, min_size=2), "min_size"),
         (lambda: part.quantity_skew(LABELS, 4, alpha=0.0), "alpha"),
         (lambda: part.quantity_skew(LABELS, 4, alpha=1.0, min_size=6), "min_size"),
         (lambda: part.quantity_skew(LABELS, 0, alpha=1.0), "num_clients"),
@@ -252,3 +250,17 @@ def test_unknown_scheme_lists_the_valid_ones():
         part.partition(LABELS, "label_skew", 4)
     for scheme in part.SCHEMES:
         assert repr(scheme) in str(error.value)
+
+
+def test_draws_that_never_meet_min_size_are_topped_up():
+    """100 clients, alpha 0.1, 1,780 examples (the gpu profile): no whole draw gives every client
+    2 examples, so the last draw is repaired; the split stays label-skewed."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=1780)
+    parts = part.dirichlet_label_skew(labels, 100, alpha=0.1, seed=0, min_size=2)
+    assert min(len(p) for p in parts) >= 2
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1780))
+    dominant = [np.bincount(labels[p], minlength=5).max() / len(p) for p in parts]
+    assert np.mean(dominant) > 0.7  # still one dominant class per client on average
+    sizes = part.quantity_skew(labels, 100, alpha=0.05, seed=1, min_size=3)
+    assert min(len(p) for p in sizes) >= 3
