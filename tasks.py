@@ -158,8 +158,8 @@ def tool(name: str) -> Path:
 
 
 def notebooks() -> list[Path]:
-    """Every notebook under book/, as nbval should see them (checkpoints left out)."""
-    found = sorted((ROOT / "book").rglob("*.ipynb"))
+    """Every notebook under book/ and exercises/, as nbval should see them (checkpoints left out)."""
+    found = sorted((ROOT / "book").rglob("*.ipynb")) + sorted((ROOT / "exercises").rglob("*.ipynb"))
     return [path for path in found if ".ipynb_checkpoints" not in path.parts]
 
 

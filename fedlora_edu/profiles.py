@@ -149,3 +149,51 @@ def describe_environment(profile: Profile | None = None) -> str:
         f"device: {device.type} ({device_name}), {torch.get_num_threads()} CPU threads\n"
         f"versions: {versions}"
     )
+
+
+def provenance(profile: Profile | str | None = None) -> dict[str, object]:
+    """Where and with what a measurement was taken: device, versions, profile, date, commit.
+
+    Every benchmark under ``benchmarks/`` writes this next to its numbers, so a figure in the
+    book or README can always be traced to the machine and code that produced it.
+    """
+    import datetime
+    import subprocess
+
+    if isinstance(profile, str) or profile is None:
+        profile = get_profile(profile)
+    device = default_device()
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = _cpu_model_name()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name,
+        "device": device.type,
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "versions": library_versions(),
+        "commit": commit,
+    }
+
+
+def _cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one, else platform's guess."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

@@ -1,0 +1,167 @@
+"""Wall time of every chapter of the book under a profile, and the README budget table.
+
+Executes each notebook listed in ``_toc.yml`` in a fresh kernel, one after another (as a reader
+would run them), with the chosen ``FEDLORA_PROFILE`` and the Hugging Face hub switched off, and
+times it. Prints a table, writes ``benchmarks/results/chapter_times_<profile>.json`` with the
+provenance of the run (device, versions, profile, date, commit), and with ``--update-readme``
+rewrites the budget table in README.md from every ``chapter_times_*.json`` present.
+
+    .venv/bin/python benchmarks/chapter_times.py --profile smoke --profile cpu --update-readme
+
+The budgets of the foundation issue: all chapters under ``smoke`` in at most 10 minutes on the
+2-core CI machine, at most 3 minutes a chapter under ``cpu``. Each run says whether it met them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START_MARK = "<!-- chapter-times:start (written by benchmarks/chapter_times.py) -->"
+END_MARK = "<!-- chapter-times:end -->"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Budgets in seconds: smoke for all chapters together, cpu for each chapter.
+SMOKE_TOTAL_BUDGET = 600.0
+CPU_CHAPTER_BUDGET = 180.0
+
+
+def chapters() -> list[Path]:
+    """The notebooks of the book, in the order of ``_toc.yml``."""
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    files: list[str] = []
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("chapters", []) + entry.get("sections", []))
+
+    walk(toc.get("parts", []) + toc.get("chapters", []))
+    return [ROOT / f"{name}.ipynb" for name in files if (ROOT / f"{name}.ipynb").exists()]
+
+
+def time_notebook(path: Path, timeout: int) -> float:
+    """Execute one notebook in a fresh kernel from its own folder; return the wall seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    start = time.perf_counter()
+    client.execute()
+    return time.perf_counter() - start
+
+
+def run_profile(profile: str, timeout: int) -> dict:
+    """Time every chapter under one profile; the kernels inherit this process's environment."""
+    from tqdm.auto import tqdm
+
+    os.environ.update(OFFLINE_ENV)
+    os.environ["FEDLORA_PROFILE"] = profile
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    sys.path.insert(0, str(ROOT))
+    from fedlora_edu.profiles import provenance
+
+    rows = []
+    for path in tqdm(chapters(), desc=f"chapters ({profile})", unit="chapter"):
+        seconds = time_notebook(path, timeout)
+        rows.append({"chapter": str(path.relative_to(ROOT)), "seconds": round(seconds, 1)})
+        tqdm.write(f"{profile:>5}  {seconds:7.1f} s  {path.relative_to(ROOT)}")
+    return {"benchmark": "chapter_times", "provenance": provenance(profile), "chapters": rows,
+            "total_seconds": round(sum(row["seconds"] for row in rows), 1)}
+
+
+def verdict(result: dict) -> str:
+    """Whether a run met the issue's budget for its profile."""
+    profile = result["provenance"]["profile"]
+    if profile == "smoke":
+        ok = result["total_seconds"] <= SMOKE_TOTAL_BUDGET
+        return f"total {result['total_seconds']:.0f} s, budget {SMOKE_TOTAL_BUDGET:.0f} s: {'met' if ok else 'MISSED'}"
+    if profile == "cpu":
+        worst = max(row["seconds"] for row in result["chapters"])
+        ok = worst <= CPU_CHAPTER_BUDGET
+        return f"slowest chapter {worst:.0f} s, budget {CPU_CHAPTER_BUDGET:.0f} s each: {'met' if ok else 'MISSED'}"
+    return f"total {result['total_seconds']:.0f} s (real scale; no budget in seconds)"
+
+
+def readme_table() -> str:
+    """The budget table, one column per profile measured, from the JSON files present."""
+    results = {}
+    for file in sorted(RESULTS.glob("chapter_times_*.json")):
+        result = json.loads(file.read_text(encoding="utf-8"))
+        results[result["provenance"]["profile"]] = result
+    order = [name for name in ("smoke", "cpu", "gpu") if name in results]
+    if not order:
+        return "No chapter times measured yet: run `benchmarks/chapter_times.py`."
+    names = [row["chapter"] for row in results[order[0]]["chapters"]]
+    for name in order[1:]:
+        names += [row["chapter"] for row in results[name]["chapters"] if row["chapter"] not in names]
+    lines = ["| chapter | " + " | ".join(f"`{name}`" for name in order) + " |",
+             "| --- | " + " | ".join("---:" for _ in order) + " |"]
+    for chapter in names:
+        cells = []
+        for name in order:
+            seconds = {row["chapter"]: row["seconds"] for row in results[name]["chapters"]}.get(chapter)
+            cells.append("not run" if seconds is None else f"{seconds:.0f} s")
+        lines.append(f"| {chapter} | " + " | ".join(cells) + " |")
+    lines.append("| **all chapters** | " + " | ".join(f"**{results[n]['total_seconds']:.0f} s**" for n in order) + " |")
+    lines.append("")
+    for name in order:
+        prov = results[name]["provenance"]
+        versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+        lines.append(
+            f"- `{name}`: {verdict(results[name])}. Measured {prov['date']} on {prov['device_name']} "
+            f"({prov['cpu_count']} cores, {prov['torch_threads']} torch threads, device {prov['device']}), "
+            f"commit {prov['commit']}; {versions}."
+        )
+    if "gpu" not in results:
+        lines.append("- `gpu`: not measured yet (no GPU was at hand); run this script on one to fill the column.")
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    """Replace the text between the chapter-times markers in README.md."""
+    text = README.read_text(encoding="utf-8")
+    if START_MARK not in text or END_MARK not in text:
+        raise SystemExit(f"README.md lacks the markers {START_MARK!r} ... {END_MARK!r}")
+    head, rest = text.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    README.write_text(head + START_MARK + "\n" + readme_table() + "\n" + END_MARK + tail, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", action="append", choices=["smoke", "cpu", "gpu"],
+                        help="profile to time (repeatable); none: only --update-readme")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per notebook cell")
+    parser.add_argument("--update-readme", action="store_true", help="rewrite README's budget table")
+    args = parser.parse_args(argv)
+    if not args.profile and not args.update_readme:
+        parser.error("give --profile NAME (repeatable), --update-readme, or both")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for profile in args.profile or []:
+        result = run_profile(profile, args.timeout)
+        out = RESULTS / f"chapter_times_{profile}.json"
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out)  # nothing half-written if the run fails part way
+        print(f"{profile}: {verdict(result)}; wrote {out.relative_to(ROOT)}")
+    if args.update_readme:
+        update_readme()
+        print(readme_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

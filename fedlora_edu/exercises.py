@@ -1,0 +1,215 @@
+"""Checkers for the exercises in ``exercises/``: a student's function against the package's.
+
+Each exercise asks the student to write one equation of the survey as a function. :func:`check`
+calls that function on random inputs (several clients, unequal ranks where the method allows them,
+unequal client weights ``p_k``) and compares it with the reference implementation in
+:mod:`fedlora_edu.aggregation` or :mod:`fedlora_edu.lora`. When it differs, the error says which
+case failed and, for the mistakes students make most often (ignoring ``p_k``, a transposed
+product, FedIT's product in place of the ideal one, a missing ``alpha / r``), what the answer
+looks like instead.
+
+Notation (survey section 2): ``A_k`` is ``r_k x n``, ``B_k`` is ``m x r_k``, ``dW_k = B_k A_k``,
+weights ``p_k >= 0`` sum to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedlora_edu import aggregation
+from fedlora_edu.lora import LoRALinear
+
+
+class ExerciseFailed(AssertionError):
+    """A student's answer differs from the reference; the message says how."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: what to write, the reference answer and the inputs it is checked on."""
+
+    name: str
+    equation: str
+    reference: Callable
+    cases: Callable[[int], list[tuple]]
+    hints: Callable[[tuple, object], str | None]
+
+
+def _clients(seed: int, ranks: list[int], m: int = 7, n: int = 5) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    gen = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, n, generator=gen, dtype=torch.float64) for r in ranks]
+    Bs = [torch.randn(m, r, generator=gen, dtype=torch.float64) for r in ranks]
+    raw = torch.rand(len(ranks), generator=gen, dtype=torch.float64) + 0.1
+    weights = (raw / raw.sum()).tolist()
+    return As, Bs, weights
+
+
+def _same_rank_cases(seed: int) -> list[tuple]:
+    return [_clients(seed, [3, 3, 3]), _clients(seed + 1, [2, 2]), _clients(seed + 2, [4] * 5, m=3, n=9)]
+
+
+def _any_rank_cases(seed: int) -> list[tuple]:
+    return _same_rank_cases(seed) + [_clients(seed + 3, [1, 4, 2], m=6, n=8)]
+
+
+def _close(answer: object, expected: Tensor) -> bool:
+    return isinstance(answer, Tensor) and answer.shape == expected.shape and torch.allclose(
+        answer.to(expected.dtype), expected, rtol=1e-6, atol=1e-8
+    )
+
+
+def _hint_weighted_sum(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    if not isinstance(answer, Tensor):
+        return f"return a torch.Tensor of shape (m, n), not {type(answer).__name__}"
+    m, n = Bs[0].shape[0], As[0].shape[1]
+    if answer.shape == (n, m):
+        return "the shape is n x m: dW_k = B_k A_k is m x n (B_k is m x r, A_k is r x n)"
+    if answer.shape != (m, n):
+        return f"the shape is {tuple(answer.shape)}, dW is {m} x {n}"
+    plain = sum(B @ A for A, B in zip(As, Bs, strict=True)) / len(As)
+    if _close(answer, plain):
+        return "this is the plain mean: weight each client's B_k A_k by p_k"
+    A_avg = sum(p * A for p, A in zip(weights, As, strict=True))
+    B_avg = sum(p * B for p, B in zip(weights, Bs, strict=True))
+    if _close(answer, B_avg @ A_avg):
+        return "this is avg(B) avg(A), FedIT's product; the ideal update multiplies first, then averages"
+    return None
+
+
+def _hint_average(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        return "return a pair (A_avg, B_avg)"
+    A_ans, B_ans = answer
+    if isinstance(A_ans, Tensor) and A_ans.shape == Bs[0].shape:
+        return "the pair is in the wrong order: return (A_avg, B_avg), A first"
+    plain = sum(As) / len(As)
+    if _close(A_ans, plain):
+        return "A_avg is the plain mean: weight each A_k by p_k"
+    return None
+
+
+def _hint_discordance(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    if isinstance(answer, Tensor):
+        return "return a Python float (use .item())"
+    A_avg, B_avg = aggregation.fedit_average(As, Bs, weights)
+    gap = B_avg @ A_avg - aggregation.ideal_update(As, Bs, weights)
+    if isinstance(answer, float) and abs(answer - float(gap.norm() ** 2)) < 1e-6 * max(1.0, answer):
+        return "this is the squared norm: take the Frobenius norm itself"
+    return None
+
+
+def _hint_residual(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    expected = aggregation.fedex_residual(As, Bs, weights)
+    if isinstance(answer, Tensor) and answer.shape == expected.shape and _close(-answer, expected):
+        return "the sign is flipped: avg(B) avg(A) + R must equal the ideal update"
+    if isinstance(answer, Tensor) and answer.shape == expected.T.shape:
+        return "R is transposed: it is added to the m x n frozen weight"
+    return None
+
+
+def _lora_cases(seed: int) -> list[tuple]:
+    cases = []
+    for offset, (m, n, r, alpha) in enumerate([(6, 4, 2, 4.0), (3, 8, 1, 1.0), (5, 5, 4, 16.0)]):
+        gen = torch.Generator().manual_seed(seed + offset)
+        x = torch.randn(3, n, generator=gen, dtype=torch.float64)
+        W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        A = torch.randn(r, n, generator=gen, dtype=torch.float64)
+        B = torch.randn(m, r, generator=gen, dtype=torch.float64)
+        cases.append((x, W, A, B, alpha))
+    return cases
+
+
+def _lora_reference(x: Tensor, W: Tensor, A: Tensor, B: Tensor, alpha: float) -> Tensor:
+    """Survey eq. 2 through the package's own layer, loaded with this W, A and B."""
+    m, n = W.shape
+    layer = LoRALinear(torch.nn.Linear(n, m, bias=False, dtype=W.dtype), rank=A.shape[0], alpha=alpha)
+    with torch.no_grad():
+        layer.base.weight.copy_(W)
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    with torch.no_grad():
+        return layer(x)
+
+
+def _hint_lora(case: tuple, answer: object) -> str | None:
+    x, W, A, B, alpha = case
+    if not isinstance(answer, Tensor):
+        return f"return a torch.Tensor, not {type(answer).__name__}"
+    r = A.shape[0]
+    if _close(answer, x @ W.T + x @ A.T @ B.T):
+        return f"the scaling alpha / r is missing (here {alpha} / {r})"
+    if _close(answer, x @ W.T + alpha * (x @ A.T @ B.T)):
+        return "scale by alpha / r, not alpha"
+    if _close(answer, (alpha / r) * (x @ A.T @ B.T)):
+        return "the frozen path x W^T is missing: h = W x + (alpha / r) B A x"
+    return None
+
+
+EXERCISES: dict[str, Exercise] = {
+    "ideal_update": Exercise(
+        "ideal_update", "survey eq. 4, right side: sum_k p_k B_k A_k",
+        aggregation.ideal_update, _any_rank_cases, _hint_weighted_sum,
+    ),
+    "fedit_average": Exercise(
+        "fedit_average", "survey eq. 4, left side: (sum_k p_k A_k, sum_k p_k B_k)",
+        aggregation.fedit_average, _same_rank_cases, _hint_average,
+    ),
+    "discordance": Exercise(
+        "discordance", "|| avg(B) avg(A) - sum_k p_k B_k A_k ||_F",
+        aggregation.discordance, _same_rank_cases, _hint_discordance,
+    ),
+    "fedex_residual": Exercise(
+        "fedex_residual", "survey eq. 7: R = sum_k p_k B_k A_k - avg(B) avg(A)",
+        aggregation.fedex_residual, _same_rank_cases, _hint_residual,
+    ),
+    "lora_forward": Exercise(
+        "lora_forward", "survey eq. 2: h = W x + (alpha / r) B A x, for a batch x of rows",
+        _lora_reference, _lora_cases, _hint_lora,
+    ),
+}
+
+
+def _matches(answer: object, expected: object) -> bool:
+    if isinstance(expected, tuple):
+        return isinstance(answer, tuple) and len(answer) == len(expected) and all(
+            _matches(a, e) for a, e in zip(answer, expected, strict=True)
+        )
+    if isinstance(expected, float):
+        return isinstance(answer, float) and abs(answer - expected) <= 1e-6 * max(1.0, abs(expected))
+    return _close(answer, expected)
+
+
+def check(name: str, function: Callable, *, seed: int = 0) -> str:
+    """Check a student's ``function`` for exercise ``name``; return a line saying it passed.
+
+    Raises :class:`ExerciseFailed` naming the failing case and, where one applies, a hint. A
+    function that still raises ``NotImplementedError`` is reported as not attempted (no error),
+    so a starter notebook runs from top to bottom.
+    """
+    if name not in EXERCISES:
+        raise ValueError(f"unknown exercise {name!r}; choose one of {sorted(EXERCISES)}")
+    if not callable(function):
+        raise TypeError(f"function must be callable, got {type(function).__name__}")
+    exercise = EXERCISES[name]
+    cases = exercise.cases(seed)
+    for index, case in enumerate(cases, start=1):
+        try:
+            answer = function(*case)
+        except NotImplementedError:
+            return f"{name}: not attempted yet ({exercise.equation})"
+        expected = exercise.reference(*case)
+        if not _matches(answer, expected):
+            hint = exercise.hints(case, answer)
+            raise ExerciseFailed(
+                f"{name}: case {index} of {len(cases)} differs from {exercise.equation}"
+                + (f"; hint: {hint}" if hint else "")
+            )
+    return f"{name}: passed all {len(cases)} cases ({exercise.equation})"

@@ -1,0 +1,99 @@
+"""The exercises' checker accepts the reference solutions and rejects the usual mistakes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora_edu.exercises import EXERCISES, ExerciseFailed, check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _solutions():
+    path = ROOT / "exercises" / "solutions" / "aggregation_basics.py"
+    spec = importlib.util.spec_from_file_location("aggregation_basics_solutions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SOLUTIONS = _solutions()
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_reference_solution_passes(name):
+    assert check(name, getattr(SOLUTIONS, name)).startswith(f"{name}: passed")
+
+
+@pytest.mark.parametrize("seed", [1, 7, 123])
+def test_solutions_pass_on_other_seeds(seed):
+    for name in EXERCISES:
+        assert "passed" in check(name, getattr(SOLUTIONS, name), seed=seed)
+
+
+def test_not_attempted_is_reported_not_raised():
+    def stub(*args):
+        raise NotImplementedError
+
+    assert "not attempted" in check("ideal_update", stub)
+
+
+def _fails(name, function, hint_fragment):
+    with pytest.raises(ExerciseFailed, match=hint_fragment):
+        check(name, function)
+
+
+def test_unweighted_mean_is_caught():
+    _fails("ideal_update", lambda As, Bs, w: sum(B @ A for A, B in zip(As, Bs, strict=True)) / len(As), "plain mean")
+
+
+def test_fedit_product_in_place_of_ideal_is_caught():
+    def fedit_product(As, Bs, w):
+        A_avg, B_avg = SOLUTIONS.fedit_average(As, Bs, w)
+        return B_avg @ A_avg
+
+    _fails("ideal_update", fedit_product, "FedIT's product")
+
+
+def test_transposed_update_is_caught():
+    _fails("ideal_update", lambda As, Bs, w: SOLUTIONS.ideal_update(As, Bs, w).T, "n x m")
+
+
+def test_swapped_pair_is_caught():
+    _fails("fedit_average", lambda As, Bs, w: SOLUTIONS.fedit_average(As, Bs, w)[::-1], "wrong order")
+
+
+def test_squared_norm_is_caught():
+    _fails("discordance", lambda As, Bs, w: SOLUTIONS.discordance(As, Bs, w) ** 2, "squared norm")
+
+
+def test_flipped_residual_is_caught():
+    _fails("fedex_residual", lambda As, Bs, w: -SOLUTIONS.fedex_residual(As, Bs, w), "sign is flipped")
+
+
+def test_missing_scaling_is_caught():
+    _fails("lora_forward", lambda x, W, A, B, alpha: x @ W.T + x @ A.T @ B.T, "alpha / r is missing")
+
+
+def test_lora_reference_matches_peft_convention():
+    """The checker's eq. 2 reference is the package's layer, which tests/test_lora.py ties to peft;
+    here: it equals the formula written out, so the checker cannot drift from the equation."""
+    x, W, A, B, alpha = EXERCISES["lora_forward"].cases(0)[0]
+    expected = x @ W.T + (alpha / A.shape[0]) * (x @ A.T @ B.T)
+    assert torch.allclose(EXERCISES["lora_forward"].reference(x, W, A, B, alpha), expected)
+
+
+def test_a_wrong_answer_without_a_known_mistake_still_fails():
+    _fails("fedex_residual", lambda As, Bs, w: torch.zeros(Bs[0].shape[0], As[0].shape[1], dtype=As[0].dtype),
+           "case 1 of")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown exercise"):
+        check("fedavg_magic", SOLUTIONS.ideal_update)
+    with pytest.raises(TypeError, match="callable"):
+        check("ideal_update", 3)
