@@ -12,8 +12,14 @@ one). Products are unscaled (the LoRA factor alpha / r multiplies every term ali
 - :func:`flexlora`: FlexLoRA forms sum_k p_k B_k A_k and hands each client its best
   rank-r_k approximation by SVD (eq. 6 and Eckart-Young).
 - :func:`fedex_residual`: FedEx-LoRA folds ideal minus averaged product into W' (eq. 7).
+- :func:`factored_svd`, :func:`truncated_factors_factored`: the SVD of a product B_stack A_stack
+  from QR factorisations of its two factors, O((m + n) R^2) instead of O(m n min(m, n)).
+  FlexLoRA's redistribution uses it by default. FedEx-LoRA's residual and FLoRA's merge
+  need the m x n product itself (it is folded into W'), not its SVD, so it does not apply
+  to them.
 
-Taught in ``book/part2/aggregation_discordance.ipynb``.
+Taught in ``book/part2/aggregation_discordance.ipynb``; the factored SVD in
+``book/fast/factored_svd.ipynb``.
 """
 
 from __future__ import annotations
@@ -127,39 +133,127 @@ def flora_stack(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[fl
     return torch.cat([w * a for w, a in zip(p, As, strict=True)], dim=0), torch.cat(list(Bs), dim=1)
 
 
-def truncated_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-``rank`` approximation of ``delta`` as (A, B), by SVD (Eckart-Young).
+def _balanced_split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B) = (S_r^(1/2) V_r^T, U_r S_r^(1/2)) from an SVD, zero-padded to ``rank`` components.
 
-    The singular values are split evenly, B = U_r S_r^(1/2) and A = S_r^(1/2) V_r^T, so
-    both factors have the same scale and the first r' components of a rank-r result
-    are the best rank-r' approximation.
+    Each singular pair's sign is fixed so that the largest-magnitude entry of its left
+    vector is positive: the SVD leaves (u_i, v_i) and (-u_i, -v_i) equally valid, and the
+    convention makes two routes to the same SVD (dense or factored) return the same factors
+    wherever the singular values are distinct.
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    a = root[:, None] * vh[:r]
-    b = u[:, :r] * root[None, :]
+    u_r, vh_r = u[:, :r], vh[:r]
+    if r > 0 and u_r.shape[0] > 0:
+        pivot = u_r.abs().argmax(dim=0)
+        signs = torch.sign(u_r.gather(0, pivot[None, :]))[0]
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        u_r, vh_r = u_r * signs[None, :], vh_r * signs[:, None]
+    root = s[:r].clamp_min(0).sqrt()
+    a = root[:, None] * vh_r
+    b = u_r * root[None, :]
     if r < rank:  # more rank than the matrix has: pad with zero components
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
     return a, b
 
 
+def check_rank(rank: object) -> int:
+    """Validate a target rank: an integer >= 1."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    return rank
+
+
+def truncated_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` approximation of ``delta`` as (A, B), by SVD (Eckart-Young).
+
+    The singular values are split evenly, B = U_r S_r^(1/2) and A = S_r^(1/2) V_r^T, so
+    both factors have the same scale and the first r' components of a rank-r result
+    are the best rank-r' approximation. This is the dense route: one SVD of the m x n
+    matrix, O(m n min(m, n)). :func:`truncated_factors_factored` reaches the same result
+    from the factors of a product without forming it.
+    """
+    check_rank(rank)
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return _balanced_split(u, s, vh, rank)
+
+
+def factored_svd(B_stack: Tensor, A_stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the product ``B_stack @ A_stack`` without forming it (the route of ``book/fast/factored_svd``).
+
+    ``B_stack`` is m x R and ``A_stack`` R x n (for instance :func:`flora_stack`'s factors,
+    whose product is sum_k p_k B_k A_k of survey eq. 6). With the reduced QR
+    factorisations B_stack = Q_B R_B and A_stack^T = Q_A R_A,
+
+        B_stack A_stack = Q_B (R_B R_A^T) Q_A^T,
+
+    and Q_B, Q_A have orthonormal columns, so the SVD of the small core
+    R_B R_A^T = U_c S V_c^T gives the SVD of the product: U = Q_B U_c, V^T = V_c^T Q_A^T,
+    the same S. Cost O((m + n) R^2 + R^3) instead of O(m n R) to form the product plus
+    O(m n min(m, n)) for its SVD. Returns (U, S, Vh) with k = min(m, n, R) singular values;
+    the product's other min(m, n) - k singular values are exactly zero. Correct for any R,
+    including R > min(m, n) (then the core is min(m, R) x min(n, R) and nothing is saved)
+    and rank-deficient stacks (R_B or R_A singular: the zero singular values come out as
+    zero up to rounding, with arbitrary singular vectors).
+    """
+    if B_stack.ndim != 2 or A_stack.ndim != 2:
+        raise ValueError(f"B_stack and A_stack must be matrices, got shapes {tuple(B_stack.shape)}, "
+                         f"{tuple(A_stack.shape)}")
+    if B_stack.shape[1] != A_stack.shape[0]:
+        raise ValueError(f"B_stack is {tuple(B_stack.shape)} and A_stack {tuple(A_stack.shape)}: "
+                         "B_stack must be m x R and A_stack R x n with the same R")
+    if B_stack.shape[1] == 0:
+        raise ValueError("B_stack and A_stack have R = 0 columns/rows: nothing to decompose")
+    q_b, r_b = torch.linalg.qr(B_stack, mode="reduced")  # m x min(m, R), min(m, R) x R
+    q_a, r_a = torch.linalg.qr(A_stack.T, mode="reduced")  # n x min(n, R), min(n, R) x R
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u_core, s, vh_core @ q_a.T
+
+
+def truncated_factors_factored(B_stack: Tensor, A_stack: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """:func:`truncated_factors` of ``B_stack @ A_stack``, computed by :func:`factored_svd`.
+
+    Same balanced split and sign convention, so it returns the same (A, B) as the dense
+    route up to rounding wherever the top ``rank`` singular values are distinct.
+    """
+    check_rank(rank)
+    u, s, vh = factored_svd(B_stack, A_stack)
+    return _balanced_split(u, s, vh, rank)
+
+
+SVD_METHODS = ("factored", "dense")
+
+
+def check_method(method: object) -> str:
+    """Validate an SVD route: ``"factored"`` (QR of the stacked factors) or ``"dense"`` (SVD of the product)."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
+    return str(method)
+
+
 def flexlora(
-    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], ranks: Sequence[int]
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], ranks: Sequence[int],
+    method: str = "factored",
 ) -> list[tuple[Tensor, Tensor]]:
     """FlexLoRA (Bai et al. 2024), eq. 6: SVD of sum_k p_k B_k A_k, redistributed to each rank.
 
     Returns one (A_k, B_k) per entry of ``ranks``: the best rank-r_k approximation
-    of the ideal update (dense SVD; clients may have different ranks).
+    of the ideal update (clients may have different ranks). ``method="factored"`` (the
+    default) takes the SVD from the stacked factors (:func:`factored_svd`) and never
+    forms the m x n sum; ``method="dense"`` forms it and takes its SVD (the reference).
+    Both give the same products B_k A_k up to rounding.
     """
+    check_method(method)
     rank_list = check_ranks(ranks, len(ranks))
     if not rank_list:
         raise ValueError("ranks is empty")
-    delta = ideal_update(As, Bs, weights)
-    a, b = truncated_factors(delta, max(rank_list))
+    if method == "dense":
+        a, b = truncated_factors(ideal_update(As, Bs, weights), max(rank_list))
+    else:
+        a_stack, b_stack = flora_stack(As, Bs, weights)
+        a, b = truncated_factors_factored(b_stack, a_stack, max(rank_list))
     return [(a[:r].clone(), b[:, :r].clone()) for r in rank_list]
 
 
@@ -282,13 +376,16 @@ class FlexLoRA(Strategy):
     ``ranks[k]`` is client k's rank (default: all equal). The global adapter kept by
     the server is the best rank-max(r_k) approximation of sum_k p_k B_k A_k; client k
     starts from its first r_k components, which are its best rank-r_k approximation.
+    ``method`` picks the SVD route of :func:`flexlora` (``"factored"`` by default, never
+    forming the m x n sum on the server; ``"dense"`` is the reference).
     """
 
     name = "FlexLoRA"
 
-    def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None) -> None:
+    def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None, method: str = "factored") -> None:
         super().__init__(rank)
         self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
+        self.method = check_method(method)
 
     def client_rank(self, client_id: int, server: ServerState) -> int:
         return self.ranks[client_id] if self.ranks is not None else super().client_rank(client_id, server)
@@ -300,10 +397,8 @@ class FlexLoRA(Strategy):
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         weights, per_layer = _collect(server, uploads)
-        server.adapters = {
-            n: truncated_factors(ideal_update(a_list, b_list, weights), server.rank)
-            for n, (a_list, b_list) in per_layer.items()
-        }
+        server.adapters = {n: flexlora(a_list, b_list, weights, [server.rank], method=self.method)[0]
+                           for n, (a_list, b_list) in per_layer.items()}
         self.aggregate_head(server, uploads)
 
 
