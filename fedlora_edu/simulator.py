@@ -12,7 +12,13 @@ Every run starts from a fresh copy of the same pre-trained model, client batches
 drawn from generators seeded by (seed, round, client), so two runs with the same seed
 give the same history on CPU, and different methods see the same batches.
 
-Taught in ``book/part1/federated_learning.ipynb`` and ``book/part1/fedlora.ipynb``.
+The sampled clients of a round train either one after another in one peft model
+(:meth:`Federation.train_sequential`, the reference) or all at once, batched over a client
+dimension (:meth:`Federation.train_batched`, :mod:`fedlora_edu.engine`); ``run(engine=...)``
+chooses, and by default takes the batched engine wherever it applies.
+
+Taught in ``book/part1/federated_learning.ipynb`` and ``book/part1/fedlora.ipynb``; the
+engine in ``book/fast/engine.ipynb``.
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ from tqdm.auto import tqdm
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.aggregation import discordance
+from fedlora_edu.engine import ClientJob, train_clients_batched, unsupported_reason
 from fedlora_edu.profiles import Profile, default_device, get_profile
 from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
-    "bytes_up", "bytes_down", "discordance", "server_seconds", "clients", "excluded",
+    "bytes_up", "bytes_down", "discordance", "server_seconds", "clients", "excluded", "engine",
 ]
+ENGINES = ("auto", "batched", "sequential")
 
 
 @dataclass
@@ -113,10 +121,14 @@ class BatchSampler:
 
 def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW (no weight decay) over the parameters that train: LoRA factors and the head."""
+    return adamw([p for p in model.parameters() if p.requires_grad], learning_rate)
+
+
+def adamw(parameters: list[Tensor], learning_rate: float) -> torch.optim.Optimizer:
+    """The clients' optimiser: AdamW with torch's defaults and no weight decay (shared with the engine)."""
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                             weight_decay=0.0)
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
 
 
 def local_train(
@@ -260,12 +272,23 @@ class Federation:
         evaluate_clients: bool = False,
         progress: bool = True,
         label: str | None = None,
+        engine: str = "auto",
     ) -> pd.DataFrame:
         """Play ``rounds`` communication rounds of ``strategy``; return one history row per round.
 
         Unset arguments come from the profile. ``label`` names the run in the history
         (the strategy's name by default). A client update holding NaN or Inf is left
         out of its round with a warning.
+
+        ``engine`` chooses how the sampled clients train: ``"sequential"`` swaps each
+        client's adapter into the model and runs :func:`local_train` client after client
+        (the reference); ``"batched"`` trains all of them at once with
+        :func:`fedlora_edu.engine.train_clients_batched` (same batches, same optimiser;
+        equal to the sequential loop to float tolerance with dropout off, equal in
+        distribution with dropout on); ``"auto"`` (default) takes the batched engine
+        where it applies and the sequential loop where it does not (a model the engine
+        cannot run, or a strategy with ``batched_training = False``). The history's
+        ``engine`` column and ``self.last_engine`` say which ran.
         """
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a fedlora_edu Strategy, got {type(strategy).__name__}")
@@ -282,8 +305,11 @@ class Federation:
             raise ValueError(f"clients_per_round must be in 1..{self.num_clients}, got {clients_per_round}")
         if evaluate_clients and self.client_tests is None:
             raise ValueError("evaluate_clients needs a federation built with client_tests")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
         model = self.fresh_model(strategy.max_rank(self.num_clients), seed=seed)
+        used = self._choose_engine(model, strategy, engine)
         server = ServerState(
             adapters=adapter_io.get_lora_factors(model),
             head=adapter_io.get_head_state(model),
@@ -292,29 +318,25 @@ class Federation:
             extra={"seed": seed},
         )
         strategy.init_server(server, seed)
+        strategy.prepare(self, model, server, seed)
+        adapter_io.add_to_base_weights(model, server.base_deltas)
+        server.base_deltas = {}
         client_states: dict[int, dict] = {k: {} for k in range(self.num_clients)}
         rng = np.random.default_rng(seed)
         rows = []
         name = label or strategy.name
-        bar = tqdm(range(rounds), desc=name, disable=not progress, leave=False)
+        bar = tqdm(range(rounds), desc=f"{name} [{used}]", disable=not progress, leave=False)
         for t in bar:
             server.round = t
             sampled = strategy.sample_clients(t, self.num_clients, clients_per_round, rng)
             results: list[LocalResult] = []
             uploads: list[Upload] = []
             bytes_up = bytes_down = excluded = 0
-            for k in sampled:
-                start = strategy.client_start(server, k, client_states[k], t)
+            train = self.train_sequential if used == "sequential" else self.train_batched
+            for k, start, result in train(model, strategy, server, client_states, sampled, t, seed=seed,
+                                          steps=local_steps, batch_size=batch_size, learning_rate=learning_rate):
                 bytes_down += start.download.nbytes
-                rank_k = next(iter(start.adapters.values()))[0].shape[0]
-                adapter_io.set_lora_factors(model, start.adapters)
-                adapter_io.set_head_state(model, start.head)
-                set_trainable(model, start.trainable)
-                loss = local_train(model, self.clients[k], steps=local_steps, batch_size=batch_size,
-                                   learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
-                                   device=self.device)
-                result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
-                                     adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
+                rank_k, loss = result.rank, result.train_loss
                 payload = strategy.client_upload(result, client_states[k], t)
                 bytes_up += payload.nbytes
                 if not all_finite(payload) or not math.isfinite(loss):
@@ -339,12 +361,63 @@ class Federation:
                 "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
                 "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
                 "discordance": measured_discordance, "server_seconds": server_seconds,
-                "clients": len(sampled), "excluded": excluded,
+                "clients": len(sampled), "excluded": excluded, "engine": used,
             })
             bar.set_postfix(accuracy=f"{accuracy:.3f}")
         self.last_model = model
         self.last_server = server
+        self.last_engine = used
         return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+    @staticmethod
+    def _choose_engine(model: nn.Module, strategy: Strategy, engine: str) -> str:
+        """"batched" or "sequential" for this run: see :meth:`run`'s ``engine``."""
+        if engine == "sequential":
+            return "sequential"
+        reason = unsupported_reason(model)
+        if reason is None and not getattr(strategy, "batched_training", True):
+            reason = f"strategy {strategy.name} sets batched_training = False"
+        if reason is None:
+            return "batched"
+        if engine == "batched":
+            raise ValueError(f"engine='batched' cannot run here: {reason}")
+        return "sequential"
+
+    def train_sequential(self, model, strategy, server, client_states, sampled, t, *, seed, steps, batch_size,
+                         learning_rate):
+        """Local training of round ``t``'s ``sampled`` clients, client after client in one peft model.
+
+        The reference path of :meth:`run`: yields ``(k, start, result)`` lazily, so each
+        client's ``client_start``, training and (in :meth:`run`) ``client_upload`` follow
+        one another. Timed against :meth:`train_batched` in ``book/fast/engine.ipynb``.
+        """
+        for k in sampled:
+            start = strategy.client_start(server, k, client_states[k], t)
+            rank_k = next(iter(start.adapters.values()))[0].shape[0]
+            adapter_io.set_lora_factors(model, start.adapters)
+            adapter_io.set_head_state(model, start.head)
+            set_trainable(model, start.trainable)
+            loss = local_train(model, self.clients[k], steps=steps, batch_size=batch_size,
+                               learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
+                               device=self.device)
+            result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
+                                 adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
+            yield k, start, result
+
+    def train_batched(self, model, strategy, server, client_states, sampled, t, *, seed, steps, batch_size,
+                      learning_rate):
+        """The same local training, all sampled clients at once (:mod:`fedlora_edu.engine`).
+
+        Every ``client_start`` first, then one batched training; yields ``(k, start, result)``.
+        ``model``'s parameters are not changed.
+        """
+        jobs = [ClientJob(k, self.clients[k], strategy.client_start(server, k, client_states[k], t),
+                          _seed_for(seed, t, k)) for k in sampled]
+        results = train_clients_batched(model, jobs, steps=steps, batch_size=batch_size,
+                                        learning_rate=learning_rate, device=self.device,
+                                        dropout_seed=_seed_for(seed, t, self.num_clients))
+        for job, result in zip(jobs, results, strict=True):
+            yield job.client_id, job.start, result
 
     def centralized(
         self,
