@@ -63,8 +63,44 @@ def time_notebook(path: Path, timeout: int) -> float:
     return time.perf_counter() - start
 
 
-def run_profile(profile: str, timeout: int) -> dict:
-    """Time every chapter under one profile; the kernels inherit this process's environment."""
+def exec_notebook(path: Path) -> None:
+    """Run a notebook's code cells in this process, in order, as plain Python (``--runner exec``).
+
+    For machines without Jupyter (the lent GPU machine has none): IPython magics (lines that
+    start with ``%`` or ``!``, such as the Colab install cell's) become ``pass``, ``display`` prints,
+    and figures go to matplotlib's Agg backend.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    namespace: dict = {"__name__": "__main__", "display": print}
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+                 for line in source.splitlines()]
+        code = "\n".join(lines)
+        exec(compile(code, f"{path.name}[cell {index}]", "exec"), namespace)  # noqa: S102
+
+
+def time_notebook_exec(path: Path, timeout: int) -> float:
+    """Run :func:`exec_notebook` in a fresh interpreter from the notebook's folder; wall seconds."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--exec-one", str(path)], cwd=path.parent,
+                   check=True, timeout=timeout)
+    return time.perf_counter() - start
+
+
+def run_profile(profile: str, timeout: int, runner: str = "kernel", only: list[str] | None = None) -> dict:
+    """Time every chapter under one profile; the kernels inherit this process's environment.
+
+    The result file is rewritten after each chapter (``complete`` false until the last), so a
+    run cut short still leaves what it measured.
+    """
     from tqdm.auto import tqdm
 
     os.environ.update(OFFLINE_ENV)
@@ -73,13 +109,28 @@ def run_profile(profile: str, timeout: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from fedlora_edu.profiles import provenance
 
-    rows = []
-    for path in tqdm(chapters(), desc=f"chapters ({profile})", unit="chapter"):
-        seconds = time_notebook(path, timeout)
-        rows.append({"chapter": str(path.relative_to(ROOT)), "seconds": round(seconds, 1)})
+    selected = [path for path in chapters() if not only or any(str(path.relative_to(ROOT)).startswith(o) for o in only)]
+    timer = time_notebook if runner == "kernel" else time_notebook_exec
+    result = {"benchmark": "chapter_times", "runner": runner, "provenance": provenance(profile), "chapters": [],
+              "total_seconds": 0.0, "complete": False}
+    for path in tqdm(selected, desc=f"chapters ({profile})", unit="chapter"):
+        seconds = timer(path, timeout)
+        result["chapters"].append({"chapter": str(path.relative_to(ROOT)), "seconds": round(seconds, 1)})
+        result["total_seconds"] = round(sum(row["seconds"] for row in result["chapters"]), 1)
         tqdm.write(f"{profile:>5}  {seconds:7.1f} s  {path.relative_to(ROOT)}")
-    return {"benchmark": "chapter_times", "provenance": provenance(profile), "chapters": rows,
-            "total_seconds": round(sum(row["seconds"] for row in rows), 1)}
+        write_result(profile, result)
+    result["complete"] = len(result["chapters"]) == len(chapters())
+    write_result(profile, result)
+    return result
+
+
+def write_result(profile: str, result: dict) -> Path:
+    """Write the JSON atomically: a reader never sees half a file."""
+    out = RESULTS / f"chapter_times_{profile}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
 
 
 def verdict(result: dict) -> str:
@@ -146,17 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile to time (repeatable); none: only --update-readme")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per notebook cell")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README's budget table")
+    parser.add_argument("--runner", choices=["kernel", "exec"], default="kernel",
+                        help="kernel: a Jupyter kernel per chapter (default); exec: plain Python, for machines "
+                             "without Jupyter")
+    parser.add_argument("--only", nargs="*", help="time only chapters whose path starts with one of these")
+    parser.add_argument("--exec-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.exec_one:
+        exec_notebook(Path(args.exec_one))
+        return 0
     if not args.profile and not args.update_readme:
         parser.error("give --profile NAME (repeatable), --update-readme, or both")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for profile in args.profile or []:
-        result = run_profile(profile, args.timeout)
-        out = RESULTS / f"chapter_times_{profile}.json"
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)  # nothing half-written if the run fails part way
-        print(f"{profile}: {verdict(result)}; wrote {out.relative_to(ROOT)}")
+        result = run_profile(profile, args.timeout, args.runner, args.only)
+        print(f"{profile}: {verdict(result)}; wrote {(RESULTS / f'chapter_times_{profile}.json').relative_to(ROOT)}")
     if args.update_readme:
         update_readme()
         print(readme_table())

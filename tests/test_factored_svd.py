@@ -80,6 +80,7 @@ def test_flexlora_factored_redistributes_the_same_adapters_as_dense(case):
     seed, m, n, ranks, deficient = case
     As, Bs, p = clients(seed, m, n, ranks, deficient)
     target = ideal_update(As, Bs, p)
+    a_stack, b_stack = flora_stack(As, Bs, p)
     singular = torch.linalg.svdvals(target)
     scale = 1.0 + float(singular[0])
     wanted = sorted({1, 2, min(ranks), max(ranks), min(m, n) + 1})
@@ -91,6 +92,9 @@ def test_flexlora_factored_redistributes_the_same_adapters_as_dense(case):
         if r < len(singular) and float(singular[r - 1] - singular[r]) < 1e-6 * scale:
             continue
         torch.testing.assert_close(b_f @ a_f, b_d @ a_d, atol=1e-8 * scale, rtol=0)
+        # flexlora takes the dense SVD when R >= min(m, n); the factored route itself is exact there too.
+        a_q, b_q = truncated_factors_factored(b_stack, a_stack, r)
+        torch.testing.assert_close(b_q @ a_q, b_d @ a_d, atol=1e-8 * scale, rtol=0)
         # Eckart-Young: the error is the tail of the singular values, for both routes.
         tail = float(singular[r:].square().sum().sqrt())
         assert float(torch.linalg.matrix_norm(target - b_f @ a_f)) == pytest.approx(tail, abs=1e-8 * scale)
