@@ -15,6 +15,25 @@ METHOD_COLORS: dict[str, str] = {
     "FlexLoRA": "#9467bd",
     "FedEx-LoRA": "#ff7f0e",
     "full FedAvg": "#7f7f7f",
+    # Part II, single-matrix and full-size aggregation
+    "CoLR": "#17becf",
+    "RoLoRA": "#8c564b",
+    "LoRA-A2": "#e377c2",
+    "FedPipe": "#bcbd22",
+    # Part II, corrective and rank clustering
+    "LoRA-FAIR": "#ffbb78",
+    "FedInc": "#98df8a",
+    # Part II, initialisation (Avg-Initial is FedIT's behaviour and shares its colour)
+    "standard init": "#d62728",
+    "SLoRA": "#aec7e8",
+    "FeDeRA": "#c5b0d5",
+    "Avg-Initial": "#d62728",
+    "Re-Initial": "#c49c94",
+    "Local-Initial": "#f7b6d2",
+    "FedLoRU": "#393b79",
+    "pFedLoRU": "#637939",
+    "mFedLoRU": "#8c6d31",
+    "FRLoRA": "#843c39",
 }
 
 METRIC_LABELS: dict[str, str] = {

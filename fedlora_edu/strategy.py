@@ -140,6 +140,18 @@ class Strategy:
     def init_server(self, server: ServerState, seed: int) -> None:
         """Adjust the initial server state (server-side initialisation, survey 3.2)."""
 
+    def prepare(self, federation: object, model: torch.nn.Module, server: ServerState, seed: int) -> None:
+        """Server-side work before round 1 that needs the model or the clients' data.
+
+        Called once per run, after :meth:`init_server`, with the
+        :class:`~fedlora_edu.simulator.Federation` and the freshly built peft ``model``
+        (its base weights W' as pre-trained). Data-driven and weight-driven initialisations
+        (survey 3.2: SLoRA's sparse phase, FeDeRA's SVD of W', eq. 10) set
+        ``server.adapters`` here, and may set ``server.base_deltas``: the simulator adds
+        them to W' before round 1, exactly as it does after each aggregation. Nothing by
+        default.
+        """
+
     def sample_clients(
         self, round_index: int, num_clients: int, clients_per_round: int, rng: np.random.Generator
     ) -> list[int]:

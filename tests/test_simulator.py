@@ -254,3 +254,48 @@ def test_centralized_evaluation_does_not_change_training(federation):
     coarse = federation.centralized(steps=6, eval_every=6, batch_size=4, progress=False)
     fine = federation.centralized(steps=6, eval_every=2, batch_size=4, progress=False)
     assert coarse["test_loss"].iloc[-1] == pytest.approx(fine["test_loss"].iloc[-1], abs=1e-6)
+
+
+def test_prepare_sees_the_model_and_its_base_deltas_reach_w_prime_before_round_one(federation):
+    """Strategy.prepare (survey 3.2, data- and weight-driven initialisation): what it puts in
+    server.base_deltas is in W' when round 1 starts, and it sees the pre-trained model."""
+    seen = {}
+
+    class Shifted(FedIT):
+        name = "FedIT shifted"
+
+        def prepare(self, federation_, model, server, seed):
+            layer = next(iter(server.adapters))
+            seen["pretrained"] = adapter_io.base_weight(model, layer).detach().clone()
+            seen["layer"] = layer
+            server.base_deltas = {layer: torch.full_like(seen["pretrained"], 0.5)}
+
+        def client_start(self, server, client_id, client_state, round_index):
+            if round_index == 0 and "at_round_one" not in seen:
+                seen["at_round_one"] = adapter_io.base_weight(federation.last_model_in_run, seen["layer"]).clone()
+            return super().client_start(server, client_id, client_state, round_index)
+
+    original_fresh = federation.fresh_model
+
+    def remembering_fresh(*args, **kwargs):
+        model = original_fresh(*args, **kwargs)
+        federation.last_model_in_run = model
+        return model
+
+    federation.fresh_model = remembering_fresh
+    try:
+        federation.run(Shifted(), rounds=1, progress=False, engine="sequential")
+    finally:
+        federation.fresh_model = original_fresh
+    torch.testing.assert_close(seen["pretrained"], adapter_io.base_weight(original_fresh(), seen["layer"]).detach())
+    torch.testing.assert_close(seen["at_round_one"], seen["pretrained"] + 0.5)
+
+
+def test_every_registered_method_is_built_by_name():
+    from fedlora_edu.aggregation import make_strategy
+    from fedlora_edu.methods import METHODS
+
+    assert {"FedIT", "FFA-LoRA", "FLoRA", "FlexLoRA", "FedEx-LoRA", "CoLR", "RoLoRA", "LoRA-A2",
+            "FedPipe"} <= set(METHODS)
+    for name in METHODS:
+        assert make_strategy(name).name == name
