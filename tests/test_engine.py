@@ -337,3 +337,15 @@ def test_bad_engine_arguments_are_named(federation):
     headless.start.head = {}
     with pytest.raises(ValueError, match="head"):
         train_clients_batched(model, [headless], **options)
+
+
+# ----- the embedded decoder (SmolLM2-135M, Llama architecture) --------------------------------------
+def test_decoder_clients_match_the_sequential_loop():
+    """The engine on a causal decoder: rotary attention, causal masks and last-token pooling of
+    LlamaForSequenceClassification (right padding) see each client's rows as the sequential loop does."""
+    decoder = build_federation("bbc_news", scheme="iid", profile=TINY, model="embedded-decoder", seed=0)
+    disable_dropout(decoder.base_model)
+    assert unsupported_reason(decoder.fresh_model()) is None
+    replayed = replay(decoder, recording(FedIT)(), rounds=1)
+    assert_same_client_results(replayed)
+    assert {name.rsplit(".", 1)[-1] for name in next(iter(replayed.values()))[2].adapters} == {"q_proj", "v_proj"}

@@ -299,3 +299,19 @@ def test_every_registered_method_is_built_by_name():
             "FedPipe"} <= set(METHODS)
     for name in METHODS:
         assert make_strategy(name).name == name
+
+
+def test_aggregation_error_is_zero_for_exact_methods_and_fedit_discordance_for_fedit(federation):
+    """history["aggregation_error"] = ||W_global - sum_k p_k W_k||_F after each round (survey eq. 4)."""
+    errors = {}
+    for cls in (FedIT, FFALoRA, FLoRA, FedExLoRA, FlexLoRA):
+        history = federation.run(cls(), rounds=2, progress=False)
+        errors[cls.name] = history
+    scale = float(errors["FedIT"]["discordance"].max())
+    assert scale > 0
+    for name in ("FFA-LoRA", "FLoRA", "FedEx-LoRA"):
+        assert float(errors[name]["aggregation_error"].max()) < 1e-4 * scale, name
+    # FedIT's error is exactly its discordance; FlexLoRA's is a truncation tail, not zero.
+    assert errors["FedIT"]["aggregation_error"].tolist() == pytest.approx(errors["FedIT"]["discordance"].tolist(),
+                                                                         rel=1e-4)
+    assert float(errors["FlexLoRA"]["aggregation_error"].min()) > 1e-4 * scale
