@@ -349,3 +349,32 @@ def test_decoder_clients_match_the_sequential_loop():
     replayed = replay(decoder, recording(FedIT)(), rounds=1)
     assert_same_client_results(replayed)
     assert {name.rsplit(".", 1)[-1] for name in next(iter(replayed.values()))[2].adapters} == {"q_proj", "v_proj"}
+
+
+def test_a_thousand_clients_hold_optimiser_state_only_for_the_sampled_ten(federation, monkeypatch):
+    """Issue 3's memory rule: with 1,000 clients and 10 sampled a round, the one optimiser of a round
+    holds stacks of exactly 10 clients, and no optimiser outlives its round."""
+    import gc
+    import weakref
+
+    import fedlora_edu.simulator as simulator
+
+    pool = federation.clients[0]
+    clients = [pool.subset([i % len(pool)]) for i in range(1000)]
+    many = Federation(federation.base_model, clients, federation.test, profile=TINY)
+    made = []
+    real_adamw = simulator.adamw
+
+    def recording_adamw(parameters, learning_rate):
+        optimizer = real_adamw(parameters, learning_rate)
+        made.append((weakref.ref(optimizer), [tuple(p.shape) for p in parameters]))
+        return optimizer
+
+    monkeypatch.setattr(simulator, "adamw", recording_adamw)
+    history = many.run(FedIT(), rounds=2, clients_per_round=10, local_steps=1, progress=False, engine="batched")
+    assert (history["clients"] == 10).all()
+    assert len(made) == 2  # one optimiser per round, none per client
+    for _, shapes in made:
+        assert shapes and all(shape[0] == 10 for shape in shapes)
+    gc.collect()
+    assert all(reference() is None for reference, _ in made)
