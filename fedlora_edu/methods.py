@@ -17,15 +17,23 @@ Taught across Part II; the table of every method is in ``book/part2/at_a_glance.
 from __future__ import annotations
 
 from fedlora_edu.aggregation import FedExLoRA, FedIT, FFALoRA, FlexLoRA, FLoRA
+from fedlora_edu.client_init import AvgInitial, FedLoRU, FRLoRA, LocalInitial, PFedLoRU, ReInitial
+from fedlora_edu.corrective import LoRAFAIR
 from fedlora_edu.full_size import FedPipe
+from fedlora_edu.rank_clustering import FedInc
+from fedlora_edu.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.single_matrix import CoLR, LoRAA2, RoLoRA
 from fedlora_edu.strategy import Strategy
 
 # One entry per method class; add a new method's class here (its ``name`` is the key).
 METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FedIT, FFALoRA, FLoRA, FlexLoRA, FedExLoRA,
+    LoRAFAIR,
     CoLR, RoLoRA, LoRAA2,
     FedPipe,
+    StandardInit, FeDeRA, SLoRA,
+    FedInc,
+    AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, FRLoRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

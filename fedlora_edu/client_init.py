@@ -1,0 +1,538 @@
+"""Client-side LoRA initialisation (survey section 3.2, "Client-Side Initialization", eq. 11).
+
+What does client k start a round from? The survey's answers, in the survey's notation
+(A is r x n, B is m x r, p_k client weights summing to one, s = alpha / r LoRA's constant):
+
+- **Avg-Initial** (LoRA-FAIR's name for the conventional choice): every client starts from the
+  averaged factors A_t = sum_k p_k A_k^{t-1}, B_t = sum_k p_k B_k^{t-1}. That is FedIT;
+  :class:`AvgInitial` is FedIT under this name.
+- **Re-Initial**: every round every client starts from a fresh adapter drawn by eq. 9
+  (Gaussian A, zero B, :func:`gaussian_reinit`) and the server folds the aggregated
+  product into the frozen weight, W'_t = W'_{t-1} + s B_t A_t (``server.base_deltas``).
+- **Local-Initial**: all clients start from the adapter of one client c of the previous
+  round, chosen at random (:func:`choose_local_initial_client`, seeded).
+- **FedLoRU** (Park and Klabjan 2024): Re-Initial every tau rounds instead of every round,
+  so the global model is eq. 11, W_T = W' + s sum_{t <= T, t mod tau = 0} B_t A_t
+  (:func:`fedloru_global_weight`); between accumulations it averages as FedIT does.
+  :class:`PFedLoRU` adds a personal low-rank module that never leaves the client.
+- **FRLoRA** (Yan et al., ICLR 2025): every round each client restarts from the principal
+  singular components of the *pre-trained* weight (:func:`principal_factors`) and the
+  server adds the residual s (avg(B) avg(A) - B_0 A_0) to the global weight
+  (:func:`frlora_residual`).
+
+Diagnostics for the chapter: :func:`initialization_drift` (how far a client's start is from
+the global model, in effective-weight units) and :func:`update_dispersion` (how much the
+clients' updates of one round disagree).
+
+Taught in ``book/part2/client_initialization.ipynb``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora_edu.adapters import Factors, base_weight
+from fedlora_edu.aggregation import FedIT, check_factors, check_rank, check_weights, fedit_average
+from fedlora_edu.strategy import (
+    ClientStart,
+    LocalResult,
+    Payload,
+    ServerState,
+    Strategy,
+    Upload,
+    normalized_weights,
+    split_factors,
+)
+
+SEED_BYTES = 8
+"""A seed crosses the network as one 64-bit integer (a re-initialised adapter is regenerated from it)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------
+def check_tau(tau: object) -> int:
+    """Validate FedLoRU's accumulation period tau: an integer >= 1 (tau = 1 is Re-Initial)."""
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an integer >= 1 (rounds between accumulations), got {tau!r}")
+    return tau
+
+
+def accumulation_round(round_index: int, tau: int) -> bool:
+    """True when round ``round_index`` (counted from 0) ends a FedLoRU cycle: t mod tau = 0, t = round_index + 1.
+
+    The survey's eq. 11 counts rounds from 1, so with tau = 2 the accumulations happen after
+    rounds 2, 4, 6, ... (``round_index`` 1, 3, 5, ...).
+    """
+    check_tau(tau)
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
+    return (round_index + 1) % tau == 0
+
+
+def reinit_seed(seed: int, round_index: int) -> int:
+    """The seed from which the fresh adapter of round ``round_index`` is drawn (a pure function of both)."""
+    if round_index < 0:
+        raise ValueError(f"round_index must be >= 0, got {round_index}")
+    return (int(seed) * 1_000_037 + 104_729 * (round_index + 1)) % (2**63 - 1)
+
+
+def gaussian_reinit(shapes: Mapping[str, Factors], seed: int, round_index: int) -> dict[str, Factors]:
+    """Survey eq. 9 for every layer: A ~ N(0, sigma^2) entrywise, B = 0, drawn from :func:`reinit_seed`.
+
+    Only the shapes, dtypes and devices of ``shapes``' (A, B) are used. The survey leaves
+    sigma open; we take sigma = 1 / sqrt(3 n), the standard deviation of peft's default A
+    (Kaiming-uniform on [-1/sqrt(n), 1/sqrt(n)]), so a re-initialised adapter has the scale
+    of the first round's. With B = 0 a fresh adapter adds nothing to the model until it trains.
+    """
+    generator = torch.Generator().manual_seed(reinit_seed(seed, round_index))
+    fresh: dict[str, Factors] = {}
+    for name, (a, b) in shapes.items():
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"shapes[{name!r}]: A {tuple(a.shape)} and B {tuple(b.shape)} must be r x n and m x r")
+        sigma = 1.0 / math.sqrt(3.0 * a.shape[1])
+        drawn = torch.randn(tuple(a.shape), generator=generator, dtype=torch.float64) * sigma
+        fresh[name] = (drawn.to(device=a.device, dtype=a.dtype), torch.zeros_like(b))
+    return fresh
+
+
+def fedloru_global_weight(pretrained: Tensor, accumulated: Sequence[Factors], scaling: float) -> Tensor:
+    """Survey eq. 11: W_T = W' + s sum over accumulation rounds t <= T of B_t A_t.
+
+    ``accumulated`` holds the global (A_t, B_t) of every round with t mod tau = 0 up to T. (The
+    model evaluated at a T that is not a multiple of tau also applies its live adapter.)
+    """
+    if pretrained.ndim != 2:
+        raise ValueError(f"pretrained must be a matrix, got shape {tuple(pretrained.shape)}")
+    total = pretrained.clone()
+    for t, (a, b) in enumerate(accumulated):
+        check_factors([a], [b])
+        if (b.shape[0], a.shape[1]) != tuple(pretrained.shape):
+            raise ValueError(f"accumulated[{t}]: B A is {b.shape[0]} x {a.shape[1]}, W' is {tuple(pretrained.shape)}")
+        total = total + scaling * (b @ a)
+    return total
+
+
+def choose_local_initial_client(client_ids: Sequence[int], seed: int, round_index: int) -> int:
+    """Local-Initial's client c: one of this round's uploaders, uniformly at random, from (seed, round)."""
+    ids = list(client_ids)
+    if not ids:
+        raise ValueError("client_ids is empty: Local-Initial needs at least one client to copy")
+    rng = np.random.default_rng([int(seed), int(round_index), 7_907])
+    return int(ids[int(rng.integers(len(ids)))])
+
+
+def principal_factors(weight: Tensor, rank: int, scaling: float) -> Factors:
+    """FRLoRA's (and PiSSA's) initial adapter: the top-``rank`` singular part of a weight matrix.
+
+    With W = U S V^T (singular values in decreasing order) it returns
+    A_0 = sqrt(S_r / s) V_r^T (r x n) and B_0 = U_r sqrt(S_r / s) (m x r), so that
+    s B_0 A_0 = U_r S_r V_r^T, the best rank-r approximation of W (Eckart-Young). The SVD is
+    taken in float64 and the result cast back to W's dtype and device. Signs: each singular
+    pair is flipped so that the largest-magnitude entry of u_i is positive, which makes the
+    result a function of W alone.
+    """
+    check_rank(rank)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
+    if rank > min(weight.shape):
+        raise ValueError(f"rank {rank} exceeds min(m, n) = {min(weight.shape)} of the weight")
+    if not scaling > 0:
+        raise ValueError(f"scaling must be > 0, got {scaling!r}")
+    u, s, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    u_r, s_r, vh_r = u[:, :rank], s[:rank], vh[:rank]
+    pivot = u_r.abs().argmax(dim=0)
+    signs = torch.sign(u_r.gather(0, pivot[None, :]))[0]
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    u_r, vh_r = u_r * signs[None, :], vh_r * signs[:, None]
+    root = (s_r / scaling).sqrt()
+    a = (root[:, None] * vh_r).to(device=weight.device, dtype=weight.dtype)
+    b = (u_r * root[None, :]).to(device=weight.device, dtype=weight.dtype)
+    return a, b
+
+
+def frlora_residual(A_avg: Tensor, B_avg: Tensor, A_init: Tensor, B_init: Tensor, scaling: float) -> Tensor:
+    """FRLoRA's global step: the residual s (avg(B) avg(A) - B_0 A_0) added to the global weight.
+
+    The clients started from (A_0, B_0), so this is how far the averaged adapter moved the
+    layer in the round; adding it to W' and restarting from (A_0, B_0) keeps the global model
+    W' + s B_0 A_0 + residual, the averaged model, while the next round's clients start again
+    from the same principal components.
+    """
+    check_factors([A_avg, A_init], [B_avg, B_init])
+    return scaling * (B_avg @ A_avg - B_init @ A_init)
+
+
+def _product_gap(x: Mapping[str, Factors], y: Mapping[str, Factors], scaling: float) -> Tensor:
+    """Per layer s (B_x A_x - B_y A_y), stacked as one vector (effective-weight units)."""
+    if set(x) != set(y):
+        raise ValueError(f"adapters have different layers: {sorted(set(x) ^ set(y))[:3]}")
+    parts = []
+    for name in x:
+        (a1, b1), (a2, b2) = x[name], y[name]
+        check_factors([a1, a2], [b1, b2])
+        parts.append((scaling * (b1 @ a1 - b2 @ a2)).reshape(-1).to(torch.float64))
+    return torch.cat(parts)
+
+
+def initialization_drift(starts: Sequence[Mapping[str, Factors]], reference: Mapping[str, Factors],
+                         scaling: float) -> float:
+    """Mean over clients of ||s (B_k A_k - B_g A_g)||_F over all layers: start k vs the global adapter g.
+
+    Clients and server share the frozen weight W', so this is the distance between the
+    weight client k starts training from and the global model's weight. Zero for Avg-Initial,
+    Re-Initial, FedLoRU and FRLoRA (their starts are the global model); positive for
+    Local-Initial, whose clients start from one client's adapter instead of the average.
+    """
+    if not starts:
+        raise ValueError("starts is empty: need at least one client's start")
+    return float(np.mean([float(torch.linalg.vector_norm(_product_gap(s, reference, scaling))) for s in starts]))
+
+
+def update_dispersion(starts: Sequence[Mapping[str, Factors]], trained: Sequence[Mapping[str, Factors]],
+                      weights: Sequence[float], scaling: float) -> float:
+    """How much the clients' updates of one round disagree, relative to their average.
+
+    With dW_k = s (B'_k A'_k - B_k A_k) (trained minus start, all layers stacked) and
+    dW = sum_k p_k dW_k, returns sqrt(sum_k p_k ||dW_k - dW||^2) / ||dW||. 0 when all clients
+    moved the same way; 1 when the spread is as large as the average move.
+    """
+    if len(starts) != len(trained) or not starts:
+        raise ValueError(f"starts has {len(starts)} entries and trained {len(trained)}: need one per client, >= 1")
+    p = check_weights(weights, len(starts))
+    updates = [_product_gap(t, s, scaling) for s, t in zip(starts, trained, strict=True)]
+    mean = sum(w * d for w, d in zip(p, updates, strict=True))
+    spread = math.sqrt(sum(w * float(torch.linalg.vector_norm(d - mean)) ** 2 for w, d in zip(p, updates, strict=True)))
+    size = float(torch.linalg.vector_norm(mean))
+    return spread / size if size > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------
+def _layers(server: ServerState, uploads: list[Upload]) -> tuple[list[float], dict[str, tuple[list, list]]]:
+    """Per layer, the uploaded A's and B's, and the weights p_k."""
+    names = list(server.adapters)
+    weights = normalized_weights(uploads)
+    per_layer: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
+    for upload in uploads:
+        a, b = split_factors(upload.payload, names)
+        for n in names:
+            if n not in a or n not in b:
+                raise ValueError(f"client {upload.client_id}'s upload carries no {n}.A or {n}.B")
+            per_layer[n][0].append(a[n])
+            per_layer[n][1].append(b[n])
+    return weights, per_layer
+
+
+def _missed_merges(server: ServerState, client_state: dict, key: str) -> tuple[dict[str, Tensor], int]:
+    """What a client downloads to bring its W' up to date: the merged factors it has not applied yet.
+
+    ``server.extra[key]`` lists, per merge, every layer's averaged (A, B); the client applies
+    s B A of each merge it missed (it may have skipped rounds). Counted as the factors, or as
+    the dense m x n change per layer where that is smaller.
+    """
+    merges: list[dict[str, Factors]] = server.extra.get(key, [])
+    applied = client_state.get(f"{key}_applied", 0)
+    missed = merges[applied:]
+    client_state[f"{key}_applied"] = len(merges)
+    tensors: dict[str, Tensor] = {}
+    if not missed:
+        return tensors, 0
+    for j, merge in enumerate(missed):
+        for name, (a, b) in merge.items():
+            tensors[f"{name}.A@merge{applied + j}"] = a
+            tensors[f"{name}.B@merge{applied + j}"] = b
+    factored = sum(t.numel() * t.element_size() for t in tensors.values())
+    dense = sum(a.shape[1] * b.shape[0] * a.element_size() for a, b in missed[0].values())
+    return tensors, min(factored, dense)
+
+
+class AvgInitial(FedIT):
+    """Avg-Initial (LoRA-FAIR, Bian, Wang, Zhang, Luo, Li, Ren, Sun, Wang, Zhang 2024, arXiv 2411.14961).
+
+    Survey section 3.2: every client starts round t from the averaged factors
+    A_t = sum_k p_k A_k^{t-1} and B_t = sum_k p_k B_k^{t-1}, "the conventional FL approach".
+    That is exactly FedIT (:class:`fedlora_edu.aggregation.FedIT`), reused unchanged under
+    LoRA-FAIR's name. Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "Avg-Initial"
+
+
+class FedLoRU(Strategy):
+    """FedLoRU (Park and Klabjan 2024, arXiv 2409.12371): Re-Initial every ``tau`` rounds, survey eq. 11.
+
+    Each round the clients train the global adapter and the server averages A and B as
+    FedIT does. After every round t with t mod tau = 0 (1-based) the server accumulates the
+    averaged product into the frozen weight, W' <- W' + s B_t A_t (``server.base_deltas``),
+    and restarts the adapter from eq. 9 (:func:`gaussian_reinit`). So the global model is
+    W_T = W' + s sum_{t <= T, t mod tau = 0} B_t A_t (:func:`fedloru_global_weight`), plus the
+    live adapter between accumulations: each cycle's update is low-rank but their sum is
+    not, which is the paper's "higher-rank model from low-rank updates".
+
+    Choices where the paper leaves room: the fresh A is Gaussian (survey eq. 9; the paper's
+    code redraws peft's Kaiming-uniform) with the standard deviation of peft's A; round 1
+    starts from the shared server initialisation every method of the book starts from; the
+    aggregation weights are p_k = n_k / sum n_j (the paper's code also weights by data size).
+    Bytes down: the head; the adapter, or only a seed when it was just re-initialised; and
+    every accumulation the client has not applied yet (:func:`_missed_merges`).
+    (The brief of this chapter cited arXiv 2410.23295; the paper is 2409.12371.)
+    Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "FedLoRU"
+    merge_key = "fedloru_merges"
+
+    def __init__(self, rank: int | None = None, tau: int = 2) -> None:
+        super().__init__(rank)
+        self.tau = check_tau(tau)
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        server.extra["seed"] = seed
+        server.extra[self.merge_key] = []
+        server.extra["fedloru_merge_rounds"] = []
+        server.extra["fresh"] = False
+
+    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+        start = super().client_start(server, client_id, client_state, round_index)
+        tensors = {k: v for k, v in start.download.tensors.items() if k.startswith("head.")}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if server.extra.get("fresh"):
+            nbytes += SEED_BYTES  # the fresh adapter is regenerated from the round's seed
+        else:
+            adapter = {k: v for k, v in start.download.tensors.items() if not k.startswith("head.")}
+            tensors.update(adapter)
+            nbytes += sum(t.numel() * t.element_size() for t in adapter.values())
+        merged, merged_bytes = _missed_merges(server, client_state, self.merge_key)
+        tensors.update(merged)
+        start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = _layers(server, uploads)
+        averaged = {n: fedit_average(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
+        self.aggregate_head(server, uploads)
+        if accumulation_round(round_index, self.tau):
+            server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in averaged.items()}
+            server.extra.setdefault(self.merge_key, []).append(averaged)
+            server.extra.setdefault("fedloru_merge_rounds", []).append(round_index + 1)
+            server.adapters = gaussian_reinit(averaged, int(server.extra.get("seed", 0)), round_index + 1)
+            server.extra["fresh"] = True
+        else:
+            server.adapters = averaged
+            server.extra["fresh"] = False
+
+
+class ReInitial(FedLoRU):
+    """Re-Initial (LoRA-FAIR, Bian et al. 2024, arXiv 2411.14961): re-initialise every round.
+
+    Survey section 3.2: each round every client starts from eq. 9 (Gaussian A, zero B) and
+    the server folds the aggregated product into the frozen weight, W'_t = W'_{t-1} + s B_t A_t
+    with A_t, B_t the averaged factors. It is FedLoRU with tau = 1 and runs the same code.
+    Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "Re-Initial"
+
+    def __init__(self, rank: int | None = None) -> None:
+        super().__init__(rank, tau=1)
+
+
+class LocalInitial(FedIT):
+    """Local-Initial (LoRA-FAIR, Bian et al. 2024, arXiv 2411.14961): everyone starts from one client's adapter.
+
+    Survey section 3.2: after round t-1 the server picks one client c of that round at
+    random (:func:`choose_local_initial_client`, seeded by the run's seed and the round) and
+    every client starts round t from A_c^{t-1}, B_c^{t-1}.
+
+    Choices where the survey leaves room: the *global model* (what is evaluated, and what
+    the drift is measured against) is FedIT's average, as LoRA-FAIR compares initialisations
+    of one aggregation; only the clients' starting point differs. The head, which the
+    survey's formula does not name, is the averaged one. Round 1 starts from the server's
+    initial adapter. Bytes down: client c's A and B and the head.
+    Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "Local-Initial"
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        server.extra["seed"] = seed
+        server.extra["local_initial_clients"] = []
+
+    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+        chosen = server.extra.get("local_initial")
+        if chosen is None:
+            return super().client_start(server, client_id, client_state, round_index)
+        adapters = {name: (a.clone(), b.clone()) for name, (a, b) in chosen.items()}
+        tensors = {f"{name}.{side}": t for name, (a, b) in adapters.items() for side, t in (("A", a), ("B", b))}
+        tensors.update({f"head.{k}": v for k, v in server.head.items()})
+        return ClientStart(adapters, {k: v.clone() for k, v in server.head.items()}, Payload(tensors),
+                           self.trainable(round_index))
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        super().aggregate(server, uploads, round_index)
+        c = choose_local_initial_client([u.client_id for u in uploads], int(server.extra.get("seed", 0)), round_index)
+        upload = next(u for u in uploads if u.client_id == c)
+        a, b = split_factors(upload.payload, list(server.adapters))
+        server.extra["local_initial"] = {n: (a[n].clone(), b[n].clone()) for n in server.adapters}
+        server.extra.setdefault("local_initial_clients", []).append(c)
+
+
+class PFedLoRU(FedLoRU):
+    """pFedLoRU (Park and Klabjan 2024, arXiv 2409.12371): FedLoRU plus a personal low-rank module.
+
+    Every client's model is W' + s (B_G A_G + B_L A_L): the global module (A_G, B_G), rank
+    r_G, is FedLoRU's (averaged every round, accumulated into W' every tau rounds), and the
+    personal module (A_L, B_L), rank r_L, lives in the client's ``client_state`` and never
+    leaves it: the upload holds the global module and the head only. A client's personal
+    model (:meth:`personal_model`) is the current global module plus its own personal one.
+
+    In the simulator the two modules share one LoRA layer of rank r_G + r_L: components
+    0..r_G-1 are the global module and r_G.. the personal one, so B A = B_G A_G + B_L A_L with
+    one constant s = alpha / (r_G + r_L). ``rank`` is r_G and ``personal_rank`` r_L (default
+    r_G); with ``rank=None`` the model's rank is split, r_L = ``personal_rank`` or half.
+
+    Choices where the paper leaves room: both modules train together in each local step
+    (the paper trains the personal and the global module one after the other within a
+    round; the simulator's ``trainable`` works per matrix, not per component); every
+    client's personal module starts as peft initialises components r_G.. (random A, zero B)
+    and is kept as an adapter rather than folded into a per-client W' (one W' per client
+    would cost m x n per layer and client); the head is global (averaged).
+    Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "pFedLoRU"
+
+    def __init__(self, rank: int | None = None, personal_rank: int | None = None, tau: int = 2) -> None:
+        super().__init__(rank, tau=tau)
+        if personal_rank is not None:
+            check_rank(personal_rank)
+        self.personal_rank = personal_rank
+        self.global_rank: int | None = rank
+
+    def max_rank(self, num_clients: int) -> int | None:
+        if self.rank is None:
+            return None
+        return self.rank + (self.personal_rank if self.personal_rank is not None else self.rank)
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        return server.rank
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        super().init_server(server, seed)
+        total = server.rank
+        if self.rank is not None:
+            personal = total - self.rank
+        else:
+            personal = self.personal_rank if self.personal_rank is not None else total // 2
+        if personal < 1 or total - personal < 1:
+            raise ValueError(f"pFedLoRU needs a global rank >= 1 and a personal_rank >= 1; the model's rank {total} "
+                             f"cannot be split into {total - personal} + {personal}")
+        self.global_rank = total - personal
+        g = self.global_rank
+        server.extra["personal_init"] = {n: (a[g:].clone(), b[:, g:].clone()) for n, (a, b) in server.adapters.items()}
+        server.adapters = {n: (a[:g].clone(), b[:, :g].clone()) for n, (a, b) in server.adapters.items()}
+
+    def _personal(self, server: ServerState, client_state: dict) -> dict[str, Factors]:
+        return client_state.get("personal", server.extra["personal_init"])
+
+    def _joined(self, server: ServerState, client_state: dict) -> dict[str, Factors]:
+        personal = self._personal(server, client_state)
+        return {n: (torch.cat([a, personal[n][0].to(a)]), torch.cat([b, personal[n][1].to(b)], dim=1))
+                for n, (a, b) in server.adapters.items()}
+
+    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+        start = super().client_start(server, client_id, client_state, round_index)
+        start.adapters = {n: (a.clone(), b.clone()) for n, (a, b) in self._joined(server, client_state).items()}
+        return start
+
+    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+        g = self.global_rank
+        assert g is not None
+        client_state["personal"] = {n: (a[g:].clone(), b[:, g:].clone()) for n, (a, b) in result.adapters.items()}
+        tensors: dict[str, Tensor] = {}
+        for name, (a, b) in result.adapters.items():
+            tensors[f"{name}.A"] = a[:g].clone()
+            tensors[f"{name}.B"] = b[:, :g].clone()
+        tensors.update({f"head.{k}": v for k, v in result.head.items()})
+        return Payload(tensors)
+
+    def personal_model(self, server: ServerState, client_id: int,
+                       client_state: dict) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        return self._joined(server, client_state), {k: v.clone() for k, v in server.head.items()}
+
+
+class FRLoRA(Strategy):
+    """FRLoRA, Federated Residual LoRA (Yan, Feng, Zuo, Zhu, Goh, Liu 2025, ICLR, OpenReview e0rQRMUhs7).
+
+    "Federated Residual Low-Rank Adaption of Large Language Models"; we found no arXiv
+    version, so the citation is the ICLR 2025 paper (openreview.net/forum?id=e0rQRMUhs7) and
+    its public code (github.com/IAMJackYan/FRLoRA), read to understand, not copied.
+
+    Before round 1 (:meth:`prepare`) the server takes, for every adapted layer, the SVD of
+    the *pre-trained* weight W_pre = U S V^T and sets the adapter to its principal part,
+    A_0 = sqrt(S_r / s) V_r^T, B_0 = U_r sqrt(S_r / s) (:func:`principal_factors`), and the frozen
+    weight to the rest, W' = W_pre - s B_0 A_0, so the model is unchanged. Every round every
+    client starts from the same (A_0, B_0); the server averages A and B (FedIT) and adds the
+    residual s (avg(B) avg(A) - B_0 A_0) to W' (:func:`frlora_residual`), which sums the
+    round's weight change into the global weight (a higher-rank global update) while the
+    clients' low-rank matrices are re-initialised.
+
+    What the singular vectors are of: the pre-trained weights, computed once (the paper:
+    "reinitializes the local low-rank matrices with the principal singular values and
+    vectors of the pre-trained weights in each round"; its public code keeps that first SVD
+    and resets to it each round), not of the accumulated global weight.
+    Choices where the paper leaves room: weights p_k = n_k / sum n_j (the public code weights
+    clients equally); the rank and alpha are the profile's. Bytes down: the head and the
+    averaged factors of every round the client has not applied (its W' must follow the
+    global one); A_0, B_0 are computed on the client from the pre-trained weights.
+    Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "FRLoRA"
+    merge_key = "frlora_merges"
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        server.extra["seed"] = seed
+        server.extra[self.merge_key] = []
+
+    def prepare(self, federation: object, model: torch.nn.Module, server: ServerState, seed: int) -> None:
+        init = {name: principal_factors(base_weight(model, name), server.rank, server.scaling)
+                for name in server.adapters}
+        init = {name: (a.to(server.adapters[name][0]), b.to(server.adapters[name][1])) for name, (a, b) in init.items()}
+        server.extra["frlora_init"] = init
+        server.adapters = {name: (a.clone(), b.clone()) for name, (a, b) in init.items()}
+        server.base_deltas = {name: -server.scaling * (b @ a) for name, (a, b) in init.items()}
+
+    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+        if "frlora_init" not in server.extra:
+            raise ValueError("FRLoRA.prepare has not run: its initial adapter comes from the pre-trained weights")
+        start = super().client_start(server, client_id, client_state, round_index)
+        tensors = {k: v for k, v in start.download.tensors.items() if k.startswith("head.")}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        merged, merged_bytes = _missed_merges(server, client_state, self.merge_key)
+        tensors.update(merged)
+        start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = _layers(server, uploads)
+        init = server.extra["frlora_init"]
+        averaged = {n: fedit_average(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
+        server.base_deltas = {n: frlora_residual(a, b, init[n][0], init[n][1], server.scaling)
+                              for n, (a, b) in averaged.items()}
+        server.extra.setdefault(self.merge_key, []).append(averaged)
+        server.adapters = {n: (a.clone(), b.clone()) for n, (a, b) in init.items()}
+        self.aggregate_head(server, uploads)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, FRLoRA)
+}
+"""The client-side initialisations of survey section 3.2, by name."""

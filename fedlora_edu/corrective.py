@@ -1,0 +1,381 @@
+"""Corrective mechanisms (survey section 3.1, "Corrective Mechanism", eq. 7): FedEx-LoRA and LoRA-FAIR.
+
+FedIT averages A and B separately. That keeps the clients' next start simple (every
+client continues from the averaged factors, "Avg-Initial" in Bian et al.'s words), but
+the product of the averages is not the average of the products (eq. 4):
+
+    avg(B) avg(A)  !=  sum_k p_k B_k A_k .
+
+The survey's corrective family keeps the separate averages and *corrects* them towards
+the ideal update instead of replacing them:
+
+- **FedEx-LoRA** (Singhal, Ponkshe, Vepakomma 2024, arXiv 2410.09432), eq. 7: the server
+  computes the exact residual R = sum_k p_k B_k A_k - avg(B) avg(A) and folds it into the
+  frozen weight, W' <- W' + s R, so that W' + s avg(B) avg(A) is the ideal aggregate to
+  the last bit. The price: R is a full-size m x n matrix per adapted layer that every
+  client downloads. It lives in :mod:`fedlora_edu.aggregation`
+  (:func:`~fedlora_edu.aggregation.fedex_residual`,
+  :class:`~fedlora_edu.aggregation.FedExLoRA`) and is re-exported here, not rewritten.
+- **LoRA-FAIR** (Bian, Wang, Zhang, Xu 2024, ICCV 2025, arXiv 2411.14961): the server keeps
+  avg(A) fixed and learns a correction dB of avg(B) so that (avg(B) + dB) avg(A) is as
+  similar as possible to the ideal update, with a penalty on dB that keeps the clients'
+  next start close to the plain average (:func:`lora_fair_correction`,
+  :class:`LoRAFAIR`). Nothing is added to the wire: clients download A and B as in FedIT.
+  The price is server computation, and the correction can only move the product within
+  the row space of avg(A), so it is not exact.
+
+Notation of the survey: A_k is r x n, B_k is m x r, p_k are weights summing to one;
+products are unscaled (LoRA's alpha / r multiplies every term alike).
+
+Taught in ``book/part2/corrective.ipynb``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora_edu.aggregation import FedExLoRA, check_factors, fedex_residual, fedit_average, flora_stack, ideal_update
+from fedlora_edu.strategy import ServerState, Strategy, Upload, normalized_weights, split_factors
+
+__all__ = [
+    "SIMILARITIES", "CorrectionResult", "FedExLoRA", "LoRAFAIR", "corrected_residual", "fedex_residual",
+    "lora_fair_correction", "lora_fair_objective", "lora_fair_solve",
+]
+
+SIMILARITIES = ("cosine", "frobenius")
+"""How LoRA-FAIR measures the gap to the ideal update: the paper's cosine, or a squared Frobenius distance."""
+
+DEFAULT_REGULARIZATION = 0.01
+"""The paper's lambda (Bian et al. 2024, implementation details): a small positive weight on ||dB||."""
+
+DEFAULT_STEPS = 100
+"""Most gradient steps the server takes per layer and round (the paper solves its problem by SGD; it gives no count)."""
+
+RELATIVE_TOLERANCE = 1e-6
+"""The solver stops early once a step lowers the objective by less than this fraction of its value."""
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------
+def check_similarity(similarity: object) -> str:
+    """Validate LoRA-FAIR's similarity measure: ``"cosine"`` (the paper's) or ``"frobenius"``."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return str(similarity)
+
+
+def check_regularization(regularization: object) -> float:
+    """Validate the weight lambda of the penalty lambda ||dB||_F: a finite number >= 0."""
+    if isinstance(regularization, bool) or not isinstance(regularization, int | float) \
+            or not math.isfinite(regularization) or regularization < 0:
+        raise ValueError(f"regularization must be a finite number >= 0, got {regularization!r}")
+    return float(regularization)
+
+
+def check_steps(steps: object) -> int:
+    """Validate the number of server gradient steps: an integer >= 0 (0 returns dB = 0)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    return steps
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA-FAIR: the pure functions
+# ----------------------------------------------------------------------------------------
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block (and restore the setting after it).
+
+    The solver works on m x r and r x r matrices: too small for a thread pool to help, and
+    on a loaded machine the pool's synchronisation made each step about 40 times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class CorrectionResult:
+    """What :func:`lora_fair_solve` returns for one layer.
+
+    ``delta_b`` is dB (m x r, the dtype of the inputs); ``objectives`` the value of the
+    objective before the first step and after every accepted step (non-increasing);
+    ``similarity`` the measure really used (``"frobenius"`` where the cosine was undefined,
+    see :func:`lora_fair_solve`).
+    """
+
+    delta_b: Tensor
+    objectives: list[float] = field(default_factory=list)
+    similarity: str = "cosine"
+
+    @property
+    def steps_taken(self) -> int:
+        return max(0, len(self.objectives) - 1)
+
+
+def _measure(similarity: str, inner: Tensor, x2: Tensor, d2: float) -> Tensor:
+    """The first term of the objective from <D, Y A>, ||Y A||^2 and ||D||^2 (see :func:`lora_fair_solve`)."""
+    if similarity == "cosine":
+        return 1.0 - inner / math.sqrt(d2) / x2.clamp_min(torch.finfo(x2.dtype).tiny).sqrt()
+    return (d2 - 2.0 * inner + x2) / d2
+
+
+def _measure_gradient(similarity: str, y: Tensor, c: Tensor, g: Tensor, d2: float) -> Tensor:
+    """d(measure)/dY at Y = avg(B) + dB, with C = D avg(A)^T and G = avg(A) avg(A)^T."""
+    yg = y @ g
+    inner, x2 = (c * y).sum(), (yg * y).sum()
+    if similarity == "cosine":
+        norm_x = x2.sqrt()
+        return -(c / (math.sqrt(d2) * norm_x) - inner * yg / (math.sqrt(d2) * norm_x ** 3))
+    return 2.0 * (yg - c) / d2
+
+
+def lora_fair_solve(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    similarity: str = "cosine",
+    regularization: float = DEFAULT_REGULARIZATION,
+    steps: int = DEFAULT_STEPS,
+    tolerance: float = RELATIVE_TOLERANCE,
+) -> CorrectionResult:
+    """LoRA-FAIR's server problem for one layer (Bian et al. 2024, arXiv 2411.14961, eq. 8; survey 3.1).
+
+    With A-bar, B-bar FedIT's averages and dW = sum_k p_k B_k A_k the ideal update (survey
+    eq. 4), LoRA-FAIR keeps A-bar and solves
+
+        min over dB of   S(dW, (B-bar + dB) A-bar)  +  lambda ||dB||_F
+
+    ``similarity="cosine"`` (the paper's choice, default): S = 1 - cos(dW, (B-bar + dB) A-bar),
+    cos(X, Y) = <X, Y>_F / (||X||_F ||Y||_F). It aligns the direction of the corrected update
+    with the ideal one and leaves its length free. ``similarity="frobenius"``: S =
+    ||dW - (B-bar + dB) A-bar||_F^2 / ||dW||_F^2, a relative squared error (so lambda means the
+    same for both); with lambda = 0 its minimiser is the least-squares
+    dB* = (dW - B-bar A-bar) A-bar^+.
+
+    Choices where the paper leaves room, and why:
+
+    - The penalty is lambda ||dB||_F (the norm itself, as the paper writes it, not its square),
+      lambda = 0.01 by default (the paper's value). Being a norm, it keeps dB exactly zero when
+      the gradient of S at dB = 0 is smaller than lambda, in particular when the clients agree.
+    - The solver is proximal gradient descent (the paper says SGD; there is no data, so the
+      gradient is exact): a gradient step on S followed by the proximal step of the norm,
+      dB <- dB * max(0, 1 - t lambda / ||dB||_F), with a backtracking step size t, so the
+      objective never increases. It starts from dB = 0 and stops after ``steps`` accepted
+      steps, or earlier once a step lowers the objective by less than ``tolerance`` (default a
+      millionth) of its value; ``tolerance=0`` runs until a step changes nothing. The paper
+      gives no step count; 100 is ours (on MiniLM's layers it converges in about five).
+    - The ideal update is never formed as an m x n matrix: with the stacks of
+      :func:`~fedlora_edu.aggregation.flora_stack` (dW = B_s A_s), everything S needs is
+      C = dW A-bar^T = B_s (A_s A-bar^T) (m x r), G = A-bar A-bar^T (r x r) and
+      ||dW||_F^2 = tr((B_s^T B_s)(A_s A_s^T)), so a step costs O(m r^2), not O(m n r).
+      Arithmetic is in float64 on the CPU, single-threaded; dB comes back in the inputs' dtype
+      and on their device.
+    - Where the cosine is undefined (B-bar A-bar = 0 while dW is not) the layer is solved with
+      the Frobenius measure instead (``result.similarity`` says so); where dW = 0 nothing can
+      be aligned with it and dB = 0.
+
+    Equal ranks only (A-bar and B-bar are elementwise averages, as in FedIT).
+    """
+    check_similarity(similarity)
+    lam = check_regularization(regularization)
+    check_steps(steps)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    with _one_thread():
+        return _solve(As, Bs, weights, similarity, lam, steps, float(tolerance))
+
+
+def _solve(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], similarity: str, lam: float,
+           steps: int, tolerance: float) -> CorrectionResult:
+    """The body of :func:`lora_fair_solve` (arguments already validated)."""
+    a_bar, b_bar = fedit_average(As, Bs, weights)
+    a_stack, b_stack = flora_stack(As, Bs, weights)
+    dtype, device = b_bar.dtype, b_bar.device
+    cpu = torch.device("cpu")  # r x r and m x r matrices: the CPU is the right place, whatever the device
+    a_bar64, b_bar64 = a_bar.to(cpu, torch.float64), b_bar.to(cpu, torch.float64)
+    a_s, b_s = a_stack.to(cpu, torch.float64), b_stack.to(cpu, torch.float64)
+    c = b_s @ (a_s @ a_bar64.T)  # dW A-bar^T, m x r
+    g = a_bar64 @ a_bar64.T  # A-bar A-bar^T, r x r
+    d2 = float(((b_s.T @ b_s) * (a_s @ a_s.T)).sum())  # ||dW||_F^2 = tr((B_s^T B_s)(A_s A_s^T))
+    zero = torch.zeros_like(b_bar)
+    scale_g = float(torch.linalg.eigvalsh(g).max()) if g.numel() else 0.0
+    if not d2 > 0 or not scale_g > 0 or steps == 0:
+        return CorrectionResult(zero, [], similarity)
+    x2_start = float(((b_bar64 @ g) * b_bar64).sum())
+    if similarity == "cosine" and not x2_start > 0:
+        similarity = "frobenius"
+
+    def objective(delta: Tensor) -> float:
+        y = b_bar64 + delta
+        measure = _measure(similarity, (c * y).sum(), ((y @ g) * y).sum(), d2)
+        return float(measure) + lam * float(torch.linalg.matrix_norm(delta))
+
+    def smooth(delta: Tensor) -> float:
+        y = b_bar64 + delta
+        return float(_measure(similarity, (c * y).sum(), ((y @ g) * y).sum(), d2))
+
+    # Initial step: 1/L for the Frobenius measure (L = 2 lambda_max(G) / ||dW||^2); for the cosine,
+    # whose curvature scales like lambda_max(G) / ||Y A-bar||^2, the matching guess. Backtracking fixes either.
+    step = d2 / (2.0 * scale_g) if similarity == "frobenius" else x2_start / scale_g
+    delta = torch.zeros_like(b_bar64)
+    objectives = [objective(delta)]
+    for _ in range(steps):
+        f_now = smooth(delta)
+        gradient = _measure_gradient(similarity, b_bar64 + delta, c, g, d2)
+        accepted = None
+        for _ in range(60):  # backtracking: halve the step until the proximal-gradient condition holds
+            moved = delta - step * gradient
+            norm = float(torch.linalg.matrix_norm(moved))
+            candidate = moved * max(0.0, 1.0 - step * lam / norm) if norm > 0 else moved
+            change = candidate - delta
+            bound = f_now + float((gradient * change).sum()) + float((change * change).sum()) / (2.0 * step)
+            value = objective(candidate)
+            if smooth(candidate) <= bound + 1e-15 * abs(f_now) and value <= objectives[-1]:
+                accepted = candidate
+                break
+            step /= 2.0
+        if accepted is None or float(torch.linalg.matrix_norm(accepted - delta)) == 0.0:
+            break
+        delta = accepted
+        objectives.append(objective(delta))
+        if objectives[-2] - objectives[-1] <= tolerance * abs(objectives[-1]):
+            break  # converged: a step no longer changes the objective in its first digits
+        step *= 2.0  # let the step grow again after an accepted one
+    return CorrectionResult(delta.to(dtype=dtype, device=device), objectives, similarity)
+
+
+def lora_fair_correction(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    similarity: str = "cosine",
+    regularization: float = DEFAULT_REGULARIZATION,
+    steps: int = DEFAULT_STEPS,
+    tolerance: float = RELATIVE_TOLERANCE,
+) -> Tensor:
+    """LoRA-FAIR's correction dB (m x r) of FedIT's averaged B (Bian et al. 2024, arXiv 2411.14961).
+
+    The server sends A-bar and B-bar + dB; their product is closer to sum_k p_k B_k A_k than
+    FedIT's B-bar A-bar. See :func:`lora_fair_solve` for the objective, the solver and the
+    choices made; this returns its ``delta_b``. Taught in ``book/part2/corrective.ipynb``.
+    """
+    return lora_fair_solve(As, Bs, weights, similarity=similarity, regularization=regularization,
+                           steps=steps, tolerance=tolerance).delta_b
+
+
+def lora_fair_objective(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float],
+    delta_b: Tensor,
+    *,
+    similarity: str = "cosine",
+    regularization: float = DEFAULT_REGULARIZATION,
+) -> float:
+    """LoRA-FAIR's objective S(dW, (B-bar + dB) A-bar) + lambda ||dB||_F, computed densely (the reference).
+
+    Forms the m x n matrices; :func:`lora_fair_solve` computes the same value from factors.
+    """
+    check_similarity(similarity)
+    lam = check_regularization(regularization)
+    a_bar, b_bar = fedit_average(As, Bs, weights)
+    if delta_b.shape != b_bar.shape:
+        raise ValueError(f"delta_b has shape {tuple(delta_b.shape)}; it corrects B-bar, {tuple(b_bar.shape)}")
+    ideal = ideal_update(As, Bs, weights).double()
+    corrected = (b_bar.double() + delta_b.double()) @ a_bar.double()
+    if similarity == "cosine":
+        measure = 1.0 - float((ideal * corrected).sum() / (torch.linalg.matrix_norm(ideal)
+                                                           * torch.linalg.matrix_norm(corrected)))
+    else:
+        measure = float(torch.linalg.matrix_norm(ideal - corrected) ** 2 / torch.linalg.matrix_norm(ideal) ** 2)
+    return measure + lam * float(torch.linalg.matrix_norm(delta_b.double()))
+
+
+def corrected_residual(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], delta_b: Tensor | None = None
+) -> float:
+    """|| (B-bar + dB) A-bar - sum_k p_k B_k A_k ||_F: what is left of the discordance after a correction.
+
+    With ``delta_b=None`` (or zero) it is FedIT's discordance (survey eq. 4).
+    """
+    check_factors(As, Bs)
+    a_bar, b_bar = fedit_average(As, Bs, weights)
+    if delta_b is not None:
+        if delta_b.shape != b_bar.shape:
+            raise ValueError(f"delta_b has shape {tuple(delta_b.shape)}; it corrects B-bar, {tuple(b_bar.shape)}")
+        b_bar = b_bar + delta_b
+    return float(torch.linalg.matrix_norm(b_bar @ a_bar - ideal_update(As, Bs, weights)))
+
+
+# ----------------------------------------------------------------------------------------
+# The strategy
+# ----------------------------------------------------------------------------------------
+def _client_factors(server: ServerState, uploads: list[Upload]) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
+    """Per layer, the clients' uploaded A's and B's (both must be there: LoRA-FAIR trains both)."""
+    names = list(server.adapters)
+    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in names}
+    for upload in uploads:
+        a, b = split_factors(upload.payload, names)
+        for n in names:
+            if n not in a or n not in b:
+                raise ValueError(f"client {upload.client_id}'s upload carries no A or B for layer {n}")
+            out[n][0].append(a[n])
+            out[n][1].append(b[n])
+    return out
+
+
+class LoRAFAIR(Strategy):
+    """LoRA-FAIR (Bian, Wang, Zhang, Xu 2024, ICCV 2025, arXiv 2411.14961): FedIT plus a server correction dB.
+
+    Survey section 3.1, "Corrective Mechanism". Clients train A and B and upload both, as in
+    FedIT. Per layer the server averages them (A-bar, B-bar), solves
+    :func:`lora_fair_solve` for dB and sets the global adapter to (A-bar, B-bar + dB); every
+    client starts the next round from it (Avg-Initial, the paper's client-side choice).
+    The frozen weight W' never changes and nothing but A and B crosses the network, so the
+    bytes are FedIT's. ``similarity``, ``regularization`` and ``steps`` are passed to the
+    solver (defaults: the paper's cosine and lambda = 0.01, 100 steps).
+
+    After each round ``server.extra["lora_fair"]`` holds the round's
+    :class:`CorrectionResult` per layer (dB and the objective per step).
+    Taught in ``book/part2/corrective.ipynb``.
+    """
+
+    name = "LoRA-FAIR"
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        similarity: str = "cosine",
+        regularization: float = DEFAULT_REGULARIZATION,
+        steps: int = DEFAULT_STEPS,
+    ) -> None:
+        super().__init__(rank)
+        self.similarity = check_similarity(similarity)
+        self.regularization = check_regularization(regularization)
+        self.steps = check_steps(steps)
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights = normalized_weights(uploads)
+        adapters, results = {}, {}
+        for name, (a_list, b_list) in _client_factors(server, uploads).items():
+            a_bar, b_bar = fedit_average(a_list, b_list, weights)
+            result = lora_fair_solve(a_list, b_list, weights, similarity=self.similarity,
+                                     regularization=self.regularization, steps=self.steps)
+            adapters[name] = (a_bar, b_bar + result.delta_b)
+            results[name] = result
+        server.adapters = adapters
+        server.extra["lora_fair"] = results
+        self.aggregate_head(server, uploads)

@@ -1,0 +1,509 @@
+"""Server-side LoRA initialisation (survey section 3.2, eqs. 9 and 10): standard, FeDeRA and SLoRA.
+
+Before round 1 the server decides what every client's adapter starts from. The survey
+(arXiv 2505.13502) names three choices:
+
+- the **standard** initialisation of LoRA (Hu et al. 2021), eq. 9: A ~ N(0, sigma^2), B = 0
+  (:func:`standard_init`, :class:`StandardInit`); the model starts exactly pre-trained;
+- **FeDeRA** (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), eq. 10: A and B from the
+  truncated SVD of each adapted layer's pre-trained weight W_pre (:func:`svd_init`,
+  :class:`FeDeRA`); the top-r part s B A is subtracted from the frozen weight, so the model
+  still starts exactly pre-trained;
+- **SLoRA** (Babakniya, Elkordy, Ezzeldin, Liu, Song, El-Khamy, Avestimehr 2023, arXiv
+  2308.06522): stage 1 fine-tunes a fixed random sparse subset of the adapted base weights
+  federatedly (:func:`random_masks`, :func:`sparse_local_train`); stage 2 initialises A and
+  B from the SVD of the learned sparse update (:func:`slora_factors`), then ordinary
+  FedLoRA rounds follow (:class:`SLoRA`).
+
+Every strategy here averages A and B as FedIT does once the rounds start: only the start
+differs. They do their work in :meth:`~fedlora_edu.strategy.Strategy.prepare`, which the
+simulator calls once with the freshly built peft model; what they put in
+``server.base_deltas`` there is added to the frozen weights W' before round 1.
+
+Notation of the survey: A is r x n, B is m x r, dW = B A, and the model applies
+W = W' + s B A with LoRA's constant s = alpha / r (survey eq. 2). :func:`update_spread`
+measures the spread of the clients' weight updates in a round (the "weight divergence" the
+survey says data-driven and SVD initialisation mitigate).
+
+Taught in ``book/part2/server_initialization.ipynb``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora_edu import adapters as adapter_io
+from fedlora_edu.adapters import Factors
+from fedlora_edu.aggregation import FedIT, check_rank, check_weights, truncated_factors
+from fedlora_edu.strategy import ServerState, average_tensors
+
+SEED_BYTES = 8
+"""A seed crosses the network as one 64-bit integer (SLoRA's mask is regenerated from it)."""
+SPLITS = ("balanced", "B")
+
+
+# ----------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------
+def check_sigma(sigma: object) -> float:
+    """Validate a standard deviation: a finite number > 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def check_density(density: object) -> float:
+    """Validate SLoRA's mask density d: a number in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return float(density)
+
+
+def check_scaling(scaling: object) -> float:
+    """Validate LoRA's constant s = alpha / r: a finite number > 0."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) \
+            or scaling <= 0:
+        raise ValueError(f"scaling must be a finite number > 0, got {scaling!r}")
+    return float(scaling)
+
+
+def _check_matrix(name: str, value: Tensor) -> None:
+    if not isinstance(value, Tensor) or value.ndim != 2 or min(value.shape) < 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a non-empty matrix (m x n), got {shape}")
+
+
+# ----------------------------------------------------------------------------------------
+# Eq. 9: the standard initialisation
+# ----------------------------------------------------------------------------------------
+def standard_init(
+    rank: int, m: int, n: int, *, sigma: float, generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Factors:
+    """Survey eq. 9 (LoRA, Hu et al. 2021, arXiv 2106.09685): A ~ N(0, sigma^2) (r x n), B = 0 (m x r).
+
+    B = 0 makes dW = B A = 0, so the model starts exactly as pre-trained, whatever A is.
+    ``generator`` makes the draw reproducible (``None``: torch's global generator).
+
+    Compared with peft: ``init_lora_weights="gaussian"`` draws A ~ N(0, (1/r)^2), standard
+    deviation 1/r, from torch's global generator, and B = 0; so ``standard_init(r, m, n,
+    sigma=1 / r)`` with a generator seeded s gives exactly peft's A after
+    ``torch.manual_seed(s)`` (tested). peft's default, ``init_lora_weights=True`` (the
+    reference implementation's), is *not* eq. 9: A is Kaiming-uniform with a = sqrt(5), i.e.
+    uniform on [-1/sqrt(n), 1/sqrt(n)], of variance 1/(3n) but not Gaussian.
+    Taught in ``book/part2/server_initialization.ipynb``.
+    """
+    check_rank(rank)
+    for name, size in (("m", m), ("n", n)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+    sigma = check_sigma(sigma)
+    a = torch.empty(rank, n, dtype=dtype).normal_(0.0, sigma, generator=generator)
+    return a, torch.zeros(m, rank, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Eq. 10: FeDeRA, the SVD of the pre-trained weight
+# ----------------------------------------------------------------------------------------
+def svd_init(weight: Tensor, rank: int, *, scaling: float = 1.0, split: str = "balanced") -> Factors:
+    """Survey eq. 10 (FeDeRA, Yan et al. 2024, arXiv 2404.18848): A and B from the SVD of W_pre.
+
+    With W_pre = U S V^T (m x n) and s = ``scaling`` (LoRA's alpha / r), the factors satisfy
+
+        s B A = U[:, :r] S[:r, :r] V[:, :r]^T,
+
+    the top-r part of W_pre, its best rank-r approximation (Eckart-Young). Written in the
+    survey's shapes (A r x n, B m x r), eq. 10 is A = V[:, :r]^T and B = U[:, :r] S[:r, :r];
+    the survey prints A = V[:, :r] (n x r) and B = U[:r, :] S[:r], which are transposed or
+    sliced the wrong way for those shapes.
+
+    ``split`` says where the singular values go: ``"balanced"`` (default) puts
+    sqrt(S_r / s) on each side, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), as PiSSA
+    (Meng et al. 2024, arXiv 2404.02948) and peft's ``init_lora_weights="pissa"`` do (tested
+    equal); ``"B"`` puts them all into B, A = V_r^T and B = U_r S_r / s, as the survey's eq.
+    10 writes it. The product, and so the initial model, is the same; the split changes only
+    how fast each factor moves under training. Computed in float64, returned in ``weight``'s
+    dtype. Taught in ``book/part2/server_initialization.ipynb``.
+    """
+    _check_matrix("weight", weight)
+    check_rank(rank)
+    scaling = check_scaling(scaling)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if rank > min(weight.shape):
+        raise ValueError(f"rank {rank} exceeds min(m, n) = {min(weight.shape)} of the weight {tuple(weight.shape)}")
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    u_r, s_r, vh_r = u[:, :rank], s[:rank] / scaling, vh[:rank]
+    if split == "balanced":
+        root = s_r.sqrt()
+        a, b = root[:, None] * vh_r, u_r * root[None, :]
+    else:
+        a, b = vh_r, u_r * s_r[None, :]
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
+def top_r_part(weight: Tensor, rank: int) -> Tensor:
+    """U[:, :r] S[:r, :r] V[:, :r]^T of ``weight``: what FeDeRA moves from W' into the adapter."""
+    _check_matrix("weight", weight)
+    check_rank(rank)
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    return ((u[:, :rank] * s[None, :rank]) @ vh[:rank]).to(weight.dtype)
+
+
+def spectrum_share(weight: Tensor, rank: int) -> float:
+    """sum_{i<=r} sigma_i^2 / sum_i sigma_i^2: the share of ||W||_F^2 held by the top-r part."""
+    _check_matrix("weight", weight)
+    check_rank(rank)
+    s = torch.linalg.svdvals(weight.detach().to(torch.float64))
+    return float((s[:rank] ** 2).sum() / (s**2).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# SLoRA: a sparse stage, then the SVD of its update
+# ----------------------------------------------------------------------------------------
+def random_masks(shapes: Mapping[str, Sequence[int]], density: float, seed: int) -> dict[str, Tensor]:
+    """SLoRA's fixed random sparse masks: per layer, exactly max(1, round(d * m * n)) entries set.
+
+    One generator seeded with ``seed`` draws the layers in the order of ``shapes``, so every
+    client regenerates the same masks from the seed the server broadcasts (8 bytes); the
+    masks' positions never cross the network. Returns boolean m x n tensors (CPU).
+    """
+    density = check_density(density)
+    generator = torch.Generator().manual_seed(int(seed))
+    masks = {}
+    for name, shape in shapes.items():
+        m, n = (int(x) for x in shape)
+        if m < 1 or n < 1:
+            raise ValueError(f"shape of {name!r} must be two positive sizes, got {tuple(shape)}")
+        count = max(1, int(round(density * m * n)))
+        mask = torch.zeros(m * n, dtype=torch.bool)
+        mask[torch.randperm(m * n, generator=generator)[:count]] = True
+        masks[name] = mask.reshape(m, n)
+    return masks
+
+
+def sparse_bytes(masks: Mapping[str, Tensor], element_size: int = 4) -> int:
+    """Bytes of one sparse update: one value per masked entry (positions come from the seed)."""
+    if element_size < 1:
+        raise ValueError(f"element_size must be >= 1, got {element_size}")
+    return int(sum(int(mask.sum()) for mask in masks.values())) * element_size
+
+
+def sparse_average(values: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """sum_k p_k v_k per layer: FedAvg of the clients' masked values (exact: the mask is shared)."""
+    if len(values) == 0:
+        raise ValueError("values is empty: need at least one client's update")
+    p = check_weights(weights, len(values))
+    names = list(values[0])
+    for k, v in enumerate(values):
+        if list(v) != names:
+            raise ValueError(f"values[{k}] has layers {list(v)[:3]}..., expected {names[:3]}...")
+    return {name: average_tensors([v[name] for v in values], p) for name in names}
+
+
+def scatter(values: Tensor, mask: Tensor) -> Tensor:
+    """The dense m x n update with ``values`` at the masked positions and exact zeros elsewhere."""
+    if values.ndim != 1 or values.numel() != int(mask.sum()):
+        raise ValueError(f"values has shape {tuple(values.shape)}; the mask has {int(mask.sum())} entries")
+    dense = values.new_zeros(mask.shape)
+    dense[mask.to(values.device)] = values
+    return dense
+
+
+def slora_factors(delta: Tensor, rank: int, *, scaling: float = 1.0) -> Factors:
+    """SLoRA's stage 2 for one layer: (A, B) with s B A the best rank-r approximation of dW.
+
+    ``delta`` is the sparse update dW learned in stage 1 (m x n). Truncated SVD, singular
+    values split evenly between the factors (:func:`~fedlora_edu.aggregation.truncated_factors`),
+    so ||dW - s B A||_F^2 = sum_{i>r} sigma_i(dW)^2, the least possible (Eckart-Young).
+    """
+    _check_matrix("delta", delta)
+    scaling = check_scaling(scaling)
+    a, b = truncated_factors(delta.detach().to(torch.float64) / scaling, rank)
+    return a.to(delta.dtype), b.to(delta.dtype)
+
+
+def sparse_local_train(
+    model: torch.nn.Module, data: object, masks: Mapping[str, Tensor], *, steps: int, batch_size: int,
+    learning_rate: float, seed: int, device: torch.device | None = None,
+) -> float:
+    """One client's SLoRA stage-1 training: AdamW on the masked entries of the adapted base weights and the head.
+
+    The LoRA factors are frozen (their B is zero, so they add nothing); each adapted
+    layer's W' trains with its gradient multiplied by the layer's mask, so an entry outside
+    the mask gets a zero gradient and (AdamW without weight decay, zero moments) never
+    moves. Uses the simulator's :func:`~fedlora_edu.simulator.local_train` (same batches
+    and optimiser as a LoRA round). Returns the mean loss; ``model``'s base weights and
+    head are left trained, and every ``requires_grad`` flag as it was.
+    """
+    from fedlora_edu.simulator import local_train
+
+    layers = adapter_io.lora_layers(model)
+    if set(masks) != set(layers):
+        raise ValueError(f"masks must name every LoRA layer of the model, got {sorted(masks)[:3]}...")
+    lora_params = [p for layer in layers.values() for p in (layer.lora_A[adapter_io.ADAPTER].weight,
+                                                            layer.lora_B[adapter_io.ADAPTER].weight)]
+    flags = [p.requires_grad for p in lora_params]
+    hooks = []
+    try:
+        for p in lora_params:
+            p.requires_grad_(False)
+        for name, layer in layers.items():
+            weight = layer.get_base_layer().weight
+            mask = masks[name].to(weight.device, weight.dtype)
+            weight.requires_grad_(True)
+            hooks.append(weight.register_hook(lambda grad, mask=mask: grad * mask))
+        return local_train(model, data, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                           seed=seed, device=device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer in layers.values():
+            layer.get_base_layer().weight.requires_grad_(False)
+        for p, flag in zip(lora_params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------
+# Weight divergence
+# ----------------------------------------------------------------------------------------
+def update_spread(deltas: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> tuple[float, float]:
+    """Spread of the clients' weight updates in one round: (absolute, relative).
+
+    ``deltas[k][layer]`` is client k's change of the effective weight in the round,
+    s (B_k A_k - B_0 A_0). Absolute: sqrt(sum_k p_k sum_layers ||D_k - D_bar||_F^2) with
+    D_bar = sum_k p_k D_k, the weighted standard deviation of the updates. Relative: the same
+    divided by sqrt(sum_k p_k sum_layers ||D_k||_F^2), in [0, 1]: 0 when every client moved the
+    same way, 1 when the updates cancel on average. The relative value does not depend on
+    how large the updates are, so methods whose factors start at different scales compare.
+    """
+    if len(deltas) == 0:
+        raise ValueError("deltas is empty: need at least one client's update")
+    p = check_weights(weights, len(deltas))
+    spread = size = 0.0
+    for name in deltas[0]:
+        mean = average_tensors([d[name].double() for d in deltas], p)
+        spread += sum(w * float(torch.linalg.matrix_norm(d[name].double() - mean) ** 2) for w, d in zip(p, deltas,
+                                                                                                      strict=True))
+        size += sum(w * float(torch.linalg.matrix_norm(d[name].double()) ** 2) for w, d in zip(p, deltas,
+                                                                                             strict=True))
+    absolute = math.sqrt(spread)
+    return absolute, (absolute / math.sqrt(size) if size > 0 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------
+def _layer_shapes(server: ServerState) -> dict[str, tuple[int, int, int]]:
+    """(r, m, n) of every adapted layer, from the server's adapter."""
+    return {name: (int(a.shape[0]), int(b.shape[0]), int(a.shape[1])) for name, (a, b) in server.adapters.items()}
+
+
+class StandardInit(FedIT):
+    """The standard server-side initialisation, survey eq. 9 (Hu et al. 2021): A ~ N(0, sigma^2), B = 0.
+
+    The server draws every layer's A from a generator seeded with the run's seed (clients
+    regenerate it from the seed) and sets B = 0; then FedIT's averaging. ``sigma`` is one
+    standard deviation for every layer; ``None`` (default) takes sigma = 1 / sqrt(3 n) per
+    layer, the variance of peft's default (Kaiming-uniform) A, so the only change from the
+    simulator's usual start is the Gaussian shape that eq. 9 names.
+    Taught in ``book/part2/server_initialization.ipynb``.
+    """
+
+    name = "standard init"
+
+    def __init__(self, rank: int | None = None, sigma: float | None = None) -> None:
+        super().__init__(rank)
+        self.sigma = None if sigma is None else check_sigma(sigma)
+
+    def prepare(self, federation, model, server, seed):
+        generator = torch.Generator().manual_seed(int(seed) * 9_973 + 1)
+        adapters = {}
+        for name, (r, m, n) in _layer_shapes(server).items():
+            a0, b0 = server.adapters[name]
+            sigma = self.sigma if self.sigma is not None else 1.0 / math.sqrt(3.0 * n)
+            a, b = standard_init(r, m, n, sigma=sigma, generator=generator, dtype=a0.dtype)
+            adapters[name] = (a.to(a0.device), b.to(b0.device))
+        server.adapters = adapters
+
+
+class FeDeRA(FedIT):
+    """FeDeRA (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), survey eq. 10: LoRA from the SVD of W_pre.
+
+    Before round 1 the server takes the truncated SVD of every adapted layer's pre-trained
+    weight and sets A and B so that s B A is its top-r part (:func:`svd_init`), and
+    subtracts that part from the frozen weight, W' = W_pre - s B A (``server.base_deltas``),
+    so the model before round 1 is exactly the pre-trained one and the adapter trains the
+    principal subspace of each weight. Then FedIT's averaging. Clients can compute the same
+    factors from the pre-trained weights they hold, so nothing extra crosses the network.
+
+    Choices where the paper leaves room: ``split="balanced"`` (default) splits the singular
+    values evenly (sqrt on each side, as PiSSA and peft's ``init_lora_weights="pissa"``);
+    ``split="B"`` puts them all in B, as the survey's eq. 10 writes it. The LoRA scaling
+    s = alpha / r is divided out of the singular values so that s B A, what the model
+    applies, is the top-r part. ``preserve=False`` keeps W' = W_pre (the model then starts at
+    W_pre + top-r part, not pre-trained); it is there to show why the subtraction matters.
+    Taught in ``book/part2/server_initialization.ipynb``.
+    """
+
+    name = "FeDeRA"
+
+    def __init__(self, rank: int | None = None, split: str = "balanced", preserve: bool = True) -> None:
+        super().__init__(rank)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split = split
+        self.preserve = bool(preserve)
+
+    def prepare(self, federation, model, server, seed):
+        adapters, deltas = {}, {}
+        for name, (r, _, _) in _layer_shapes(server).items():
+            weight = adapter_io.base_weight(model, name).detach()
+            a, b = svd_init(weight, r, scaling=server.scaling, split=self.split)
+            adapters[name] = (a, b)
+            if self.preserve:
+                deltas[name] = -server.scaling * (b @ a)
+        server.adapters = adapters
+        server.base_deltas = deltas
+
+
+class SLoRA(FedIT):
+    """SLoRA (Babakniya, Elkordy, Ezzeldin, Liu, Song, El-Khamy, Avestimehr 2023, arXiv 2308.06522).
+
+    Survey section 3.2, "data-driven initialisation". Two stages, both inside :meth:`prepare`
+    for stage 1 and the simulator's ordinary rounds for stage 2:
+
+    1. **Sparse fine-tuning.** The server broadcasts a seed; every client regenerates the
+       same fixed random mask of density d on every adapted base weight
+       (:func:`random_masks`). For ``stage1_rounds`` rounds, the sampled clients train only
+       the masked entries (and the head) from the current global sparse update
+       (:func:`sparse_local_train`) and send only the masked values; the server averages
+       them (:func:`sparse_average`, exact since the mask is shared).
+    2. **SVD initialisation.** The learned update dW (zero outside the mask) is factored by
+       truncated SVD, s B A = best rank-r approximation of dW (:func:`slora_factors`), and
+       the rest is folded into the frozen weight, W' = W_pre + dW - s B A, so the effective
+       weight W' + s B A = W_pre + dW is exactly the model after stage 1. Ordinary FedLoRA
+       (FedIT) rounds follow.
+
+    Bytes of stage 1 are counted at their real sparse size (one float32 value per masked
+    entry, the positions come from the seed) and kept in ``server.extra["slora"]``: rounds,
+    clients, ``bytes_up`` and ``bytes_down`` (values, head and the 8-byte seed), the sparse
+    part alone (``sparse_bytes_up``), and per stage-1 round the test accuracy if
+    ``evaluate`` is set. The simulator's history counts only stage 2; a chapter adds these.
+
+    Choices where the paper leaves room: the mask is uniform over each adapted weight
+    (the paper's sparse stage is also random and fixed); stage 1 uses the simulator's local
+    steps, batch size, learning rate and clients per round unless overridden;
+    ``fold_residual=False`` starts stage 2 from W' = W_pre with the factors only, as a plain
+    reading of "initialise LoRA from the SVD" suggests, which loses the part of dW beyond
+    rank r (the model after stage 1 is then not preserved).
+    Taught in ``book/part2/server_initialization.ipynb``.
+    """
+
+    name = "SLoRA"
+
+    def __init__(
+        self, rank: int | None = None, density: float = 0.01, stage1_rounds: int = 2, *,
+        stage1_steps: int | None = None, stage1_learning_rate: float | None = None,
+        clients_per_round: int | None = None, fold_residual: bool = True, evaluate: bool = False,
+    ) -> None:
+        super().__init__(rank)
+        self.density = check_density(density)
+        for name, value in (("stage1_rounds", stage1_rounds), ("stage1_steps", stage1_steps),
+                            ("clients_per_round", clients_per_round)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if stage1_learning_rate is not None and not stage1_learning_rate > 0:
+            raise ValueError(f"stage1_learning_rate must be > 0, got {stage1_learning_rate!r}")
+        self.stage1_rounds = stage1_rounds
+        self.stage1_steps = stage1_steps
+        self.stage1_learning_rate = stage1_learning_rate
+        self.clients_per_round = clients_per_round
+        self.fold_residual = bool(fold_residual)
+        self.evaluate = bool(evaluate)
+
+    def prepare(self, federation, model, server, seed):
+        from fedlora_edu.simulator import evaluate
+
+        profile = federation.profile
+        steps = self.stage1_steps or profile.local_steps
+        learning_rate = self.stage1_learning_rate or profile.learning_rate
+        per_round = min(self.clients_per_round or profile.clients_per_round, federation.num_clients)
+        layers = adapter_io.lora_layers(model)
+        pretrained = {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
+        mask_seed = int(seed) * 7_919 + 17
+        masks = {name: mask.to(pretrained[name].device)
+                 for name, mask in random_masks({n: w.shape for n, w in pretrained.items()}, self.density,
+                                                mask_seed).items()}
+        values = {name: pretrained[name].new_zeros(int(mask.sum())) for name, mask in masks.items()}
+        head = {k: v.clone() for k, v in server.head.items()}
+        saved_factors = adapter_io.get_lora_factors(model)
+        adapter_io.set_lora_factors(model, {n: (a, torch.zeros_like(b)) for n, (a, b) in saved_factors.items()})
+        element_size = pretrained[next(iter(pretrained))].element_size()
+        value_bytes = sparse_bytes(masks, element_size)
+        head_bytes = adapter_io.tensor_bytes(head)
+        rng = np.random.default_rng(mask_seed)
+        record = {"rounds": self.stage1_rounds, "density": self.density, "clients": 0, "bytes_up": 0,
+                  "bytes_down": 0, "sparse_bytes_up": 0, "entries": value_bytes // element_size, "accuracy": [],
+                  "train_loss": []}
+        for t in range(self.stage1_rounds):
+            sampled = sorted(rng.choice(federation.num_clients, size=per_round, replace=False).tolist())
+            client_values, client_heads, sizes, losses = [], [], [], []
+            for k in sampled:
+                self._load(layers, pretrained, masks, values)
+                adapter_io.set_head_state(model, head)
+                loss = sparse_local_train(model, federation.clients[k], masks, steps=steps,
+                                          batch_size=profile.batch_size, learning_rate=learning_rate,
+                                          seed=(mask_seed * 1_009 + t * 10_007 + k) % (2**31 - 1),
+                                          device=federation.device)
+                client_values.append({name: (layer.get_base_layer().weight.detach() - pretrained[name])[masks[name]]
+                                      for name, layer in layers.items()})
+                client_heads.append(adapter_io.get_head_state(model))
+                sizes.append(len(federation.clients[k]))
+                losses.append(loss)
+            weights = [s / sum(sizes) for s in sizes]
+            values = sparse_average(client_values, weights)
+            head = {key: average_tensors([h[key] for h in client_heads], weights) for key in head}
+            record["clients"] += len(sampled)
+            record["sparse_bytes_up"] += len(sampled) * value_bytes
+            record["bytes_up"] += len(sampled) * (value_bytes + head_bytes)
+            # Down: the seed, the head and the current sparse values (none before the first aggregation).
+            record["bytes_down"] += len(sampled) * (SEED_BYTES + head_bytes + (value_bytes if t > 0 else 0))
+            record["train_loss"].append(float(np.mean(losses)))
+            if self.evaluate:
+                self._load(layers, pretrained, masks, values)
+                adapter_io.set_head_state(model, head)
+                record["accuracy"].append(evaluate(model, federation.test, device=federation.device)[0])
+        # Back to W_pre and the original adapter; stage 2 starts from the factors of dW.
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.get_base_layer().weight.copy_(pretrained[name])
+        adapter_io.set_lora_factors(model, saved_factors)
+        deltas = {name: scatter(values[name], masks[name]) for name in layers}
+        adapters, base_deltas = {}, {}
+        for name, (r, _, _) in _layer_shapes(server).items():
+            a, b = slora_factors(deltas[name], r, scaling=server.scaling)
+            adapters[name] = (a, b)
+            base_deltas[name] = deltas[name] - server.scaling * (b @ a) if self.fold_residual \
+                else torch.zeros_like(deltas[name])
+        server.adapters = adapters
+        server.head = head
+        server.base_deltas = base_deltas
+        server.extra["slora"] = record
+        server.extra["slora_delta"] = deltas
+        server.extra["slora_masks"] = masks
+
+    @staticmethod
+    def _load(layers, pretrained, masks, values) -> None:
+        """W' <- W_pre + scatter(values) in every adapted layer (the global model of stage 1)."""
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.get_base_layer().weight.copy_(pretrained[name] + scatter(values[name], masks[name]))
+
+
+STRATEGIES = {cls.name: cls for cls in (StandardInit, FeDeRA, SLoRA)}
