@@ -9,7 +9,10 @@ chapter, an exercise or a benchmark can ask for any method by name::
 
 Section 3.1, server aggregation: :mod:`fedlora_edu.aggregation` (FedIT, FFA-LoRA, FLoRA,
 FlexLoRA, FedEx-LoRA), :mod:`fedlora_edu.single_matrix` (CoLR, RoLoRA, LoRA-A2),
-:mod:`fedlora_edu.full_size` (FedPipe).
+:mod:`fedlora_edu.full_size` (FedPipe), :mod:`fedlora_edu.corrective` (LoRA-FAIR; FedEx-LoRA
+re-exported), :mod:`fedlora_edu.rank_clustering` (FedInc). Section 3.2, initialization:
+:mod:`fedlora_edu.server_init` (standard init, FeDeRA, SLoRA), :mod:`fedlora_edu.client_init`
+(Avg-Initial, Re-Initial, Local-Initial, FedLoRU, pFedLoRU, FRLoRA).
 
 Taught across Part II; the table of every method is in ``book/part2/at_a_glance.ipynb``.
 """
