@@ -274,14 +274,22 @@ def fedex_residual(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence
 # ----------------------------------------------------------------------------------------
 # Strategies: the same math inside the simulator
 # ----------------------------------------------------------------------------------------
-def _collect(server: ServerState, uploads: list[Upload]) -> tuple[list[float], dict[str, tuple[list, list]]]:
-    """Per layer, the clients' A's and B's, and the weights p_k."""
+def _collect(
+    server: ServerState, uploads: list[Upload], *, require_both: bool = False
+) -> tuple[list[float], dict[str, tuple[list, list]]]:
+    """Per layer, the clients' A's and B's, and the weights p_k.
+
+    With ``require_both`` every upload must carry both factors of every layer (methods that
+    train A and B each round), else a ValueError names the client and the layer.
+    """
     names = list(server.adapters)
     weights = normalized_weights(uploads)
     per_layer: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
     for upload in uploads:
         a, b = split_factors(upload.payload, names)
         for n in names:
+            if require_both and (n not in a or n not in b):
+                raise ValueError(f"client {upload.client_id}'s upload carries no {n}.A or {n}.B")
             if n in a:
                 per_layer[n][0].append(a[n])
             if n in b:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fedlora_edu.adapters import Factors, base_weight
-from fedlora_edu.aggregation import FedIT, check_factors, check_rank, check_weights, fedit_average
+from fedlora_edu.aggregation import FedIT, _collect, check_factors, check_rank, check_weights, fedit_average
 from fedlora_edu.strategy import (
     ClientStart,
     LocalResult,
@@ -45,7 +45,6 @@ from fedlora_edu.strategy import (
     ServerState,
     Strategy,
     Upload,
-    normalized_weights,
     split_factors,
 )
 
@@ -216,18 +215,8 @@ def update_dispersion(starts: Sequence[Mapping[str, Factors]], trained: Sequence
 # Strategies
 # ----------------------------------------------------------------------------------------
 def _layers(server: ServerState, uploads: list[Upload]) -> tuple[list[float], dict[str, tuple[list, list]]]:
-    """Per layer, the uploaded A's and B's, and the weights p_k."""
-    names = list(server.adapters)
-    weights = normalized_weights(uploads)
-    per_layer: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-    for upload in uploads:
-        a, b = split_factors(upload.payload, names)
-        for n in names:
-            if n not in a or n not in b:
-                raise ValueError(f"client {upload.client_id}'s upload carries no {n}.A or {n}.B")
-            per_layer[n][0].append(a[n])
-            per_layer[n][1].append(b[n])
-    return weights, per_layer
+    """Per layer, the uploaded A's and B's (both required), and the weights p_k."""
+    return _collect(server, uploads, require_both=True)
 
 
 def _missed_merges(server: ServerState, client_state: dict, key: str) -> tuple[dict[str, Tensor], int]:

@@ -40,8 +40,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora_edu.aggregation import FedExLoRA, check_factors, fedex_residual, fedit_average, flora_stack, ideal_update
-from fedlora_edu.strategy import ServerState, Strategy, Upload, normalized_weights, split_factors
+from fedlora_edu.aggregation import (
+    FedExLoRA,
+    _collect,
+    check_factors,
+    fedex_residual,
+    fedit_average,
+    flora_stack,
+    ideal_update,
+)
+from fedlora_edu.strategy import ServerState, Strategy, Upload, normalized_weights
 
 __all__ = [
     "SIMILARITIES", "CorrectionResult", "FedExLoRA", "LoRAFAIR", "corrected_residual", "fedex_residual",
@@ -325,16 +333,7 @@ def corrected_residual(
 # ----------------------------------------------------------------------------------------
 def _client_factors(server: ServerState, uploads: list[Upload]) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
     """Per layer, the clients' uploaded A's and B's (both must be there: LoRA-FAIR trains both)."""
-    names = list(server.adapters)
-    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in names}
-    for upload in uploads:
-        a, b = split_factors(upload.payload, names)
-        for n in names:
-            if n not in a or n not in b:
-                raise ValueError(f"client {upload.client_id}'s upload carries no A or B for layer {n}")
-            out[n][0].append(a[n])
-            out[n][1].append(b[n])
-    return out
+    return _collect(server, uploads, require_both=True)[1]
 
 
 class LoRAFAIR(Strategy):
