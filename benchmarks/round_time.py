@@ -127,12 +127,20 @@ def _rss() -> int:
 
 
 def one_round(federation: Federation, model: torch.nn.Module, engine: str, clients: int, steps: int,
-              batch_size: int, round_index: int) -> tuple[float, float]:
-    """Seconds and peak MiB of one round's local training of clients 0..K-1 with ``engine``."""
+              batch_size: int, round_index: int, clients_per_pass: int | None = None) -> tuple[float, float]:
+    """Seconds and peak MiB of one round's local training of clients 0..K-1 with ``engine``.
+
+    The batched engine trains ``clients_per_pass`` clients a pass (all by default, halved
+    whenever the device runs out of memory); ``federation.last_clients_per_pass`` says what ran.
+    """
     strategy = FedIT()
     server = ServerState(adapter_io.get_lora_factors(model), adapter_io.get_head_state(model),
                          adapter_io.lora_scaling(model), adapter_io.model_rank(model))
-    train = federation.train_sequential if engine == "sequential" else federation.train_batched
+    if engine == "sequential":
+        train = federation.train_sequential
+    else:
+        def train(*args, **kwargs):
+            return federation.train_batched(*args, **kwargs, clients_per_pass=clients_per_pass)
     device = federation.device
     with PeakMemory(device) as memory:
         if device.type == "cuda":
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", action="store_true", help="random token ids instead of BBC News")
     parser.add_argument("--check", action="store_true",
                         help="also check, with dropout off, that both engines give the same adapters on this device")
+    parser.add_argument("--clients-per-pass", type=int, default=None,
+                        help="batched engine: clients trained in one pass (default all, halved on out-of-memory)")
     parser.add_argument("--quick", action="store_true", help="K = 4 and 16, 2 steps, 2 repeats: a smoke check")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/round_time_<device>)")
     args = parser.parse_args(argv)
@@ -227,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.k) < 1:
         raise SystemExit("--k values must be >= 1")
+    if args.clients_per_pass is not None and args.clients_per_pass < 1:
+        raise SystemExit("--clients-per-pass must be >= 1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -236,18 +248,20 @@ def main(argv: list[str] | None = None) -> dict:
     model = federation.fresh_model(args.rank)
     rows = []
     for clients in args.k:
-        for engine in ENGINES:  # warm-up (allocator, kernels, caches)
-            one_round(federation, model, engine, clients, args.steps, args.batch_size, round_index=0)
+        for engine in ENGINES:  # warm-up (allocator, kernels, caches; the batched engine finds its pass size)
+            one_round(federation, model, engine, clients, args.steps, args.batch_size, round_index=0,
+                      clients_per_pass=args.clients_per_pass)
+        per_pass = federation.last_clients_per_pass
         times: dict[str, list[float]] = {e: [] for e in ENGINES}
         memory: dict[str, list[float]] = {e: [] for e in ENGINES}
         for repeat in range(args.repeats):
             order = ENGINES if repeat % 2 == 0 else ENGINES[::-1]
             for engine in order:
                 seconds, mib = one_round(federation, model, engine, clients, args.steps, args.batch_size,
-                                         round_index=repeat + 1)
+                                         round_index=repeat + 1, clients_per_pass=per_pass)
                 times[engine].append(seconds)
                 memory[engine].append(mib)
-        row = {"k": clients}
+        row = {"k": clients, "batched_clients_per_pass": per_pass}
         for engine in ENGINES:
             row[f"{engine}_seconds"] = statistics.median(times[engine])
             row[f"{engine}_all_seconds"] = times[engine]
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"K={clients:>3}: sequential {row['sequential_seconds']:.3f} s, batched {row['batched_seconds']:.3f} s,"
               f" speed-up {row['speedup']:.2f}x; peak {row['sequential_peak_mib']:.0f} vs "
-              f"{row['batched_peak_mib']:.0f} MiB", flush=True)
+              f"{row['batched_peak_mib']:.0f} MiB; {per_pass} clients per batched pass", flush=True)
 
     check = equivalence(federation, args) if args.check else None
     if check is not None:
@@ -267,10 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
                    else "peak resident-set growth during the round, sampled every 2 ms from /proc/self/statm "
                         "after malloc_trim")
     print()
-    print(f"{'K':>4} {'sequential s':>13} {'batched s':>10} {'speed-up':>9} {'seq MiB':>8} {'batch MiB':>10}")
+    print(f"{'K':>4} {'sequential s':>13} {'batched s':>10} {'speed-up':>9} {'seq MiB':>8} {'batch MiB':>10} "
+          f"{'per pass':>9}")
     for row in rows:
         print(f"{row['k']:>4} {row['sequential_seconds']:>13.3f} {row['batched_seconds']:>10.3f} "
-              f"{row['speedup']:>8.2f}x {row['sequential_peak_mib']:>8.0f} {row['batched_peak_mib']:>10.0f}")
+              f"{row['speedup']:>8.2f}x {row['sequential_peak_mib']:>8.0f} {row['batched_peak_mib']:>10.0f} "
+              f"{row['batched_clients_per_pass']:>9}")
     print(f"memory: {memory_kind}")
     report = {
         "benchmark": "round_time",
@@ -278,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"model": args.model, "data": "synthetic tokens" if args.synthetic else "bbc_news",
                      "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                      "rank": args.rank, "repeats": args.repeats, "examples_per_client": 2 * args.batch_size,
+                     "clients_per_pass": args.clients_per_pass,
                      "statistic": "median of interleaved repetitions after one warm-up each"},
         "sizes_from": "the command-line options in settings (the provenance's profile field is not used)",
         "working_tree_changes": _working_tree_changes(),

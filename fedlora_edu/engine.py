@@ -344,6 +344,59 @@ def train_clients_batched(
     return results
 
 
+def check_clients_per_pass(clients_per_pass: object) -> int | None:
+    """Validate ``clients_per_pass``: None (all sampled clients in one pass) or an integer >= 1."""
+    if clients_per_pass is None:
+        return None
+    if isinstance(clients_per_pass, bool) or not isinstance(clients_per_pass, int) or clients_per_pass < 1:
+        raise ValueError(f"clients_per_pass must be None (all clients in one pass) or an integer >= 1, "
+                         f"got {clients_per_pass!r}")
+    return clients_per_pass
+
+
+def train_clients_in_groups(
+    model: nn.Module,
+    jobs: Sequence[ClientJob],
+    *,
+    clients_per_pass: int | None = None,
+    dropout_seed: int = 0,
+    **training: object,
+) -> tuple[list[LocalResult], int]:
+    """:func:`train_clients_batched` over groups of at most ``clients_per_pass`` clients, one group after another.
+
+    Returns the results of all ``jobs`` in order and the group size that ran. The stacked
+    activations of a pass grow with the number of clients in it, so a round of many sampled
+    clients may not fit the device in one pass. With ``clients_per_pass`` given, the round
+    is split into groups of that size. With ``None`` it first tries all clients in one pass
+    and, each time the device runs out of memory (``torch.OutOfMemoryError``, what CUDA
+    raises), halves the group and tries again; the smaller size holds for the rest of the
+    round. Nothing of a failed pass is kept: every group starts from its clients' starts.
+
+    Clients do not interact (see the module docstring), so with dropout off the grouping
+    changes no result beyond float tolerance; with dropout on, group g draws its masks from
+    ``dropout_seed + `` its first client's position, so the first group's draws are those of
+    an ungrouped round. ``training`` are :func:`train_clients_batched`'s keyword arguments.
+    """
+    if not jobs:
+        raise ValueError("jobs is empty: nothing to train")
+    size = len(jobs) if check_clients_per_pass(clients_per_pass) is None else min(clients_per_pass, len(jobs))
+    results: list[LocalResult] = []
+    first = 0
+    while first < len(jobs):
+        group = jobs[first:first + size]
+        try:
+            results.extend(train_clients_batched(model, group, dropout_seed=dropout_seed + first, **training))
+        except torch.OutOfMemoryError:
+            if clients_per_pass is not None or size == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = (size + 1) // 2
+            continue
+        first += len(group)
+    return results, size
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability of ``model`` to 0 (in place; returns it).
 

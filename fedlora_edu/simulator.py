@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.aggregation import discordance, ideal_update
-from fedlora_edu.engine import ClientJob, train_clients_batched, unsupported_reason
+from fedlora_edu.engine import ClientJob, check_clients_per_pass, train_clients_in_groups, unsupported_reason
 from fedlora_edu.profiles import Profile, default_device, get_profile
 from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
     "bytes_up", "bytes_down", "discordance", "aggregation_error", "server_seconds", "clients", "excluded",
-    "engine",
+    "engine", "clients_per_pass",
 ]
 ENGINES = ("auto", "batched", "sequential")
 
@@ -270,6 +270,7 @@ class Federation:
         self.profile = profile
         self.label_names = label_names
         self.device = default_device() if device is None else device
+        self.last_clients_per_pass: int | None = None  # set by train_batched: the group size that ran
 
     @property
     def num_clients(self) -> int:
@@ -302,6 +303,7 @@ class Federation:
         progress: bool = True,
         label: str | None = None,
         engine: str = "auto",
+        clients_per_pass: int | None = None,
     ) -> pd.DataFrame:
         """Play ``rounds`` communication rounds of ``strategy``; return one history row per round.
 
@@ -318,6 +320,12 @@ class Federation:
         where it applies and the sequential loop where it does not (a model the engine
         cannot run, or a strategy with ``batched_training = False``). The history's
         ``engine`` column and ``self.last_engine`` say which ran.
+
+        ``clients_per_pass`` caps how many clients the batched engine trains in one pass
+        (:func:`fedlora_edu.engine.train_clients_in_groups`); ``None`` (default) trains all
+        sampled clients together and halves the group whenever the device runs out of
+        memory. The history's ``clients_per_pass`` column says what ran (1 for the
+        sequential loop).
         """
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a fedlora_edu Strategy, got {type(strategy).__name__}")
@@ -336,6 +344,10 @@ class Federation:
             raise ValueError("evaluate_clients needs a federation built with client_tests")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        check_clients_per_pass(clients_per_pass)
+        if engine == "sequential" and clients_per_pass is not None:
+            raise ValueError("clients_per_pass applies to the batched engine; engine='sequential' trains one "
+                             "client at a time")
 
         model = self.fresh_model(strategy.max_rank(self.num_clients), seed=seed)
         used = self._choose_engine(model, strategy, engine)
@@ -361,9 +373,15 @@ class Federation:
             results: list[LocalResult] = []
             uploads: list[Upload] = []
             bytes_up = bytes_down = excluded = 0
-            train = self.train_sequential if used == "sequential" else self.train_batched
-            for k, start, result in train(model, strategy, server, client_states, sampled, t, seed=seed,
-                                          steps=local_steps, batch_size=batch_size, learning_rate=learning_rate):
+            if used == "sequential":
+                train = self.train_sequential(model, strategy, server, client_states, sampled, t, seed=seed,
+                                              steps=local_steps, batch_size=batch_size,
+                                              learning_rate=learning_rate)
+            else:
+                train = self.train_batched(model, strategy, server, client_states, sampled, t, seed=seed,
+                                           steps=local_steps, batch_size=batch_size, learning_rate=learning_rate,
+                                           clients_per_pass=clients_per_pass)
+            for k, start, result in train:
                 bytes_down += start.download.nbytes
                 rank_k, loss = result.rank, result.train_loss
                 payload = strategy.client_upload(result, client_states[k], t)
@@ -392,6 +410,7 @@ class Federation:
                 "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
                 "discordance": measured_discordance, "aggregation_error": error, "server_seconds": server_seconds,
                 "clients": len(sampled), "excluded": excluded, "engine": used,
+                "clients_per_pass": 1 if used == "sequential" else self.last_clients_per_pass,
             })
             bar.set_postfix(accuracy=f"{accuracy:.3f}")
         self.last_model = model
@@ -435,17 +454,18 @@ class Federation:
             yield k, start, result
 
     def train_batched(self, model, strategy, server, client_states, sampled, t, *, seed, steps, batch_size,
-                      learning_rate):
+                      learning_rate, clients_per_pass=None):
         """The same local training, all sampled clients at once (:mod:`fedlora_edu.engine`).
 
-        Every ``client_start`` first, then one batched training; yields ``(k, start, result)``.
-        ``model``'s parameters are not changed.
+        Every ``client_start`` first, then batched training, in one pass or in groups of
+        ``clients_per_pass`` (see :meth:`run`); yields ``(k, start, result)``; the group size
+        that ran is ``self.last_clients_per_pass``. ``model``'s parameters are not changed.
         """
         jobs = [ClientJob(k, self.clients[k], strategy.client_start(server, k, client_states[k], t),
                           _seed_for(seed, t, k)) for k in sampled]
-        results = train_clients_batched(model, jobs, steps=steps, batch_size=batch_size,
-                                        learning_rate=learning_rate, device=self.device,
-                                        dropout_seed=_seed_for(seed, t, self.num_clients))
+        results, self.last_clients_per_pass = train_clients_in_groups(
+            model, jobs, clients_per_pass=clients_per_pass, steps=steps, batch_size=batch_size,
+            learning_rate=learning_rate, device=self.device, dropout_seed=_seed_for(seed, t, self.num_clients))
         for job, result in zip(jobs, results, strict=True):
             yield job.client_id, job.start, result
 

@@ -19,6 +19,7 @@ from fedlora_edu.engine import (
     batched_lora_forward,
     disable_dropout,
     train_clients_batched,
+    train_clients_in_groups,
     unsupported_reason,
 )
 from fedlora_edu.profiles import get_profile
@@ -254,6 +255,71 @@ def test_other_batches_break_the_match(federation):
     gaps = [update_gap(start, first[k], second[k]) for k in range(3)]
     assert gaps[0][0] < RELATIVE and gaps[2][0] < RELATIVE  # the other clients do not see client 1's batches
     assert gaps[1][0] > 100 * RELATIVE and gaps[1][1] > ATOL
+
+
+# ----- a round in groups of clients: same results, and a halving when the device runs out of memory --
+def _jobs(federation, count):
+    start = FedIT().client_start(_server(federation), 0, {}, 0)
+    return [ClientJob(k % federation.num_clients, federation.clients[k % federation.num_clients],
+                      copy.deepcopy(start), seed=20 + k) for k in range(count)]
+
+
+def test_groups_of_clients_give_the_one_pass_results(federation):
+    options = {"steps": TINY.local_steps, "batch_size": TINY.batch_size, "learning_rate": TINY.learning_rate}
+    model = federation.fresh_model()
+    jobs = _jobs(federation, 5)
+    whole = train_clients_batched(model, jobs, **options)
+    grouped, size = train_clients_in_groups(model, jobs, clients_per_pass=2, **options)  # groups of 2, 2, 1
+    assert size == 2 and [r.client_id for r in grouped] == [r.client_id for r in whole]
+    for job, expected, got in zip(jobs, whole, grouped, strict=True):
+        relative, largest = update_gap(job.start, expected, got)
+        assert relative < RELATIVE and largest < ATOL, (relative, largest)
+    assert train_clients_in_groups(model, jobs, **options)[1] == 5  # None: all clients in one pass
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="clients_per_pass"):
+            train_clients_in_groups(model, jobs, clients_per_pass=bad, **options)
+
+
+def test_running_out_of_memory_halves_the_group(federation, monkeypatch):
+    """A device that holds at most 2 clients per pass (simulated): 5 clients run as 3 passes of <= 2,
+    with the results of one pass; an explicit clients_per_pass that does not fit raises instead."""
+    import fedlora_edu.engine as engine
+
+    options = {"steps": 1, "batch_size": TINY.batch_size, "learning_rate": TINY.learning_rate}
+    model = federation.fresh_model()
+    jobs = _jobs(federation, 5)
+    whole = train_clients_batched(model, jobs, **options)
+    real, tried = engine.train_clients_batched, []
+
+    def small_device(model, jobs, **kwargs):
+        tried.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("simulated: the stacked activations do not fit")
+        return real(model, jobs, **kwargs)
+
+    monkeypatch.setattr(engine, "train_clients_batched", small_device)
+    grouped, size = train_clients_in_groups(model, jobs, **options)
+    assert size == 2 and tried == [5, 3, 2, 2, 1]
+    for job, expected, got in zip(jobs, whole, grouped, strict=True):
+        assert update_gap(job.start, expected, got)[0] < RELATIVE
+    with pytest.raises(torch.OutOfMemoryError):
+        train_clients_in_groups(model, jobs, clients_per_pass=3, **options)
+
+    history = federation.run(FedIT(), rounds=1, clients_per_round=3, progress=False)
+    assert history["clients_per_pass"].tolist() == [2] and federation.last_clients_per_pass == 2
+
+
+def test_run_reports_and_checks_clients_per_pass(federation):
+    history = federation.run(FedIT(), rounds=2, progress=False, clients_per_pass=2)
+    assert history["clients_per_pass"].tolist() == [2, 2]
+    whole = federation.run(FedIT(), rounds=1, progress=False)
+    assert whole["clients_per_pass"].tolist() == [TINY.clients_per_round]
+    sequential = federation.run(FedIT(), rounds=1, progress=False, engine="sequential")
+    assert sequential["clients_per_pass"].tolist() == [1]
+    with pytest.raises(ValueError, match="clients_per_pass"):
+        federation.run(FedIT(), rounds=1, progress=False, clients_per_pass=0)
+    with pytest.raises(ValueError, match="clients_per_pass"):
+        federation.run(FedIT(), rounds=1, progress=False, engine="sequential", clients_per_pass=2)
 
 
 def _server(federation):
