@@ -5,15 +5,25 @@ Before round 1 the server decides what every client's adapter starts from. The s
 
 - the **standard** initialisation of LoRA (Hu et al. 2021), eq. 9: A ~ N(0, sigma^2), B = 0
   (:func:`standard_init`, :class:`StandardInit`); the model starts exactly pre-trained;
-- **FeDeRA** (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), eq. 10: A and B from the
+- **FeDeRA** (Yan, Tang, Shi, Yang 2024, arXiv 2404.18848), eq. 10: A and B from the
   truncated SVD of each adapted layer's pre-trained weight W_pre (:func:`svd_init`,
   :class:`FeDeRA`); the top-r part s B A is subtracted from the frozen weight, so the model
   still starts exactly pre-trained;
 - **SLoRA** (Babakniya, Elkordy, Ezzeldin, Liu, Song, El-Khamy, Avestimehr 2023, arXiv
-  2308.06522): stage 1 fine-tunes a fixed random sparse subset of the adapted base weights
-  federatedly (:func:`random_masks`, :func:`sparse_local_train`); stage 2 initialises A and
-  B from the SVD of the learned sparse update (:func:`slora_factors`), then ordinary
-  FedLoRA rounds follow (:class:`SLoRA`).
+  2308.06522): stage 1 fine-tunes a sparse subset of the adapted base weights federatedly
+  (:func:`random_masks`, :func:`sparse_local_train`); stage 2 initialises A and B from the
+  SVD of the learned sparse update (:func:`slora_factors`), then ordinary FedLoRA rounds
+  follow (:class:`SLoRA`).
+
+Sources. Neither paper's method section (its equations, algorithm and hyper-parameters)
+could be read when this module was checked; what could be read is: FeDeRA's arXiv abstract
+(v3, https://arxiv.org/abs/2404.18848), the abstract of its ICLR 2025 submission
+(https://openreview.net/forum?id=GtlRN48XYA) and reviewers' descriptions of a conference
+submission of it (a public collection of OpenReview reviews); SLoRA's arXiv abstract
+(https://arxiv.org/abs/2308.06522); the survey's section 3.2; and the description of both in
+Mao et al., "A Survey on LoRA of Large Language Models" (arXiv 2407.11046, section 6.1).
+:class:`FeDeRA` and :class:`SLoRA` each say which of their choices rests on one of these and
+which is this package's own.
 
 Every strategy here averages A and B as FedIT does once the rounds start: only the start
 differs. They do their work in :meth:`~fedlora_edu.strategy.Strategy.prepare`, which the
@@ -72,6 +82,13 @@ def check_scaling(scaling: object) -> float:
     return float(scaling)
 
 
+def check_split(split: object) -> str:
+    """Validate where the singular values go: ``"balanced"`` (sqrt on each side) or ``"B"`` (all in B)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return str(split)
+
+
 def _check_matrix(name: str, value: Tensor) -> None:
     if not isinstance(value, Tensor) or value.ndim != 2 or min(value.shape) < 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -111,7 +128,7 @@ def standard_init(
 # Eq. 10: FeDeRA, the SVD of the pre-trained weight
 # ----------------------------------------------------------------------------------------
 def svd_init(weight: Tensor, rank: int, *, scaling: float = 1.0, split: str = "balanced") -> Factors:
-    """Survey eq. 10 (FeDeRA, Yan et al. 2024, arXiv 2404.18848): A and B from the SVD of W_pre.
+    """Survey eq. 10 (FeDeRA, Yan, Tang, Shi, Yang 2024, arXiv 2404.18848): A and B from the SVD of W_pre.
 
     With W_pre = U S V^T (m x n) and s = ``scaling`` (LoRA's alpha / r), the factors satisfy
 
@@ -122,19 +139,21 @@ def svd_init(weight: Tensor, rank: int, *, scaling: float = 1.0, split: str = "b
     the survey prints A = V[:, :r] (n x r) and B = U[:r, :] S[:r], which are transposed or
     sliced the wrong way for those shapes.
 
-    ``split`` says where the singular values go: ``"balanced"`` (default) puts
-    sqrt(S_r / s) on each side, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), as PiSSA
-    (Meng et al. 2024, arXiv 2404.02948) and peft's ``init_lora_weights="pissa"`` do (tested
-    equal); ``"B"`` puts them all into B, A = V_r^T and B = U_r S_r / s, as the survey's eq.
-    10 writes it. The product, and so the initial model, is the same; the split changes only
-    how fast each factor moves under training. Computed in float64, returned in ``weight``'s
-    dtype. Taught in ``book/part2/server_initialization.ipynb``.
+    ``split`` says where the singular values go. How FeDeRA's own text splits them could not
+    be checked (its method section was not reachable; see :class:`FeDeRA`), so both
+    readings are offered: ``"balanced"`` (default) puts sqrt(S_r / s) on each side,
+    A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), the convention of PiSSA (Meng et al.
+    2024, arXiv 2404.02948) and of peft's ``init_lora_weights="pissa"`` (tested equal);
+    ``"B"`` puts them all into B, A = V_r^T and B = U_r S_r / s, as the survey's eq. 10
+    writes it. The product, and so the initial model, is the same; the split changes only
+    how fast each factor moves under training. Dividing by s is this package's convention
+    (the paper's handling of alpha / r was not checked either). Computed in float64,
+    returned in ``weight``'s dtype. Taught in ``book/part2/server_initialization.ipynb``.
     """
     _check_matrix("weight", weight)
     check_rank(rank)
     scaling = check_scaling(scaling)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    split = check_split(split)
     if rank > min(weight.shape):
         raise ValueError(f"rank {rank} exceeds min(m, n) = {min(weight.shape)} of the weight {tuple(weight.shape)}")
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
@@ -215,16 +234,26 @@ def scatter(values: Tensor, mask: Tensor) -> Tensor:
     return dense
 
 
-def slora_factors(delta: Tensor, rank: int, *, scaling: float = 1.0) -> Factors:
+def slora_factors(delta: Tensor, rank: int, *, scaling: float = 1.0, split: str = "balanced") -> Factors:
     """SLoRA's stage 2 for one layer: (A, B) with s B A the best rank-r approximation of dW.
 
-    ``delta`` is the sparse update dW learned in stage 1 (m x n). Truncated SVD, singular
-    values split evenly between the factors (:func:`~fedlora_edu.aggregation.truncated_factors`),
+    ``delta`` is the update dW accumulated in stage 1 (m x n; Mao et al. 2024, section 6.1,
+    describe SLoRA as decomposing "the accumulated gradient updates" by SVD). Truncated SVD,
     so ||dW - s B A||_F^2 = sum_{i>r} sigma_i(dW)^2, the least possible (Eckart-Young).
+    ``split``: ``"balanced"`` (default) splits the singular values evenly between the
+    factors (:func:`~fedlora_edu.aggregation.truncated_factors`); ``"B"`` puts them all in B,
+    A = V_r^T, as the survey's eq. 10 writes its generalisation of SLoRA and FeDeRA. SLoRA's
+    own split could not be checked; the product is the same either way.
     """
     _check_matrix("delta", delta)
     scaling = check_scaling(scaling)
+    split = check_split(split)
     a, b = truncated_factors(delta.detach().to(torch.float64) / scaling, rank)
+    if split == "B":
+        # Each row of the balanced A is sqrt(sigma_i) v_i^T: move sqrt(sigma_i) into B's column i.
+        root = torch.linalg.vector_norm(a, dim=1)
+        a = torch.where(root[:, None] > 0, a / root.clamp_min(1e-300)[:, None], a)
+        b = b * root[None, :]
     return a.to(delta.dtype), b.to(delta.dtype)
 
 
@@ -333,7 +362,7 @@ class StandardInit(FedIT):
 
 
 class FeDeRA(FedIT):
-    """FeDeRA (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), survey eq. 10: LoRA from the SVD of W_pre.
+    """FeDeRA (Yan, Tang, Shi, Yang 2024, arXiv 2404.18848), survey eq. 10: LoRA from the SVD of W_pre.
 
     Before round 1 the server takes the truncated SVD of every adapted layer's pre-trained
     weight and sets A and B so that s B A is its top-r part (:func:`svd_init`), and
@@ -342,12 +371,27 @@ class FeDeRA(FedIT):
     principal subspace of each weight. Then FedIT's averaging. Clients can compute the same
     factors from the pre-trained weights they hold, so nothing extra crosses the network.
 
-    Choices where the paper leaves room: ``split="balanced"`` (default) splits the singular
-    values evenly (sqrt on each side, as PiSSA and peft's ``init_lora_weights="pissa"``);
-    ``split="B"`` puts them all in B, as the survey's eq. 10 writes it. The LoRA scaling
-    s = alpha / r is divided out of the singular values so that s B A, what the model
-    applies, is the top-r part. ``preserve=False`` keeps W' = W_pre (the model then starts at
-    W_pre + top-r part, not pre-trained); it is there to show why the subtraction matters.
+    What rests on a source (the method section itself could not be read):
+
+    - A and B come from the SVD of the pre-trained weights: the abstract (arXiv v3) says
+      FeDeRA "initializes these matrices by the results of performing singular value
+      decomposition (SVD) on the pre-trained weight matrices"; survey eq. 10.
+    - The subtraction: a reviewer of the paper's conference submission writes "The purpose
+      of adjusting W0<-W0-BA is to ensure that the model output is unchanged at the
+      beginning" (OpenReview reviews stored in a public GitHub collection). A reader's
+      account, not the paper's words, and it leaves the scaling s out.
+
+    What could not be checked, and the package's choice:
+
+    - where the singular values go: ``split="balanced"`` (default) sqrt(S_r) on each side,
+      as PiSSA and peft's ``init_lora_weights="pissa"``; ``split="B"`` all in B, as the
+      survey's eq. 10 writes it. Same product, same initial model;
+    - the LoRA constant: s = alpha / r is divided out of the singular values so that s B A,
+      what the model applies, is the top-r part;
+    - which layers: every layer the adapter targets (in this book MiniLM's query and value).
+
+    ``preserve=False`` keeps W' = W_pre (the model then starts at W_pre + top-r part, not
+    pre-trained); it is there to show why the subtraction matters.
     Taught in ``book/part2/server_initialization.ipynb``.
     """
 
@@ -355,9 +399,7 @@ class FeDeRA(FedIT):
 
     def __init__(self, rank: int | None = None, split: str = "balanced", preserve: bool = True) -> None:
         super().__init__(rank)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.split = split
+        self.split = check_split(split)
         self.preserve = bool(preserve)
 
     def prepare(self, federation, model, server, seed):
@@ -375,8 +417,8 @@ class FeDeRA(FedIT):
 class SLoRA(FedIT):
     """SLoRA (Babakniya, Elkordy, Ezzeldin, Liu, Song, El-Khamy, Avestimehr 2023, arXiv 2308.06522).
 
-    Survey section 3.2, "data-driven initialisation". Two stages, both inside :meth:`prepare`
-    for stage 1 and the simulator's ordinary rounds for stage 2:
+    Survey section 3.2, "data-driven initialisation". Two stages, stage 1 inside
+    :meth:`prepare`, stage 2 the simulator's ordinary rounds:
 
     1. **Sparse fine-tuning.** The server broadcasts a seed; every client regenerates the
        same fixed random mask of density d on every adapted base weight
@@ -384,24 +426,44 @@ class SLoRA(FedIT):
        the masked entries (and the head) from the current global sparse update
        (:func:`sparse_local_train`) and send only the masked values; the server averages
        them (:func:`sparse_average`, exact since the mask is shared).
-    2. **SVD initialisation.** The learned update dW (zero outside the mask) is factored by
-       truncated SVD, s B A = best rank-r approximation of dW (:func:`slora_factors`), and
-       the rest is folded into the frozen weight, W' = W_pre + dW - s B A, so the effective
-       weight W' + s B A = W_pre + dW is exactly the model after stage 1. Ordinary FedLoRA
-       (FedIT) rounds follow.
+    2. **SVD initialisation.** The accumulated update dW (zero outside the mask) is factored
+       by truncated SVD, s B A = best rank-r approximation of dW (:func:`slora_factors`), and
+       by default the rest is folded into the frozen weight, W' = W_pre + dW - s B A, so the
+       effective weight W' + s B A = W_pre + dW is exactly the model after stage 1. Ordinary
+       FedLoRA (FedIT) rounds follow.
+
+    What rests on a source (SLoRA's method section could not be read):
+
+    - the two stages: the survey (section 3.2) says SLoRA "begins with sparse fine-tuning to
+      find a mature starting point for LoRA, and then applies SVD to the fine-tuned
+      parameters to initialize the low-rank matrices A and B for continual conventional LoRA
+      tuning in FL"; Mao et al. 2024 (arXiv 2407.11046, section 6.1) that it "first performs
+      sparse federated fine-tuning before applying LoRA and then performs SVD to decompose
+      the accumulated gradient updates into low-rank matrices for LoRA initialization". So
+      stage 1 is federated, and the SVD is of the update dW, not of the weights;
+    - the density: the abstract reports "sparse updates with approximately ~1% density",
+      hence ``density=0.01``; stage 1 sends sparse updates, stage 2 LoRA's A and B.
+
+    What could not be checked, and the package's choice:
+
+    - how the sparse entries are chosen: a fixed uniform random mask per adapted weight,
+      regenerated from a broadcast seed, so only values cross the network;
+    - what stage 1 trains: the masked entries of the adapted base weights and the task
+      head; every other weight stays frozen;
+    - its length: ``stage1_rounds`` (2), with the simulator's local steps, batch size,
+      learning rate and clients per round unless overridden;
+    - where the singular values go: ``split="balanced"`` (default) or ``"B"`` (survey eq. 10);
+    - what becomes of dW beyond rank r: ``fold_residual=True`` (default) keeps it in W', so
+      nothing stage 1 learned is lost; ``fold_residual=False`` starts stage 2 from
+      W' = W_pre with the factors only, the plainest reading of "initialize the low-rank
+      matrices A and B for continual conventional LoRA tuning", which loses the part of dW
+      beyond rank r (the model after stage 1 is then not preserved).
 
     Bytes of stage 1 are counted at their real sparse size (one float32 value per masked
     entry, the positions come from the seed) and kept in ``server.extra["slora"]``: rounds,
     clients, ``bytes_up`` and ``bytes_down`` (values, head and the 8-byte seed), the sparse
     part alone (``sparse_bytes_up``), and per stage-1 round the test accuracy if
     ``evaluate`` is set. The simulator's history counts only stage 2; a chapter adds these.
-
-    Choices where the paper leaves room: the mask is uniform over each adapted weight
-    (the paper's sparse stage is also random and fixed); stage 1 uses the simulator's local
-    steps, batch size, learning rate and clients per round unless overridden;
-    ``fold_residual=False`` starts stage 2 from W' = W_pre with the factors only, as a plain
-    reading of "initialise LoRA from the SVD" suggests, which loses the part of dW beyond
-    rank r (the model after stage 1 is then not preserved).
     Taught in ``book/part2/server_initialization.ipynb``.
     """
 
@@ -410,10 +472,12 @@ class SLoRA(FedIT):
     def __init__(
         self, rank: int | None = None, density: float = 0.01, stage1_rounds: int = 2, *,
         stage1_steps: int | None = None, stage1_learning_rate: float | None = None,
-        clients_per_round: int | None = None, fold_residual: bool = True, evaluate: bool = False,
+        clients_per_round: int | None = None, fold_residual: bool = True, split: str = "balanced",
+        evaluate: bool = False,
     ) -> None:
         super().__init__(rank)
         self.density = check_density(density)
+        self.split = check_split(split)
         for name, value in (("stage1_rounds", stage1_rounds), ("stage1_steps", stage1_steps),
                             ("clients_per_round", clients_per_round)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -487,7 +551,7 @@ class SLoRA(FedIT):
         deltas = {name: scatter(values[name], masks[name]) for name in layers}
         adapters, base_deltas = {}, {}
         for name, (r, _, _) in _layer_shapes(server).items():
-            a, b = slora_factors(deltas[name], r, scaling=server.scaling)
+            a, b = slora_factors(deltas[name], r, scaling=server.scaling, split=self.split)
             adapters[name] = (a, b)
             base_deltas[name] = deltas[name] - server.scaling * (b @ a) if self.fold_residual \
                 else torch.zeros_like(deltas[name])

@@ -205,6 +205,24 @@ def test_slora_factors_are_the_best_rank_r_approximation(case, density, scaling)
         assert float(torch.linalg.matrix_norm(delta - other) ** 2) >= error - 1e-9
 
 
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.sampled_from([1.0, 2.0]))
+def test_slora_factors_split_b_is_eq10_with_the_same_product(case, scaling):
+    """split="B": A = V_r^T (orthonormal rows), B = U_r S_r / s, the product unchanged."""
+    seed, m, n, r = case
+    delta = random_matrix(seed, m, n)
+    a_bal, b_bal = slora_factors(delta, r, scaling=scaling)
+    a, b = slora_factors(delta, r, scaling=scaling, split="B")
+    assert a.shape == a_bal.shape == (r, n) and b.shape == b_bal.shape == (m, r)
+    assert torch.allclose(b @ a, b_bal @ a_bal, atol=1e-10)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(r, m, n)  # components beyond min(m, n) are zero padding
+    assert torch.allclose(a[:k] @ a[:k].T, torch.eye(k, dtype=torch.float64), atol=1e-9)
+    signs = torch.sign((a[:k] * vh[:k]).sum(dim=1))  # each singular pair is fixed up to its sign
+    assert torch.allclose(a[:k], signs[:, None] * vh[:k], atol=1e-8)
+    assert torch.allclose(b[:, :k], u[:, :k] * (signs * s[:k] / scaling)[None, :], atol=1e-8)
+
+
 def test_sparse_average_and_scatter():
     values = [{"q": torch.tensor([1.0, 2.0])}, {"q": torch.tensor([3.0, 6.0])}]
     assert torch.allclose(sparse_average(values, [0.25, 0.75])["q"], torch.tensor([2.5, 5.0]))
@@ -257,6 +275,10 @@ def test_bad_input_is_named():
         svd_init(torch.randn(3), 1)
     with pytest.raises(ValueError, match="rank"):
         slora_factors(w, 0)
+    with pytest.raises(ValueError, match="split"):
+        slora_factors(w, 2, split="A")
+    with pytest.raises(ValueError, match="split"):
+        SLoRA(split="sqrt")
     for density in (0, 0.0, -0.1, 1.5, True):
         with pytest.raises(ValueError, match="density"):
             random_masks({"q": (3, 3)}, density, 0)
@@ -365,6 +387,7 @@ def test_standard_init_draws_eq9_from_the_seed(federation):
 
 @pytest.mark.parametrize("split", ["balanced", "B"])
 def test_federa_product_is_the_top_r_part_of_a_real_layer(federation, pretrained, split):
+    """The checked claim on MiniLM: s B A at round 1 is the top-r part of each W_pre, and W' the rest."""
     weights, _, scaling = pretrained
     strategy, _ = started(federation, FeDeRA, split=split)
     for name, w in weights.items():
@@ -456,6 +479,20 @@ def test_slora_stage1_update_is_sparse_and_stage2_preserves_it(slora_runs, pretr
     a, b = unfolded.adapters[name]
     assert torch.allclose(unfolded.effective[name], weights[name] + scaling * (b @ a), atol=2e-6)
     assert float((unfolded.effective[name] - strategy.effective[name]).abs().max()) > 1e-6
+
+
+def test_slora_split_b_changes_the_factors_not_the_start(slora_runs, federation, pretrained):
+    weights, _, scaling = pretrained
+    balanced, _ = slora_runs[True]
+    strategy = probe(SLoRA)(density=0.02, stage1_rounds=2, split="B")
+    federation.run(strategy, rounds=1, progress=False, seed=0)
+    for name in weights:
+        assert torch.equal(strategy.server.extra["slora_delta"][name], balanced.server.extra["slora_delta"][name])
+        a, b = strategy.adapters[name]
+        a_bal, b_bal = balanced.adapters[name]
+        assert torch.allclose(b @ a, b_bal @ a_bal, atol=1e-6)
+        assert torch.allclose(a @ a.T, torch.eye(TINY.rank), atol=1e-5)  # A = V_r^T
+        assert torch.allclose(strategy.effective[name], balanced.effective[name], atol=2e-6)
 
 
 def test_slora_stage1_bytes_are_the_masks_real_size(slora_runs, federation):
