@@ -14,7 +14,10 @@ What does client k start a round from? The survey's answers, in the survey's not
 - **FedLoRU** (Park and Klabjan 2024): Re-Initial every tau rounds instead of every round,
   so the global model is eq. 11, W_T = W' + s sum_{t <= T, t mod tau = 0} B_t A_t
   (:func:`fedloru_global_weight`); between accumulations it averages as FedIT does.
-  :class:`PFedLoRU` adds a personal low-rank module that never leaves the client.
+  :class:`PFedLoRU` adds a personal low-rank module that never leaves the client;
+  :class:`MFedLoRU` lets client k of capacity r_k <= r change each global factor only by a
+  rank-r_k product, A_k = A + A_left A_right, B_k = B + B_left B_right (hierarchical low-rank
+  updates, :func:`nested_update`, :func:`mfedloru_aggregate`).
 - **FRLoRA** (Yan et al., ICLR 2025): every round each client restarts from the principal
   singular components of the *pre-trained* weight (:func:`principal_factors`) and the
   server adds the residual s (avg(B) avg(A) - B_0 A_0) to the global weight
@@ -37,7 +40,16 @@ import torch
 from torch import Tensor
 
 from fedlora_edu.adapters import Factors, base_weight
-from fedlora_edu.aggregation import FedIT, _collect, check_factors, check_rank, check_weights, fedit_average
+from fedlora_edu.aggregation import (
+    FedIT,
+    _collect,
+    check_factors,
+    check_rank,
+    check_ranks,
+    check_weights,
+    fedit_average,
+    truncated_factors,
+)
 from fedlora_edu.strategy import (
     ClientStart,
     LocalResult,
@@ -45,6 +57,7 @@ from fedlora_edu.strategy import (
     ServerState,
     Strategy,
     Upload,
+    normalized_weights,
     split_factors,
 )
 
@@ -115,6 +128,93 @@ def fedloru_global_weight(pretrained: Tensor, accumulated: Sequence[Factors], sc
             raise ValueError(f"accumulated[{t}]: B A is {b.shape[0]} x {a.shape[1]}, W' is {tuple(pretrained.shape)}")
         total = total + scaling * (b @ a)
     return total
+
+
+def nested_update(factor: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """mFedLoRU's hierarchical low-rank update of one low-rank factor: factor + left @ right.
+
+    For A (r x n) the nested pair is left r x r_k, right r_k x n; for B (m x r) it is left
+    m x r_k, right r_k x r. The change of the factor has rank at most r_k, the client's capacity
+    (Park and Klabjan 2024, arXiv 2409.12371, mFedLoRU; the constant in front of the product is
+    1, see :class:`MFedLoRU`). Taught in ``book/part2/client_initialization.ipynb``.
+    """
+    _check_nested(factor, left, right)
+    return factor + left @ right
+
+
+def _check_nested(factor: Tensor, left: Tensor, right: Tensor) -> None:
+    """Validate a nested pair for a factor: left rows x r_k, right r_k x columns."""
+    if factor.ndim != 2 or left.ndim != 2 or right.ndim != 2:
+        raise ValueError(f"factor, left and right must be matrices, got shapes {tuple(factor.shape)}, "
+                         f"{tuple(left.shape)}, {tuple(right.shape)}")
+    if left.shape[0] != factor.shape[0]:
+        raise ValueError(f"left is {tuple(left.shape)}: it must have the factor's {factor.shape[0]} rows")
+    if right.shape[1] != factor.shape[1]:
+        raise ValueError(f"right is {tuple(right.shape)}: it must have the factor's {factor.shape[1]} columns")
+    if left.shape[1] != right.shape[0]:
+        raise ValueError(f"left is {tuple(left.shape)} and right {tuple(right.shape)}: "
+                         "left must be rows x r_k and right r_k x columns with the same r_k")
+
+
+def nested_factors(change: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The best rank-``rank`` (left, right) with left @ right closest to ``change`` (truncated SVD).
+
+    How this package's :class:`MFedLoRU` turns a client's trained change of a factor, A' - A or
+    B' - B, into mFedLoRU's nested pair (Eckart-Young: no rank-r_k product is closer in
+    Frobenius norm). ``left`` is rows x rank and ``right`` rank x columns, the singular values
+    split evenly between them (:func:`fedlora_edu.aggregation.truncated_factors`), zero-padded
+    when ``rank`` exceeds the change's size. Computed in float64, returned in ``change``'s dtype
+    and device. Taught in ``book/part2/client_initialization.ipynb``.
+    """
+    check_rank(rank)
+    if change.ndim != 2:
+        raise ValueError(f"change must be a matrix, got shape {tuple(change.shape)}")
+    right, left = truncated_factors(change.detach().to("cpu", torch.float64), rank)
+    return left.to(change), right.to(change)
+
+
+def mfedloru_aggregate(A: Tensor, B: Tensor, A_updates: Sequence[tuple[Tensor, Tensor]],
+                       B_updates: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """mFedLoRU's server step (Park and Klabjan 2024, arXiv 2409.12371): average the clients' factors.
+
+    Client k returns A_k = A + A_left_k A_right_k and B_k = B + B_left_k B_right_k
+    (:func:`nested_update`, ``A_updates[k]`` = (A_left_k, A_right_k), likewise for B), each of
+    its own rank r_k. The server averages the factors as FedLoRU does,
+
+        A_t = sum_k p_k A_k = A + sum_k p_k A_left_k A_right_k,
+        B_t = sum_k p_k B_k = B + sum_k p_k B_left_k B_right_k,
+
+    which is defined for any mix of r_k: every A_k is r x n and every B_k m x r. (The product
+    B_t A_t is FedIT's average of factors, not sum_k p_k B_k A_k; the accumulation every tau
+    rounds is eq. 11's, :func:`fedloru_global_weight`.) Taught in
+    ``book/part2/client_initialization.ipynb``.
+    """
+    check_factors([A], [B])
+    if len(A_updates) != len(B_updates) or not A_updates:
+        raise ValueError(f"A_updates has {len(A_updates)} entries and B_updates {len(B_updates)}: "
+                         "need one (left, right) pair per client for each, at least one client")
+    p = check_weights(weights, len(A_updates))
+    new_a, new_b = A.clone(), B.clone()
+    for k, (w, (a_left, a_right), (b_left, b_right)) in enumerate(zip(p, A_updates, B_updates, strict=True)):
+        if a_left.shape[1:] != b_left.shape[1:]:
+            raise ValueError(f"client {k}: A's nested rank {a_left.shape[1]} differs from B's {b_left.shape[1]}")
+        _check_nested(A, a_left, a_right)
+        _check_nested(B, b_left, b_right)
+        new_a = new_a + w * (a_left @ a_right)
+        new_b = new_b + w * (b_left @ b_right)
+    return new_a, new_b
+
+
+def default_nested_ranks(rank: int, num_clients: int) -> list[int]:
+    """Three device tiers for :class:`MFedLoRU` when no ``ranks`` are given: r, r/2, r/4 (at least 1), cycling.
+
+    Client k gets max(1, rank // 2 ** (k mod 3)), so with r = 8 the clients' nested ranks are
+    8, 4, 2, 8, 4, 2, ... The paper does not prescribe tiers; this is the book's default.
+    """
+    check_rank(rank)
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    return [max(1, rank // 2 ** (k % 3)) for k in range(num_clients)]
 
 
 def choose_local_initial_client(client_ids: Sequence[int], seed: int, round_index: int) -> int:
@@ -307,6 +407,10 @@ class FedLoRU(Strategy):
         weights, per_layer = _layers(server, uploads)
         averaged = {n: fedit_average(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
         self.aggregate_head(server, uploads)
+        self.accumulate(server, averaged, round_index)
+
+    def accumulate(self, server: ServerState, averaged: dict[str, Factors], round_index: int) -> None:
+        """End of round t: keep the averaged adapter, or (t mod tau = 0) fold s B_t A_t into W' and restart (eq. 9)."""
         if accumulation_round(round_index, self.tau):
             server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in averaged.items()}
             server.extra.setdefault(self.merge_key, []).append(averaged)
@@ -387,13 +491,29 @@ class PFedLoRU(FedLoRU):
     one constant s = alpha / (r_G + r_L). ``rank`` is r_G and ``personal_rank`` r_L (default
     r_G); with ``rank=None`` the model's rank is split, r_L = ``personal_rank`` or half.
 
-    Choices where the paper leaves room: both modules train together in each local step
-    (the paper trains the personal and the global module one after the other within a
-    round; the simulator's ``trainable`` works per matrix, not per component); every
-    client's personal module starts as peft initialises components r_G.. (random A, zero B)
-    and is kept as an adapter rather than folded into a per-client W' (one W' per client
-    would cost m x n per layer and client); the head is global (averaged).
-    Taught in ``book/part2/client_initialization.ipynb``.
+    What we could check against the paper, and what not. Its abstract (arXiv 2409.12371, v1
+    and v2) says FedLoRU's variants "adapt to environments with statistical and model
+    heterogeneity by employing multiple or hierarchical low-rank updates"; pFedLoRU is the
+    "multiple" one, and a public review of the paper's ICLR 2025 submission describes it as
+    "another low-rank module pair" with personal matrices named L and U. The copies of the paper we
+    could search end before its pFedLoRU section, and the authors' public code
+    (github.com/haemPark/fedloru_official) implements FedAvg, FedHM and FedLoRU only. So how
+    the paper trains the two modules within a round (together, or one after the other, in
+    which order and for how many steps each) and whether it ever folds a client's personal
+    product into that client's own weight are NOT verified here. (An earlier version of this
+    docstring said the paper trains them one after the other; we could not find that in a
+    text we can quote, and no longer claim it.)
+
+    What this class does (each a choice): both modules train together, in every local step,
+    for the profile's number of local steps, with one AdamW. Training them one after the other
+    would need two local phases per round, or a ``trainable`` that freezes some components of
+    A and B; the simulator has neither (one ``local_train`` per client and round, and
+    ``trainable`` freezes all of A or all of B), so it is not done here. Upload: the global
+    module (A_G, B_G) and the head; (A_L, B_L) never leave the client. Every client's personal
+    module starts as peft initialises components r_G.. (random A, zero B) and is kept as an
+    adapter, never folded into a per-client W' (that would cost m x n per layer and client);
+    the head is global (averaged); the personal module is not re-initialised when the global
+    one is accumulated. Taught in ``book/part2/client_initialization.ipynb``.
     """
 
     name = "pFedLoRU"
@@ -455,6 +575,124 @@ class PFedLoRU(FedLoRU):
     def personal_model(self, server: ServerState, client_id: int,
                        client_state: dict) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
         return self._joined(server, client_state), {k: v.clone() for k, v in server.head.items()}
+
+
+class MFedLoRU(FedLoRU):
+    """mFedLoRU (Park and Klabjan 2024, arXiv 2409.12371): FedLoRU for clients of different capacity.
+
+    Hierarchical low-rank updates. The global model is FedLoRU's, W' + s B A with A r x n and
+    B m x r, accumulated into W' every ``tau`` rounds (survey eq. 11, :func:`fedloru_global_weight`).
+    Client k, of capacity r_k <= r (``ranks[k]``), does not move A and B freely: it returns
+
+        A_k = A + A_left_k A_right_k    (A_left_k r x r_k, A_right_k r_k x n),
+        B_k = B + B_left_k B_right_k    (B_left_k m x r_k, B_right_k r_k x r),
+
+    a low-rank update of each low-rank factor (:func:`nested_update`), the second level of the
+    hierarchy whose first level is W' + s B A. The server averages the factors as FedLoRU does,
+    A_t = A + sum_k p_k A_left_k A_right_k and B_t likewise (:func:`mfedloru_aggregate`), which
+    is defined for any mix of ranks, and every tau rounds (1-based t mod tau = 0) folds
+    s B_t A_t into W' and restarts from eq. 9. So the global weight after T rounds is eq. 11,
+    W_T = W' + s sum_{t <= T, t mod tau = 0} B_t A_t, with every B_t A_t built from nested
+    updates (plus the live adapter between accumulations).
+
+    Sources, and what is reconstructed. The paper's abstract (v1 and v2) says FedLoRU's
+    variants adapt to "statistical and model heterogeneity by employing multiple or
+    hierarchical low-rank updates"; mFedLoRU is the hierarchical, model-heterogeneous one (a
+    figure of the paper, as reproduced in public slides presenting it, is captioned "Low-rank
+    factorization methods in pFedLoRU and mFedLoRU"). The copies of the paper we could search
+    end before its mFedLoRU section and
+    the authors' public code (github.com/haemPark/fedloru_official) has no mFedLoRU, so the
+    update above (which factors are factorised again, on which side, additively) is our reading
+    of "hierarchical low-rank updates", not a transcription of the paper's equations; check it
+    against the paper's mFedLoRU section before relying on the details below.
+
+    Closest form in the simulator (a deviation). The simulator's local training updates a peft
+    layer's A and B directly; it cannot train four nested factors per layer. So client k
+    trains A and B as FedLoRU's clients do, and at upload replaces each factor's change by its
+    best rank-r_k approximation, A_k = A + [A' - A]_{r_k}, B_k = B + [B' - B]_{r_k}
+    (:func:`nested_factors`, truncated SVD). What the server receives has mFedLoRU's form and
+    size; what differs is the client's path (full-rank steps, then a projection, instead of
+    steps in the nested factors) and its memory and compute, which here are FedLoRU's. With
+    r_k = r the projection changes nothing and mFedLoRU is FedLoRU.
+
+    Choices where the paper (as far as we could read it) leaves room: both A and B get a nested
+    update, with constant 1 in front of each nested product; the nested update is folded into
+    (A, B) once per round, at upload; the upload is the four nested factors per layer and the
+    head (the server holds A and B and rebuilds A_k, B_k exactly), counted per layer at their
+    size r_k (r + n) + r_k (m + r) or at the size r (m + n) of A_k, B_k where that is smaller;
+    ``ranks`` gives one r_k per client (1 <= r_k <= r), by default three tiers r, r/2, r/4
+    (:func:`default_nested_ranks`); the head is averaged; p_k = n_k / sum_j n_j; everything
+    else (seeded re-initialisation, downloads) is :class:`FedLoRU`'s. Every client holds
+    the full rank-r adapter, so the simulator's ``client_rank`` is r for all: r_k is the rank
+    of the change, not of the adapter (FlexLoRA's and HetLoRA's heterogeneity truncates the
+    adapter itself). Taught in ``book/part2/client_initialization.ipynb``.
+    """
+
+    name = "mFedLoRU"
+
+    def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None, tau: int = 2) -> None:
+        super().__init__(rank, tau=tau)
+        if ranks is not None and (isinstance(ranks, str) or any(isinstance(r, bool) for r in ranks)):
+            raise ValueError(f"ranks must be a sequence of integers >= 1, one per client, got {ranks!r}")
+        self.ranks = None if ranks is None else check_ranks(list(ranks), len(ranks))
+
+    def max_rank(self, num_clients: int) -> int | None:
+        if self.ranks is not None and len(self.ranks) != num_clients:
+            raise ValueError(f"ranks has {len(self.ranks)} entries for {num_clients} clients")
+        return self.rank
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        super().init_server(server, seed)
+        if self.ranks is not None and max(self.ranks) > server.rank:
+            raise ValueError(f"ranks: every nested rank r_k must be at most the global rank r = {server.rank}, "
+                             f"got {self.ranks}")
+
+    def nested_rank(self, client_id: int, server: ServerState) -> int:
+        """r_k, the rank of client k's change of A and of B (``ranks[k]``, or the default tiers)."""
+        if self.ranks is not None:
+            return self.ranks[client_id]
+        return default_nested_ranks(server.rank, client_id + 1)[client_id]
+
+    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+        start = super().client_start(server, client_id, client_state, round_index)
+        # The client keeps where it started: its upload is the change from there.
+        client_state["mfedloru_start"] = {n: (a.clone(), b.clone()) for n, (a, b) in start.adapters.items()}
+        client_state["mfedloru_rank"] = self.nested_rank(client_id, server)
+        return start
+
+    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+        start = client_state.pop("mfedloru_start")
+        rank = client_state["mfedloru_rank"]
+        tensors: dict[str, Tensor] = {}
+        nbytes = 0
+        for name, (a, b) in result.adapters.items():
+            a0, b0 = start[name]
+            a_left, a_right = nested_factors(a - a0.to(a), rank)
+            b_left, b_right = nested_factors(b - b0.to(b), rank)
+            nested = {"A_left": a_left, "A_right": a_right, "B_left": b_left, "B_right": b_right}
+            tensors.update({f"{name}.{key}": t for key, t in nested.items()})
+            nested_bytes = sum(t.numel() * t.element_size() for t in nested.values())
+            nbytes += min(nested_bytes, a.numel() * a.element_size() + b.numel() * b.element_size())
+        head = {f"head.{k}": v for k, v in result.head.items()}
+        tensors.update(head)
+        return Payload(tensors, nbytes=nbytes + sum(t.numel() * t.element_size() for t in head.values()))
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights = normalized_weights(uploads)
+        averaged: dict[str, Factors] = {}
+        for name, (a, b) in server.adapters.items():
+            pairs: dict[str, list[tuple[Tensor, Tensor]]] = {"A": [], "B": []}
+            for upload in uploads:
+                keys = [f"{name}.{side}_{part}" for side in "AB" for part in ("left", "right")]
+                missing = [key for key in keys if key not in upload.payload.tensors]
+                if missing:
+                    raise ValueError(f"client {upload.client_id}'s upload carries no {missing[0]}")
+                for side in "AB":
+                    pairs[side].append((upload.payload.tensors[f"{name}.{side}_left"].to(a),
+                                        upload.payload.tensors[f"{name}.{side}_right"].to(a)))
+            averaged[name] = mfedloru_aggregate(a, b, pairs["A"], pairs["B"], weights)
+        self.aggregate_head(server, uploads)
+        self.accumulate(server, averaged, round_index)
 
 
 class FRLoRA(Strategy):
@@ -522,6 +760,6 @@ class FRLoRA(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, FRLoRA)
+    cls.name: cls for cls in (AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA)
 }
 """The client-side initialisations of survey section 3.2, by name."""

@@ -12,7 +12,7 @@ FlexLoRA, FedEx-LoRA), :mod:`fedlora_edu.single_matrix` (CoLR, RoLoRA, LoRA-A2),
 :mod:`fedlora_edu.full_size` (FedPipe), :mod:`fedlora_edu.corrective` (LoRA-FAIR; FedEx-LoRA
 re-exported), :mod:`fedlora_edu.rank_clustering` (FedInc). Section 3.2, initialization:
 :mod:`fedlora_edu.server_init` (standard init, FeDeRA, SLoRA), :mod:`fedlora_edu.client_init`
-(Avg-Initial, Re-Initial, Local-Initial, FedLoRU, pFedLoRU, FRLoRA).
+(Avg-Initial, Re-Initial, Local-Initial, FedLoRU, pFedLoRU, mFedLoRU, FRLoRA).
 
 Taught across Part II; the table of every method is in ``book/part2/at_a_glance.ipynb``.
 """
@@ -20,7 +20,7 @@ Taught across Part II; the table of every method is in ``book/part2/at_a_glance.
 from __future__ import annotations
 
 from fedlora_edu.aggregation import FedExLoRA, FedIT, FFALoRA, FlexLoRA, FLoRA
-from fedlora_edu.client_init import AvgInitial, FedLoRU, FRLoRA, LocalInitial, PFedLoRU, ReInitial
+from fedlora_edu.client_init import AvgInitial, FedLoRU, FRLoRA, LocalInitial, MFedLoRU, PFedLoRU, ReInitial
 from fedlora_edu.corrective import LoRAFAIR
 from fedlora_edu.full_size import FedPipe
 from fedlora_edu.rank_clustering import FedInc
@@ -36,7 +36,7 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FedPipe,
     StandardInit, FeDeRA, SLoRA,
     FedInc,
-    AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, FRLoRA,
+    AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

@@ -1,9 +1,10 @@
 """Property tests of client-side initialisation (survey 3.2, eq. 11): LoRA-FAIR's three strategies,
-FedLoRU and pFedLoRU, FRLoRA.
+FedLoRU, pFedLoRU and mFedLoRU, FRLoRA.
 
 Pure functions on random float64 matrices first, then the strategies through the real simulator on
 the embedded MiniLM: eq. 11 in the effective weights, Re-Initial = FedLoRU(tau=1), Avg-Initial =
-FedIT, Local-Initial's copied start, pFedLoRU's private module, FRLoRA's SVD start, and bad input.
+FedIT, Local-Initial's copied start, pFedLoRU's private module, mFedLoRU's nested updates of
+heterogeneous ranks, FRLoRA's SVD start, and bad input.
 """
 
 from __future__ import annotations
@@ -26,22 +27,27 @@ from fedlora_edu.client_init import (
     FedLoRU,
     FRLoRA,
     LocalInitial,
+    MFedLoRU,
     PFedLoRU,
     ReInitial,
     accumulation_round,
     check_tau,
     choose_local_initial_client,
+    default_nested_ranks,
     fedloru_global_weight,
     frlora_residual,
     gaussian_reinit,
     initialization_drift,
+    mfedloru_aggregate,
+    nested_factors,
+    nested_update,
     principal_factors,
     update_dispersion,
 )
 from fedlora_edu.methods import METHODS, make_strategy
 from fedlora_edu.profiles import get_profile
 from fedlora_edu.simulator import build_federation
-from fedlora_edu.strategy import normalized_weights, split_factors
+from fedlora_edu.strategy import ServerState, normalized_weights, split_factors
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -171,6 +177,77 @@ def test_drift_and_dispersion_match_their_definitions(case, clients):
     assert same == pytest.approx(0.0, abs=1e-9)
 
 
+def random_weights(g: torch.Generator, count: int) -> list[float]:
+    raw = torch.rand(count, generator=g, dtype=torch.float64) + 0.1
+    return (raw / raw.sum()).tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(shapes, st.integers(1, 4))
+def test_nested_update_is_the_factor_plus_a_rank_rk_product(case, nested_rank):
+    seed, m, n, r = case
+    g = torch.Generator().manual_seed(seed)
+    a, b = random_factors(g, m, n, r)
+    a_left, a_right = (torch.randn(r, nested_rank, generator=g, dtype=torch.float64),
+                       torch.randn(nested_rank, n, generator=g, dtype=torch.float64))
+    b_left, b_right = (torch.randn(m, nested_rank, generator=g, dtype=torch.float64),
+                       torch.randn(nested_rank, r, generator=g, dtype=torch.float64))
+    new_a, new_b = nested_update(a, a_left, a_right), nested_update(b, b_left, b_right)
+    torch.testing.assert_close(new_a, a + a_left @ a_right, **TOL)
+    torch.testing.assert_close(new_b, b + b_left @ b_right, **TOL)
+    assert new_a.shape == a.shape and new_b.shape == b.shape
+    assert int(torch.linalg.matrix_rank(new_a - a)) <= nested_rank
+    assert int(torch.linalg.matrix_rank(new_b - b)) <= nested_rank
+
+
+@settings(max_examples=50, deadline=None)
+@given(shapes, st.integers(1, 6))
+def test_nested_factors_are_the_best_rank_rk_approximation(case, nested_rank):
+    seed, m, n, _ = case
+    g = torch.Generator().manual_seed(seed)
+    change = torch.randn(m, n, generator=g, dtype=torch.float64)
+    left, right = nested_factors(change, nested_rank)
+    assert left.shape == (m, nested_rank) and right.shape == (nested_rank, n)
+    values = torch.linalg.svdvals(change)
+    # Eckart-Young: what is left is exactly the tail of the spectrum (zero once r_k >= rank of the change).
+    gap = float(torch.linalg.matrix_norm(change - left @ right))
+    assert gap == pytest.approx(float(values[nested_rank:].square().sum().sqrt()), abs=1e-9)
+    assert nested_factors(change.float(), nested_rank)[0].dtype == torch.float32
+
+
+@settings(max_examples=50, deadline=None)
+@given(shapes, st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_mfedloru_aggregate_averages_the_clients_factors_for_any_mix_of_ranks(case, nested_ranks):
+    seed, m, n, r = case
+    g = torch.Generator().manual_seed(seed)
+    a, b = random_factors(g, m, n, r)
+    p = random_weights(g, len(nested_ranks))
+    a_updates = [(torch.randn(r, rk, generator=g, dtype=torch.float64), torch.randn(rk, n, generator=g,
+                                                                                   dtype=torch.float64))
+                 for rk in nested_ranks]
+    b_updates = [(torch.randn(m, rk, generator=g, dtype=torch.float64), torch.randn(rk, r, generator=g,
+                                                                                   dtype=torch.float64))
+                 for rk in nested_ranks]
+    new_a, new_b = mfedloru_aggregate(a, b, a_updates, b_updates, p)
+    # The clients' factors A_k = A + A_left_k A_right_k, averaged with p_k (FedLoRU's server step).
+    clients_a = [nested_update(a, left, right) for left, right in a_updates]
+    clients_b = [nested_update(b, left, right) for left, right in b_updates]
+    torch.testing.assert_close(new_a, sum(w * x for w, x in zip(p, clients_a, strict=True)), **TOL)
+    torch.testing.assert_close(new_b, sum(w * x for w, x in zip(p, clients_b, strict=True)), **TOL)
+    assert int(torch.linalg.matrix_rank(new_a - a)) <= min(sum(nested_ranks), r, n)
+    # No client moved: the factors stay.
+    zero_a = [(torch.zeros_like(left), right) for left, right in a_updates]
+    zero_b = [(left, torch.zeros_like(right)) for left, right in b_updates]
+    unchanged = mfedloru_aggregate(a, b, zero_a, zero_b, p)
+    assert torch.equal(unchanged[0], a) and torch.equal(unchanged[1], b)
+
+
+def test_default_nested_ranks_are_three_tiers():
+    assert default_nested_ranks(8, 7) == [8, 4, 2, 8, 4, 2, 8]
+    assert default_nested_ranks(2, 3) == [2, 1, 1]
+    assert default_nested_ranks(1, 2) == [1, 1]
+
+
 # ----------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------
@@ -208,17 +285,56 @@ def test_bad_arguments_raise_clear_errors():
         update_dispersion([], [], [], 1.0)
     with pytest.raises(ValueError, match="starts is empty"):
         initialization_drift([], {}, 1.0)
+    for ranks in ([0, 2], [1.5], [True], "4"):
+        with pytest.raises(ValueError, match="ranks"):
+            MFedLoRU(ranks=ranks)
+    for tau in (0, 1.5):
+        with pytest.raises(ValueError, match="tau"):
+            MFedLoRU(tau=tau)
+    with pytest.raises(ValueError, match="rank"):
+        MFedLoRU(rank=0)
+    with pytest.raises(ValueError, match="ranks has 2 entries for 3 clients"):
+        MFedLoRU(ranks=[1, 2]).max_rank(3)
+    factor = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="left"):
+        nested_update(factor, torch.zeros(4, 2), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="right"):
+        nested_update(factor, torch.zeros(3, 2), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="same r_k"):
+        nested_update(factor, torch.zeros(3, 2), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="matrices"):
+        nested_update(factor, torch.zeros(3), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="rank"):
+        nested_factors(factor, 0)
+    with pytest.raises(ValueError, match="change must be a matrix"):
+        nested_factors(torch.zeros(3), 1)
+    a, b = torch.zeros(2, 5), torch.zeros(3, 2)
+    pair_a, pair_b = (torch.zeros(2, 1), torch.zeros(1, 5)), (torch.zeros(3, 1), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="A_updates"):
+        mfedloru_aggregate(a, b, [pair_a, pair_a], [pair_b], [0.5, 0.5])
+    with pytest.raises(ValueError, match="A_updates"):
+        mfedloru_aggregate(a, b, [], [], [])
+    with pytest.raises(ValueError, match="weights"):
+        mfedloru_aggregate(a, b, [pair_a], [pair_b], [0.7])
+    with pytest.raises(ValueError, match="nested rank"):
+        mfedloru_aggregate(a, b, [pair_a], [(torch.zeros(3, 2), torch.zeros(2, 2))], [1.0])
+    with pytest.raises(ValueError, match="rank"):
+        default_nested_ranks(0, 3)
+    with pytest.raises(ValueError, match="num_clients"):
+        default_nested_ranks(4, 0)
     with pytest.raises(ValueError, match="different layers"):
         initialization_drift([{"q": (torch.zeros(1, 2), torch.zeros(2, 1))}], {"v": (torch.zeros(1, 2),
                                                                                       torch.zeros(2, 1))}, 1.0)
 
 
 def test_registry_names_match():
-    assert set(STRATEGIES) == {"Avg-Initial", "Re-Initial", "Local-Initial", "FedLoRU", "pFedLoRU", "FRLoRA"}
+    assert set(STRATEGIES) == {"Avg-Initial", "Re-Initial", "Local-Initial", "FedLoRU", "pFedLoRU", "mFedLoRU",
+                               "FRLoRA"}
     for name, cls in STRATEGIES.items():
         assert cls.name == name and METHODS[name] is cls
     assert make_strategy("FedLoRU", tau=3).tau == 3
     assert ReInitial().tau == 1
+    assert make_strategy("mFedLoRU", ranks=[1, 2], tau=3).ranks == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,6 +528,120 @@ def test_pfedloru_rank_split_must_leave_both_modules(federation):
     assert PFedLoRU(rank=3).max_rank(3) == 6
 
 
+def test_mfedloru_on_a_real_layer_is_w_prime_plus_s_times_the_averaged_nested_factors(federation):
+    """The pure function on a MiniLM layer: W' + s B_t A_t with A_t = A + sum_k p_k A_left_k A_right_k."""
+    model = federation.fresh_model()
+    factors = adapter_io.get_lora_factors(model)
+    layer = next(iter(factors))
+    a, b = (t.double() for t in factors[layer])
+    a = a + 0.01  # a non-trivial starting point (peft's B is zero)
+    b = b + 0.01
+    r, n, m = a.shape[0], a.shape[1], b.shape[0]
+    g = torch.Generator().manual_seed(3)
+    nested_ranks, p = [1, 2, r], [0.2, 0.3, 0.5]
+    a_updates = [(torch.randn(r, rk, generator=g, dtype=torch.float64) * 0.1,
+                  torch.randn(rk, n, generator=g, dtype=torch.float64) * 0.1) for rk in nested_ranks]
+    b_updates = [(torch.randn(m, rk, generator=g, dtype=torch.float64) * 0.1,
+                  torch.randn(rk, r, generator=g, dtype=torch.float64) * 0.1) for rk in nested_ranks]
+    new_a, new_b = mfedloru_aggregate(a, b, a_updates, b_updates, p)
+    adapter_io.set_lora_factors(model, {**factors, layer: (new_a.float(), new_b.float())})
+    scaling = adapter_io.lora_scaling(model)
+    pretrained = adapter_io.base_weight(model, layer).detach().double()
+    mean_a = sum(w * nested_update(a, *u) for w, u in zip(p, a_updates, strict=True))
+    mean_b = sum(w * nested_update(b, *u) for w, u in zip(p, b_updates, strict=True))
+    expected = pretrained + scaling * mean_b @ mean_a
+    actual = adapter_io.effective_weight(model, layer).double()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert float((actual - pretrained - scaling * b @ a).abs().max()) > 1e-3  # the nested updates moved it
+
+
+def test_mfedloru_global_weight_is_w_prime_plus_the_accumulated_products(federation):
+    """mFedLoRU's eq. 11 in the real model, with clients of nested ranks 1, 2, 4 and tau = 2:
+    W_4 = W' + s (B_2 A_2 + B_4 A_4), each (A_t, B_t) rebuilt from round t's nested uploads."""
+    ranks = [1, 2, TINY.rank]
+    strategy = recording(MFedLoRU)(ranks=ranks, tau=2)
+    history = federation.run(strategy, rounds=4, progress=False)
+    model, server = federation.last_model, federation.last_server
+    pristine = federation.fresh_model()
+    assert server.extra["fedloru_merge_rounds"] == [2, 4]
+
+    def rebuilt(t, layer):
+        """(A_t, B_t): round t's start adapter plus the p_k-weighted nested updates of its uploads."""
+        start, uploads = strategy.rounds[t - 1]
+        a, b = start[layer]
+        pairs = {side: [(u.payload.tensors[f"{layer}.{side}_left"], u.payload.tensors[f"{layer}.{side}_right"])
+                        for u in uploads] for side in "AB"}
+        return mfedloru_aggregate(a, b, pairs["A"], pairs["B"], normalized_weights(uploads))
+
+    for layer in adapter_io.lora_layers(model):
+        pretrained = adapter_io.base_weight(pristine, layer).detach()
+        merges = [rebuilt(t, layer) for t in (2, 4)]
+        expected = fedloru_global_weight(pretrained, merges, server.scaling)
+        actual = adapter_io.effective_weight(model, layer)
+        assert torch.allclose(actual, expected, atol=1e-5, rtol=1e-4)
+        # The test can fail: leaving out an accumulation, or FedLoRU's full-rank average, misses the weight.
+        assert not torch.allclose(actual, fedloru_global_weight(pretrained, merges[1:], server.scaling),
+                                  atol=1e-5, rtol=1e-4)
+        full = [averaged_trained(strategy, t, layer) for t in (2, 4)]
+        assert not torch.allclose(actual, fedloru_global_weight(pretrained, full, server.scaling),
+                                  atol=1e-5, rtol=1e-4)
+    # Every client changed A and B by products of its own rank r_k, and sent exactly those factors.
+    head_bytes = tensor_bytes(server.head)
+    seen = set()
+    for round_index, result, payload, _ in strategy.sent:
+        rk = ranks[result.client_id]
+        seen.add(rk)
+        start_adapters = strategy.starts[round_index][result.client_id][0]
+        expected_bytes = head_bytes
+        for layer, (a0, b0) in start_adapters.items():
+            a_left, a_right = payload.tensors[f"{layer}.A_left"], payload.tensors[f"{layer}.A_right"]
+            b_left, b_right = payload.tensors[f"{layer}.B_left"], payload.tensors[f"{layer}.B_right"]
+            assert a_left.shape == (TINY.rank, rk) and a_right.shape == (rk, a0.shape[1])
+            assert b_left.shape == (b0.shape[0], rk) and b_right.shape == (rk, TINY.rank)
+            # the nested pair is the best rank-r_k part of what local training did to the factor
+            a_trained, b_trained = result.adapters[layer]
+            best_a = nested_factors((a_trained - a0).double(), rk)
+            torch.testing.assert_close((a_left @ a_right).double(), best_a[0] @ best_a[1], atol=1e-5, rtol=1e-4)
+            assert int(torch.linalg.matrix_rank((b_left @ b_right).double(), rtol=1e-6)) <= rk
+            size = a_left.element_size()
+            nested = sum(t.numel() for t in (a_left, a_right, b_left, b_right)) * size
+            expected_bytes += min(nested, (a0.numel() + b0.numel()) * size)
+        assert payload.nbytes == expected_bytes
+        assert not any(key.endswith((".A", ".B")) for key in payload.tensors)  # A_k, B_k are not sent
+    assert seen == set(ranks)
+    assert (history["bytes_up"] < history["bytes_down"]).all()  # ranks 1 and 2 send less than A and B
+
+
+def averaged_trained(strategy, t, layer):
+    """FedLoRU's average of round t's trained (unprojected) factors, for the negative check above."""
+    results = [result for round_index, result, _, _ in strategy.sent if round_index == t - 1]
+    p = [r.num_examples / sum(x.num_examples for x in results) for r in results]
+    return fedit_average([r.adapters[layer][0] for r in results], [r.adapters[layer][1] for r in results], p)
+
+
+def test_mfedloru_with_every_rank_r_is_fedloru(federation):
+    fedloru = federation.run(FedLoRU(tau=2), rounds=3, progress=False)
+    weights = {n: adapter_io.effective_weight(federation.last_model, n) for n in adapter_io.lora_layers(
+        federation.last_model)}
+    full = federation.run(MFedLoRU(ranks=[TINY.rank] * TINY.num_clients, tau=2), rounds=3, progress=False)
+    assert full["bytes_up"].tolist() == fedloru["bytes_up"].tolist()
+    assert full["bytes_down"].tolist() == fedloru["bytes_down"].tolist()
+    for name, weight in weights.items():
+        torch.testing.assert_close(adapter_io.effective_weight(federation.last_model, name), weight,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_mfedloru_nested_ranks_default_to_tiers_and_must_fit_the_global_rank(federation):
+    server = ServerState(adapters={}, head={}, scaling=1.0, rank=8)
+    assert [MFedLoRU().nested_rank(k, server) for k in range(4)] == [8, 4, 2, 8]
+    assert [MFedLoRU(ranks=[3, 1, 2]).nested_rank(k, server) for k in range(3)] == [3, 1, 2]
+    assert MFedLoRU(rank=3).client_rank(1, server) == 3  # every client holds the full rank-r adapter
+    with pytest.raises(ValueError, match="ranks: every nested rank"):
+        federation.run(MFedLoRU(ranks=[1, 2, TINY.rank + 1]), rounds=1, progress=False)
+    with pytest.raises(ValueError, match="ranks has"):
+        federation.run(MFedLoRU(ranks=[1, 2]), rounds=1, progress=False)
+
+
 def test_frlora_restarts_from_the_top_singular_vectors_and_sums_the_residuals(federation):
     strategy = recording(FRLoRA)()
     federation.run(strategy, rounds=2, progress=False)
@@ -445,8 +675,6 @@ def test_frlora_restarts_from_the_top_singular_vectors_and_sums_the_residuals(fe
 
 
 def test_frlora_needs_prepare():
-    from fedlora_edu.strategy import ServerState
-
     server = ServerState(adapters={"q": (torch.zeros(2, 3), torch.zeros(3, 2))}, head={}, scaling=1.0, rank=2)
     with pytest.raises(ValueError, match="prepare"):
         FRLoRA().client_start(server, 0, {}, 0)
