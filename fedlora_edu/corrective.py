@@ -24,6 +24,23 @@ the ideal update instead of replacing them:
   The price is server computation, and the correction can only move the product within
   the row space of avg(A), so it is not exact.
 
+**What LoRA-FAIR's implementation rests on.** Of the paper itself (arXiv 2411.14961, read as
+the arXiv HTML pages https://arxiv.org/html/2411.14961v2 and v3) only the abstract and the
+opening of the introduction were within reach of this project's tools; its method section,
+eq. 8 and its implementation details were not, and no code by the authors was found. The
+form of the server problem and its settings come from the survey (section 3.1: a corrective
+term dB that refines B "by optimizing the similarity between the ideal aggregated LoRA
+weights dW and the corrected LoRA weights (B + dB) A") and from a detailed third-party summary
+of the paper (en.papernotes.org, "LoRA-FAIR ... ICCV 2025"), which states: keep A-bar fixed;
+argmin over dB of S(dW, (B-bar + dB) A-bar) + lambda ||dB|| with dW = sum_k p_k B_k A_k and
+S the cosine similarity (eq. 8); the server solves it by SGD; lambda = 0.01; clients start
+the next round from (A-bar, B-bar + dB) with W_0 unchanged (Avg-Initial); correcting B beat
+correcting A or both in the paper's ablation; with lambda = 0 the cosine reached 0.9998 while
+the similarity of B-bar' to B-bar fell to 0.9715. A second summary (a Portuguese reading note
+of the ICCV PDF) agrees that eq. 6 forms the ideal update, eq. 8 gives dB, and B-bar' =
+B-bar + dB replaces B-bar. Everything else in :func:`lora_fair_solve` is our choice and is
+said so there; the solver's step count and learning rate are not known to us.
+
 Notation of the survey: A_k is r x n, B_k is m x r, p_k are weights summing to one;
 products are unscaled (LoRA's alpha / r multiplies every term alike).
 
@@ -60,10 +77,11 @@ SIMILARITIES = ("cosine", "frobenius")
 """How LoRA-FAIR measures the gap to the ideal update: the paper's cosine, or a squared Frobenius distance."""
 
 DEFAULT_REGULARIZATION = 0.01
-"""The paper's lambda (Bian et al. 2024, implementation details): a small positive weight on ||dB||."""
+"""lambda, the weight on ||dB||: 0.01, the paper's value as its summaries report it (module docstring)."""
 
 DEFAULT_STEPS = 100
-"""Most gradient steps the server takes per layer and round (the paper solves its problem by SGD; it gives no count)."""
+"""Most gradient steps the server takes per layer and round (ours: the paper solves eq. 8 by SGD, with a step
+count and learning rate we could not read)."""
 
 RELATIVE_TOLERANCE = 1e-6
 """The solver stops early once a step lowers the objective by less than this fraction of its value."""
@@ -165,20 +183,26 @@ def lora_fair_solve(
 
         min over dB of   S(dW, (B-bar + dB) A-bar)  +  lambda ||dB||_F
 
-    ``similarity="cosine"`` (the paper's choice, default): S = 1 - cos(dW, (B-bar + dB) A-bar),
-    cos(X, Y) = <X, Y>_F / (||X||_F ||Y||_F). It aligns the direction of the corrected update
-    with the ideal one and leaves its length free. ``similarity="frobenius"``: S =
-    ||dW - (B-bar + dB) A-bar||_F^2 / ||dW||_F^2, a relative squared error (so lambda means the
-    same for both); with lambda = 0 its minimiser is the least-squares
-    dB* = (dW - B-bar A-bar) A-bar^+.
+    (the form of eq. 8 as the survey and the paper's summaries give it; we could not read the
+    paper's method section, see the module docstring). ``similarity="cosine"`` (the paper's
+    choice, default): S = 1 - cos(dW, (B-bar + dB) A-bar), cos(X, Y) = <X, Y>_F /
+    (||X||_F ||Y||_F); the paper calls S the cosine similarity, and a similarity that is
+    minimised must enter as a dissimilarity: 1 - cos and -cos have the same minimisers. It
+    aligns the direction of the corrected update with the ideal one and leaves its length free.
+    ``similarity="frobenius"`` (ours, for comparison): S = ||dW - (B-bar + dB) A-bar||_F^2 /
+    ||dW||_F^2, a relative squared error (so lambda means the same for both); with lambda = 0
+    its minimiser is the least-squares dB* = (dW - B-bar A-bar) A-bar^+.
 
-    Choices where the paper leaves room, and why:
+    Choices where what we could read of the paper leaves room, and why:
 
-    - The penalty is lambda ||dB||_F (the norm itself, as the paper writes it, not its square),
-      lambda = 0.01 by default (the paper's value). Being a norm, it keeps dB exactly zero when
-      the gradient of S at dB = 0 is smaller than lambda, in particular when the clients agree.
-    - The solver is proximal gradient descent (the paper says SGD; there is no data, so the
-      gradient is exact): a gradient step on S followed by the proximal step of the norm,
+    - The penalty is lambda ||dB||_F (the norm itself, as eq. 8 is written, not its square; the
+      summaries do not name the norm, we take Frobenius), lambda = 0.01 by default (the paper's
+      value). Being a norm, it keeps dB exactly zero when the gradient of S at dB = 0 is smaller
+      than lambda, in particular when the clients agree.
+    - The solver is proximal gradient descent, run to convergence (the paper uses SGD, with a
+      number of steps and a learning rate we do not know; the problem has no data, so the
+      gradient is exact and "stochastic" has nothing to sample): a gradient step on S followed
+      by the proximal step of the norm,
       dB <- dB * max(0, 1 - t lambda / ||dB||_F), with a backtracking step size t, so the
       objective never increases. It starts from dB = 0 and stops after ``steps`` accepted
       steps, or earlier once a step lowers the objective by less than ``tolerance`` (default a
@@ -342,7 +366,8 @@ class LoRAFAIR(Strategy):
     Survey section 3.1, "Corrective Mechanism". Clients train A and B and upload both, as in
     FedIT. Per layer the server averages them (A-bar, B-bar), solves
     :func:`lora_fair_solve` for dB and sets the global adapter to (A-bar, B-bar + dB); every
-    client starts the next round from it (Avg-Initial, the paper's client-side choice).
+    client starts the next round from it (Avg-Initial with the corrected B-bar', the paper's
+    client-side initialization as its summaries describe it; see the module docstring).
     The frozen weight W' never changes and nothing but A and B crosses the network, so the
     bytes are FedIT's. ``similarity``, ``regularization`` and ``steps`` are passed to the
     solver (defaults: the paper's cosine and lambda = 0.01, 100 steps).

@@ -1,9 +1,10 @@
 """Rank clustering aggregation (survey section 3.1, eq. 8): FedInc.
 
 FedInc (Huangsiyuan Qin and Ying Li, "FedInc: One-shot Federated Tuning for Collaborative
-Incident Recognition", ICANN 2024, Springer LNCS, pp. 174-185; no arXiv version) treats one
-*rank component* of a LoRA adapter as the smallest unit of aggregation. Component i of
-client k is the pair (row i of A_k, column i of B_k); concatenated it is one vector
+Incident Recognition", ICANN 2024, Springer LNCS, pp. 174-185, doi 10.1007/978-3-031-72347-6_12;
+no arXiv version) treats one *rank component* of a LoRA adapter as the smallest unit of
+aggregation. Component i of client k is the pair (row i of A_k, column i of B_k); concatenated
+it is one vector
 
     z = [a, b] in R^(n + m),        C_k = [A_k, B_k^T] in R^(r_k x (n + m)),
 
@@ -14,48 +15,69 @@ a rank-N adapter: centroid n gives row n of A and column n of B.
 
 The pure functions, then the strategy:
 
-- :func:`rank_vectors`: the clients' components as vectors z with their weights.
+- :func:`rank_vectors`: the clients' components as vectors z with their clients' weights.
 - :func:`weighted_kmeans`: k-means written out in torch (weighted k-means++ seeding, Lloyd
-  iterations, empty clusters re-seeded), deterministic for a seed.
-- :func:`fedinc_aggregate`: eq. 8 end to end, ``(As, Bs, weights) -> (A, B)`` of rank N.
-- :func:`cluster_residual`: ||B A - sum_k p_k B_k A_k||_F of the result, split by cluster.
+  iterations, empty clusters re-seeded), deterministic for a seed; weights all one is eq. 8.
+- :func:`clusters_to_factors`, :func:`fedinc_aggregate`: eq. 8 end to end,
+  ``(As, Bs, weights) -> (A, B)`` of rank N.
+- :func:`cluster_residual`: ||B A - sum_k p_k B_k A_k||_F of the result.
 - :class:`FedInc`: the strategy the simulator runs, one clustering per adapted layer.
 
 Taught in ``book/part2/rank_clustering.ipynb``.
 
-**What the survey leaves open, and what we chose.** The paper's full text was not within
-reach when this module was written; the choices below follow the survey's description of
-eq. 8 and are argued from the math, each one said where it is made.
+**Sources.** The paper's own text was not within reach (it is not in any corpus this
+project could search, and Springer's page is paywalled); everything below rests on the
+survey's description (arXiv 2505.13502, section 3.1, "Rank Clustering Aggregation", eq. 8):
+FedInc takes "each rank of LoRA as the smallest semantic unit", merges A (r x n) and B
+(m x r) into C in R^(r x (m + n)), collects the vectors {z_i}, i = 1..K r, from K clients,
+clusters them into N clusters by eq. 8 (every vector counted once, no weights), and "the
+final set of centroids {mu_n} is used as the aggregated parameters and can be further
+decomposed into the newly updated matrices A and B with a new rank r = N".
 
-1. *Client weights.* Each vector of client k carries the weight p_k. The clustering is
-   weighted k-means (objective sum_j w_j ||z_j - mu_{c(j)}||^2, centroid = weighted mean);
-   with equal client weights it is exactly eq. 8.
-2. *The centroid's scale.* A cluster Z_n with mass W_n = sum_{j in Z_n} w_j stands for the
-   W_n-weighted sum of its members' products, so its component must be W_n b-bar a-bar^T,
-   not b-bar a-bar^T. The mass is split evenly, a_n = sqrt(W_n) a-bar_n and
-   b_n = sqrt(W_n) b-bar_n (as :func:`fedlora_edu.aggregation.truncated_factors` splits the
-   singular values), so that neither factor is singled out. This is the only scaling for
-   which both limits are right: with N equal to the total rank every vector is its own
-   cluster and B A is exactly the ideal update sum_k p_k B_k A_k (FLoRA's stack); with K
-   identical clients and N = r every cluster has mass 1 and the result is the clients'
-   adapter. Without the mass, N = K r would give sum_k B_k A_k, K times too much.
-3. *The pitfall that stays.* Inside a cluster the component is the product of the MEAN
-   vector, not the mean of the products: W_n b-bar a-bar^T - sum_j w_j b_j a_j^T =
-   -sum_j w_j (b_j - b-bar)(a_j - a-bar)^T, the discordance of eq. 4 within the cluster.
-   If k-means groups the components by their index i (one per client, as happens when the
-   clients stay close to a common start), FedInc with N = r *is* FedIT. Only N = sum_k r_k
-   (no merging at all) removes the discordance for any clients. :func:`cluster_residual`
-   measures it. k-means also does not know that (a, b) and (-a, -b), or (c a, b / c), give
-   the same product: it clusters factors, not products.
-4. *The k-means.* Weighted k-means++ seeding, Lloyd iterations until no assignment
-   changes (at most ``iterations``), best of ``restarts`` seedings (default 5: eq. 8 asks
+**The default: eq. 8 as the survey prints it** (``weighted=False``). Every vector has
+weight one (plain k-means; the clients' weights p_k do not enter), and centroid
+mu_n = [a-bar_n, b-bar_n], the plain mean of its cluster, gives row n of A and column n of B
+as it is, unscaled (a cluster left without members gives a zero component). What follows
+from the text, checked by the unit tests:
+
+1. N = sum_k r_k (every vector its own cluster) returns the clients' factors stacked,
+   A = [A_1; ...; A_K] and B = [B_1, ..., B_K] up to the order of the components, so
+   B A = sum_k B_k A_k: the *sum* of the clients' updates, not their average
+   sum_k p_k B_k A_k (for K clients of equal weight, K times it).
+2. Each cluster contributes the product of its mean component whatever its size: a
+   component that all K clients share counts once (averaged), one that a single client
+   found also counts once, at full strength. The survey form is a union of distinct
+   components, not an average of updates.
+3. If k-means groups the components by their index i (one per client, as happens when the
+   clients stay close to a common start), the centroids are the clients' plain averages, and
+   FedInc with N = r *is* FedIT with equal client weights, discordance included.
+4. k-means does not know that (a, b) and (-a, -b), or (c a, b / c), give the same product: it
+   clusters factors, not products.
+
+**A variant of ours** (``weighted=True``; not in the survey). Each vector of client k carries
+the weight p_k (weighted k-means: objective sum_j w_j ||z_j - mu_{c(j)}||^2, centroid the
+weighted mean), and centroid n is scaled by the square root of its cluster's mass
+W_n = sum_{j in Z_n} w_j on each factor, a_n = sqrt(W_n) a-bar_n, b_n = sqrt(W_n) b-bar_n, so
+that the cluster stands for W_n b-bar_n a-bar_n^T. Then N = sum_k r_k gives exactly the
+ideal update sum_k p_k B_k A_k (FLoRA's weighted stack), clustering by index gives FedIT with
+the weights p_k, and inside a cluster the gap to its members' products is the weighted
+covariance -sum_j w_j (b_j - b-bar)(a_j - a-bar)^T, the discordance of eq. 4 within the
+cluster. With equal client weights and K vectors in every cluster (as when N = r and
+k-means groups by index) the two forms give the same adapter.
+
+**Choices where the survey leaves room**, stated where they are made:
+
+5. *The k-means.* Weighted k-means++ seeding, Lloyd iterations until no assignment changes
+   (at most ``iterations``, default 50), best of ``restarts`` seedings (default 5: eq. 8 asks
    for the minimum, and one seeding often lands in a poor local one), all from one seeded
    generator, so a seed fixes the result.
-5. *The rank N in the simulator.* The model is built with LoRA rank r (the profile's, or
+6. *Which layers.* Every adapted layer is clustered on its own (the survey does not say).
+7. *The rank N in the simulator.* The model is built with LoRA rank r (the profile's, or
    ``rank``); the global adapter must fit it, so ``num_clusters`` must be at most r
-   (default r, the survey's "new rank r = N" with N = r). With N < r the global adapter and
-   every client's training use rank N from round 1 on. A larger N (up to sum_k r_k) is
-   studied with the pure function; the strategy does not redistribute it.
+   (default r). With N < r the global adapter and every client's training use rank N from
+   round 1 on. A larger N (up to sum_k r_k) is studied with the pure function.
+8. *Rounds.* The paper is one-shot (one round of collaboration, by its title); the strategy
+   clusters every round, as the survey presents the method among multi-round aggregators.
 """
 
 from __future__ import annotations
@@ -185,7 +207,8 @@ def weighted_kmeans(
     objective, so ``objective`` never increases. With ``restarts`` > 1 the whole procedure
     runs from that many seedings (drawn one after another from the same generator) and the
     run with the lowest final objective is kept (the first on ties), the usual guard against
-    a bad seeding. Computed in float64; the same ``seed`` gives the same clustering.
+    a bad seeding. Computed in float64; the same ``seed`` gives the same clustering. With all
+    weights equal it is the plain k-means of eq. 8.
     """
     if not isinstance(Z, Tensor) or Z.ndim != 2:
         raise ValueError(f"Z must be a matrix of vectors (M x d), got {getattr(Z, 'shape', type(Z).__name__)}")
@@ -260,39 +283,54 @@ def _reseed_empty(points: Tensor, w: Tensor, centroids: Tensor, assignment: Tens
     return assignment
 
 
-def clusters_to_factors(clustering: Clustering, n: int) -> tuple[Tensor, Tensor]:
-    """The rank-N adapter of the centroids: (A, B) with row n of A = sqrt(W_n) a-bar_n and
-    column n of B = sqrt(W_n) b-bar_n, W_n the cluster's mass (choice 2 of the module doc).
+def clusters_to_factors(clustering: Clustering, n: int, *, weighted: bool = False) -> tuple[Tensor, Tensor]:
+    """The rank-N adapter of the centroids: (A, B), row n of A and column n of B from centroid n.
 
-    ``n`` is the width of A (the first n entries of a vector z are its a part).
+    ``weighted=False`` (the survey's eq. 8, see the module docstring): the centroid as it is,
+    a_n = a-bar_n and b_n = b-bar_n; a cluster without members gives a zero component.
+    ``weighted=True`` (our variant): each factor scaled by the square root of the cluster's
+    mass W_n, a_n = sqrt(W_n) a-bar_n and b_n = sqrt(W_n) b-bar_n, so that the component is
+    W_n b-bar_n a-bar_n^T (mass 0 gives zero). ``n`` is the width of A (the first n entries
+    of a vector z are its a part).
     """
-    root = clustering.masses.clamp_min(0).sqrt()[:, None]
-    scaled = root * clustering.centroids
+    if weighted:
+        factor = clustering.masses.clamp_min(0).sqrt()
+    else:
+        factor = (clustering.masses > 0).to(clustering.centroids.dtype)
+    scaled = factor[:, None] * clustering.centroids
     return scaled[:, :n].clone(), scaled[:, n:].T.clone()
 
 
 def fedinc_aggregate(
     As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], num_clusters: int,
     seed: int = 0, iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
+    *, weighted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """FedInc (Qin and Li 2024), survey eq. 8: cluster the rank components, centroids become the adapter.
 
-    The clients' sum_k r_k vectors z = [a, b] (:func:`rank_vectors`, weight p_k each) are
-    clustered into ``num_clusters`` = N clusters by :func:`weighted_kmeans` (best of
-    ``restarts`` seedings); centroid n,
-    scaled by the square root of its cluster's mass, gives row n of A (N x n) and column n
-    of B (m x N). Returns (A, B) in the dtype and device of the inputs. With N = sum_k r_k
-    (every vector its own cluster) B A equals sum_k p_k B_k A_k exactly; with fewer
-    clusters each one contributes the product of its mean vector, not the mean of its
-    products (see the module docstring and :func:`cluster_residual`).
+    The clients' sum_k r_k vectors z = [a, b] (:func:`rank_vectors`) are clustered into
+    ``num_clusters`` = N clusters by k-means (:func:`weighted_kmeans`, best of ``restarts``
+    seedings) and centroid n gives row n of A (N x n) and column n of B (m x N)
+    (:func:`clusters_to_factors`). Returns (A, B) in the dtype and device of the inputs.
+
+    ``weighted=False`` (default) is eq. 8 as the survey prints it: every vector counts once,
+    the weights p_k are not used, and the centroids are the factors as they are. With
+    N = sum_k r_k it returns the clients' stacked factors, B A = sum_k B_k A_k (the sum of
+    the updates). ``weighted=True`` is our variant: vectors of client k weigh p_k and each
+    centroid is scaled by the square root of its cluster's mass; with N = sum_k r_k,
+    B A = sum_k p_k B_k A_k exactly. With fewer clusters each cluster contributes the product
+    of its mean vector, not the mean of its products (module docstring, :func:`cluster_residual`).
     """
+    if not isinstance(weighted, bool):
+        raise ValueError(f"weighted must be True or False, got {weighted!r}")
     Z, w, _ = rank_vectors(As, Bs, weights)
     total = Z.shape[0]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= total:
         raise ValueError(f"num_clusters must be an integer in 1..{total} (the clients' total rank), "
                          f"got {num_clusters!r}")
-    clustering = weighted_kmeans(Z, w, num_clusters, seed=seed, iterations=iterations, restarts=restarts)
-    a, b = clusters_to_factors(clustering, As[0].shape[1])
+    clustering = weighted_kmeans(Z, w if weighted else torch.ones_like(w), num_clusters, seed=seed,
+                                 iterations=iterations, restarts=restarts)
+    a, b = clusters_to_factors(clustering, As[0].shape[1], weighted=weighted)
     return a.to(As[0]), b.to(Bs[0])
 
 
@@ -321,29 +359,35 @@ class FedInc(Strategy):
 
     Clients train and send A and B as in FedIT. For every adapted layer the server pools the
     round's rank components [a, b], clusters them into ``num_clusters`` = N clusters by
-    weighted k-means (:func:`fedinc_aggregate`, weights p_k, seeded per round from the run's
-    seed) and broadcasts the rank-N adapter of the centroids, which every client trains in
-    the next round. Bytes up and down are FedIT's at rank N.
+    k-means (:func:`fedinc_aggregate`, seeded per round from the run's seed) and broadcasts
+    the rank-N adapter of the centroids, which every client trains in the next round. Bytes
+    up and down are FedIT's at rank N. ``weighted=False`` (default) is eq. 8 as the survey
+    prints it (plain k-means, centroids unscaled); ``weighted=True`` is our variant (weights
+    p_k, centroids scaled by the square root of their cluster's mass), see the module docstring.
 
     ``num_clusters`` defaults to the model's LoRA rank r and must not exceed it (the global
     adapter has to fit the model the simulator builds); with N < r every round, from the
     first, trains rank N. ``iterations`` bounds the Lloyd iterations and ``restarts`` is the
     number of k-means++ seedings tried (the lowest objective is kept). The paper is one-shot
     (a single round); the simulator runs it every round, as the survey presents it. Each
-    round's k-means objective and cluster masses are kept in ``server.extra["fedinc"]``.
-    Taught in ``book/part2/rank_clustering.ipynb``.
+    round's k-means objective and cluster masses (member counts when unweighted) are kept in
+    ``server.extra["fedinc"]``. Taught in ``book/part2/rank_clustering.ipynb``.
     """
 
     name = "FedInc"
 
     def __init__(self, rank: int | None = None, num_clusters: int | None = None,
-                 iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS) -> None:
+                 iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
+                 weighted: bool = False) -> None:
         super().__init__(rank)
         if num_clusters is not None:
             _check_count("num_clusters", num_clusters, 1, rank)
+        if not isinstance(weighted, bool):
+            raise ValueError(f"weighted must be True or False, got {weighted!r}")
         self.num_clusters = num_clusters
         self.iterations = _check_count("iterations", iterations, 1)
         self.restarts = _check_count("restarts", restarts, 1)
+        self.weighted = weighted
 
     def init_server(self, server: ServerState, seed: int) -> None:
         clusters = server.rank if self.num_clusters is None else self.num_clusters
@@ -362,9 +406,9 @@ class FedInc(Strategy):
         adapters, record = {}, {}
         for name, (a_list, b_list) in per_layer.items():
             Z, w, _ = rank_vectors(a_list, b_list, weights)
-            clustering = weighted_kmeans(Z, w, min(clusters, Z.shape[0]), seed=seed, iterations=self.iterations,
-                                         restarts=self.restarts)
-            a, b = clusters_to_factors(clustering, a_list[0].shape[1])
+            clustering = weighted_kmeans(Z, w if self.weighted else torch.ones_like(w), min(clusters, Z.shape[0]),
+                                         seed=seed, iterations=self.iterations, restarts=self.restarts)
+            a, b = clusters_to_factors(clustering, a_list[0].shape[1], weighted=self.weighted)
             adapters[name] = (a.to(a_list[0]), b.to(b_list[0]))
             record[name] = {"objective": clustering.objective, "masses": clustering.masses.tolist(),
                             "iterations": clustering.iterations, "converged": clustering.converged}

@@ -155,6 +155,26 @@ def test_without_penalty_the_frobenius_solution_is_least_squares(seed, count, m,
     assert float(torch.linalg.matrix_norm(delta_b - closed_form)) < 1e-5 * scale
 
 
+@settings(max_examples=60, deadline=None)
+@given(cases, st.sampled_from([0.0, 0.01, 0.1]))
+def test_the_cosine_correction_raises_the_cosine_up_to_the_row_space_bound(case, lam):
+    """Eq. 8 with the paper's cosine: cos(dW, (B-bar + dB) A-bar) never falls below FedIT's, by at least
+    lambda ||dB||_F, and never exceeds ||P||_F / ||dW||_F, P the projection of dW on A-bar's row space."""
+    As, Bs, p = clients(*case)
+    result = lora_fair_solve(As, Bs, p, similarity="cosine", regularization=lam)
+    assume(result.objectives and result.similarity == "cosine")  # the cosine is defined at dB = 0
+    a_bar, b_bar = fedit_average(As, Bs, p)
+    ideal = ideal_update(As, Bs, p)
+
+    def cosine(product):
+        return float((ideal * product).sum() / (ideal.norm() * product.norm()))
+
+    before, after = cosine(b_bar @ a_bar), cosine((b_bar + result.delta_b) @ a_bar)
+    assert after >= before + lam * float(torch.linalg.matrix_norm(result.delta_b)) - 1e-9
+    bound = float(torch.linalg.matrix_norm(ideal @ torch.linalg.pinv(a_bar) @ a_bar) / ideal.norm())
+    assert after <= bound + 1e-9
+
+
 def test_a_residual_outside_the_row_space_of_a_bar_is_not_corrected():
     """Discordance > 0 is not enough: dB moves the product only within A-bar's row space."""
     g = torch.Generator().manual_seed(3)

@@ -1,9 +1,10 @@
 """Property tests of rank clustering aggregation (survey 3.1, eq. 8): FedInc.
 
-Pure functions on random float64 matrices first (the stacked adapter at N = total rank,
-the k-means objective, determinism, identical clients, FedIT as a special case, empty
-clusters, the within-cluster pitfall), then the strategy through the real simulator on the
-embedded MiniLM, and bad input.
+Pure functions on random float64 matrices first (the stacked adapter at N = total rank, in
+the survey's form and in our weighted variant; what each form does with client weights and
+cluster sizes; identical clients; FedIT as a special case; empty clusters; the k-means
+objective and determinism), then the strategy through the real simulator on the embedded
+MiniLM, and bad input.
 """
 
 from __future__ import annotations
@@ -55,42 +56,93 @@ def clients(seed: int, ranks: list[int], m: int, n: int):
 
 
 # ----------------------------------------------------------------------------------------
-# Eq. 8 and the limits that pin down the weighting
+# Eq. 8 as the survey prints it (the default), our weighted variant, and their limits
 # ----------------------------------------------------------------------------------------
+def matching(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each row of ``targets``, the index of the nearest row of ``rows`` (a permutation when they match)."""
+    return torch.cdist(targets, rows).argmin(1)
+
+
 @settings(max_examples=80, deadline=None)
 @given(cases)
 def test_total_rank_clusters_reproduce_the_stacked_adapter(case):
-    """The issue's test: N = sum_k r_k, nothing merged, gives FLoRA's stack product = the ideal update."""
+    """The issue's test: N = sum_k r_k, nothing merged, gives back the clients' stacked adapter.
+
+    Survey form (default): the factors themselves, A = [A_1; ...; A_K] and B = [B_1, ..., B_K]
+    up to the order of the components, so B A = sum_k B_k A_k (the sum, not the average).
+    Weighted variant: B A = FLoRA's weighted stack product = the ideal update sum_k p_k B_k A_k.
+    """
+    As, Bs, p = clients(*case)
+    total, m, n = sum(case[1]), case[2], case[3]
+    A, B = fedinc_aggregate(As, Bs, p, total, seed=case[0])
+    assert A.shape == (total, n) and B.shape == (m, total)
+    a_stack, b_stack = torch.cat(As), torch.cat(Bs, dim=1)
+    order = matching(torch.cat([A, B.T], dim=1), torch.cat([a_stack, b_stack.T], dim=1))
+    assert sorted(order.tolist()) == list(range(total))
+    torch.testing.assert_close(A[order], a_stack, **TOL)
+    torch.testing.assert_close(B[:, order], b_stack, **TOL)
+    torch.testing.assert_close(B @ A, sum(b @ a for a, b in zip(As, Bs, strict=True)), **TOL)
+
+    A_w, B_w = fedinc_aggregate(As, Bs, p, total, seed=case[0], weighted=True)
+    a_flora, b_flora = flora_stack(As, Bs, p)
+    torch.testing.assert_close(B_w @ A_w, b_flora @ a_flora, **TOL)
+    torch.testing.assert_close(B_w @ A_w, ideal_update(As, Bs, p), **TOL)
+    assert cluster_residual(As, Bs, p, A_w, B_w) < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases, st.data())
+def test_survey_form_ignores_the_client_weights(case, data):
+    """Eq. 8 has no weights: any p_k give the same adapter; the weighted variant depends on them."""
     As, Bs, p = clients(*case)
     total = sum(case[1])
-    A, B = fedinc_aggregate(As, Bs, p, total, seed=case[0])
-    assert A.shape == (total, case[3]) and B.shape == (case[2], total)
-    a_stack, b_stack = flora_stack(As, Bs, p)
-    torch.testing.assert_close(B @ A, b_stack @ a_stack, **TOL)
-    torch.testing.assert_close(B @ A, ideal_update(As, Bs, p), **TOL)
-    assert cluster_residual(As, Bs, p, A, B) < 1e-9
-
-
-def test_without_the_cluster_mass_total_rank_would_be_k_times_too_large():
-    """The test above can fail: centroids used unscaled give sum_k B_k A_k, not sum_k p_k B_k A_k."""
-    As, Bs, p = clients(3, [2, 2, 2], 6, 5)
-    Z, w, _ = rank_vectors(As, Bs, p)
-    clustering = weighted_kmeans(Z, w, Z.shape[0])
-    unscaled_a, unscaled_b = clustering.centroids[:, :5], clustering.centroids[:, 5:].T
-    wrong = unscaled_b @ unscaled_a
-    torch.testing.assert_close(wrong, sum(b @ a for a, b in zip(As, Bs, strict=True)), **TOL)
-    assert float(torch.linalg.matrix_norm(wrong - ideal_update(As, Bs, p))) > 1.0
+    clusters = data.draw(st.integers(1, total))
+    uniform = [1.0 / len(As)] * len(As)
+    one = fedinc_aggregate(As, Bs, p, clusters, seed=case[0])
+    two = fedinc_aggregate(As, Bs, uniform, clusters, seed=case[0])
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    # With equal weights 1/K the variant finds the same clusters and only scales them: a cluster of
+    # c_n vectors has mass W_n = c_n / K, and each factor is multiplied by sqrt(W_n).
+    A_w, B_w = fedinc_aggregate(As, Bs, uniform, clusters, seed=case[0], weighted=True)
+    Z, _, _ = rank_vectors(As, Bs, uniform)
+    counts = weighted_kmeans(Z, torch.ones(total, dtype=torch.float64), clusters, seed=case[0],
+                             restarts=5).masses
+    torch.testing.assert_close(A_w, (counts / len(As)).sqrt()[:, None] * one[0], **TOL)
 
 
 @settings(max_examples=60, deadline=None)
+@given(cases, st.data())
+def test_survey_form_counts_every_cluster_once_whatever_its_size(case, data):
+    """Centroid unscaled: a cluster adds its members' mean product minus their covariance, whatever its size."""
+    As, Bs, p = clients(*case)
+    n = case[3]
+    Z, _, _ = rank_vectors(As, Bs, p)
+    ones = torch.ones(Z.shape[0], dtype=torch.float64)
+    clusters = data.draw(st.integers(1, Z.shape[0]))
+    clustering = weighted_kmeans(Z, ones, clusters, seed=case[0])
+    A, B = clusters_to_factors(clustering, n)
+    expected = torch.zeros(case[2], n, dtype=torch.float64)
+    for c in range(clusters):
+        members = Z[clustering.assignment == c]
+        if len(members) == 0:
+            continue
+        a, b = members[:, :n], members[:, n:]
+        mean_product = b.T @ a / len(members)
+        covariance = (b - b.mean(0)).T @ (a - a.mean(0)) / len(members)
+        expected += mean_product - covariance
+    torch.testing.assert_close(B @ A, expected, **TOL)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 5), st.integers(2, 9), st.integers(2, 9))
-def test_identical_clients_with_n_equal_r_return_their_adapter(seed, count, r, m, n):
+def test_identical_clients_with_n_equal_r_return_their_adapter(weighted, seed, count, r, m, n):
     g = torch.Generator().manual_seed(seed)
     A0 = torch.randn(r, n, generator=g, dtype=torch.float64)
     B0 = torch.randn(m, r, generator=g, dtype=torch.float64)
     raw = torch.rand(count, generator=g, dtype=torch.float64) + 0.1
     p = (raw / raw.sum()).tolist()
-    A, B = fedinc_aggregate([A0] * count, [B0] * count, p, r, seed=seed)
+    A, B = fedinc_aggregate([A0] * count, [B0] * count, p, r, seed=seed, weighted=weighted)
     torch.testing.assert_close(B @ A, B0 @ A0, atol=1e-9, rtol=1e-9)
     # The same components, in some order: every original row of A is a row of the result.
     order = torch.cdist(A0, A).argmin(1)
@@ -99,10 +151,12 @@ def test_identical_clients_with_n_equal_r_return_their_adapter(seed, count, r, m
     torch.testing.assert_close(B[:, order], B0, **TOL)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("weighted", [False, True])
+@settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10_000), st.integers(2, 5), st.integers(1, 5), st.integers(2, 9), st.integers(2, 9))
-def test_clients_near_a_common_start_make_fedinc_with_n_equal_r_exactly_fedit(seed, count, r, m, n):
-    """The pitfall: when k-means groups components by index, centroids are FedIT's averages."""
+def test_clients_near_a_common_start_make_fedinc_with_n_equal_r_exactly_fedit(weighted, seed, count, r, m, n):
+    """The pitfall: when k-means groups components by index, centroids are FedIT's averages
+    (with equal client weights in the survey form, with the weights p_k in the variant)."""
     g = torch.Generator().manual_seed(seed)
     scale = 10.0 * torch.arange(1, r + 1, dtype=torch.float64)  # components 10 apart or more
     A0 = scale[:, None] * torch.ones(r, n, dtype=torch.float64)
@@ -111,22 +165,22 @@ def test_clients_near_a_common_start_make_fedinc_with_n_equal_r_exactly_fedit(se
     Bs = [B0 + 0.01 * torch.randn(m, r, generator=g, dtype=torch.float64) for _ in range(count)]
     raw = torch.rand(count, generator=g, dtype=torch.float64) + 0.1
     p = (raw / raw.sum()).tolist()
-    A, B = fedinc_aggregate(As, Bs, p, r, seed=seed)
-    a_bar, b_bar = fedit_average(As, Bs, p)
+    A, B = fedinc_aggregate(As, Bs, p, r, seed=seed, weighted=weighted)
+    a_bar, b_bar = fedit_average(As, Bs, p if weighted else [1.0 / count] * count)
     torch.testing.assert_close(B @ A, b_bar @ a_bar, atol=1e-9, rtol=1e-9)
-    assert cluster_residual(As, Bs, p, A, B) > 0  # ... and so carries FedIT's discordance
+    assert cluster_residual(As, Bs, p, A, B) > 0  # ... and so carries a FedIT discordance
 
 
 @settings(max_examples=60, deadline=None)
 @given(cases, st.data())
-def test_residual_is_the_weighted_within_cluster_covariance(case, data):
-    """W_n b-bar a-bar^T - sum_j w_j b_j a_j^T = -sum_j w_j (b_j - b-bar)(a_j - a-bar)^T, cluster by cluster."""
+def test_weighted_residual_is_the_weighted_within_cluster_covariance(case, data):
+    """Variant: W_n b-bar a-bar^T - sum_j w_j b_j a_j^T = -sum_j w_j (b_j - b-bar)(a_j - a-bar)^T, per cluster."""
     As, Bs, p = clients(*case)
     n = case[3]
     Z, w, _ = rank_vectors(As, Bs, p)
     count = data.draw(st.integers(1, Z.shape[0]))
     clustering = weighted_kmeans(Z, w, count, seed=case[0])
-    A, B = clusters_to_factors(clustering, n)
+    A, B = clusters_to_factors(clustering, n, weighted=True)
     covariance = torch.zeros(case[2], n, dtype=torch.float64)
     for j in range(Z.shape[0]):
         mu = clustering.centroids[clustering.assignment[j]]
@@ -193,16 +247,20 @@ def test_kmeans_recovers_well_separated_clusters():
     assert len(pairs) == 3
 
 
-def test_empty_clusters_are_handled_without_nan():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_empty_clusters_are_handled_without_nan(weighted):
     """Fewer distinct vectors than clusters: some clusters get no mass and give zero components."""
     z = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=torch.float64)
     Z = torch.cat([z, z, z])  # 6 vectors, 2 distinct
     result = weighted_kmeans(Z, torch.ones(6), 4, seed=0)
     assert bool(torch.isfinite(result.centroids).all())
     assert int((result.masses > 0).sum()) == 2 and result.objective[-1] == pytest.approx(0.0, abs=1e-12)
+    A_empty, B_empty = clusters_to_factors(result, 2, weighted=weighted)
+    empty = result.masses == 0
+    assert bool((A_empty[empty] == 0).all()) and bool((B_empty[:, empty] == 0).all())
     # As an adapter: identical clients of rank 2 asked for 4 clusters give their own product.
     A0, B0 = z[:, :2], z[:, 2:].T.reshape(1, 2)
-    A, B = fedinc_aggregate([A0] * 3, [B0] * 3, [0.2, 0.3, 0.5], 4)
+    A, B = fedinc_aggregate([A0] * 3, [B0] * 3, [0.2, 0.3, 0.5], 4, weighted=weighted)
     assert A.shape == (4, 2) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
     torch.testing.assert_close(B @ A, B0 @ A0, **TOL)
 
@@ -285,6 +343,10 @@ def test_bad_input_is_named():
         FedInc(rank=4, num_clusters=5)
     with pytest.raises(ValueError, match="iterations"):
         FedInc(iterations=0)
+    with pytest.raises(ValueError, match="weighted"):
+        FedInc(weighted=1)
+    with pytest.raises(ValueError, match="weighted"):
+        fedinc_aggregate(As, Bs, p, 2, weighted="yes")
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,10 +402,14 @@ def test_effective_weight_is_the_base_plus_scaled_product_of_the_clustered_facto
         torch.testing.assert_close(adapter_io.base_weight(model, name).detach(), base, rtol=0, atol=0)
         torch.testing.assert_close(adapter_io.effective_weight(model, name), base + server.scaling * (b @ a),
                                    atol=1e-6, rtol=1e-5)
-        # On the real layer too, N = K r (no merging) is the ideal update, N = r is not.
+        # On the real layer too, N = K r (no merging) is the clients' stack: in the survey form the sum
+        # of their updates, in the weighted variant the ideal update; N = r is neither.
         total = sum(x.shape[0] for x in As)
-        full_a, full_b = fedinc_aggregate(As, Bs, p, total)
         ideal = ideal_update(As, Bs, p)
+        full_a, full_b = fedinc_aggregate(As, Bs, p, total)
+        summed = sum(y @ x for x, y in zip(As, Bs, strict=True))
+        assert float((full_b @ full_a - summed).abs().max()) <= 1e-5 * float(summed.abs().max())
+        full_a, full_b = fedinc_aggregate(As, Bs, p, total, weighted=True)
         assert float((full_b @ full_a - ideal).abs().max()) <= 1e-5 * float(ideal.abs().max())
         assert cluster_residual(As, Bs, p, a, b) > 1e-3 * float(torch.linalg.matrix_norm(ideal))
     # The k-means objective of every layer and round never increased.
@@ -351,7 +417,8 @@ def test_effective_weight_is_the_base_plus_scaled_product_of_the_clustered_facto
         for layer in record.values():
             objective = layer["objective"]
             assert all(y <= x + 1e-9 * (1 + x) for x, y in zip(objective, objective[1:], strict=False))
-            assert sum(layer["masses"]) == pytest.approx(TINY.rank)  # r components of weight p_k per client
+            # Survey form: every vector weighs one, so the masses count the clients' K r components.
+            assert sum(layer["masses"]) == pytest.approx(TINY.clients_per_round * TINY.rank)
     assert (history["server_seconds"] > 0).all()
 
 
@@ -369,6 +436,20 @@ def test_bytes_are_fedits_at_rank_n_and_runs_are_deterministic(federation):
     adapter_full = tensor_bytes([t for a, b in server.adapters.values() for t in (a, b)]) * 2  # rank 4 is twice
     clients = TINY.clients_per_round
     assert (fedit["bytes_up"] - half["bytes_up"] == clients * adapter_full // 2).all()
+
+
+def test_weighted_variant_through_the_simulator_is_the_pure_function(federation):
+    strategy = RecordingFedInc(weighted=True)
+    federation.run(strategy, rounds=1, progress=False)
+    server, uploads = federation.last_server, strategy.rounds[-1]
+    p = normalized_weights(uploads)
+    for name, (a, b) in server.adapters.items():
+        As, Bs = layer_uploads(uploads, name)
+        expected_a, expected_b = fedinc_aggregate(As, Bs, p, TINY.rank, seed=round_seed(0, 0), weighted=True)
+        torch.testing.assert_close(a, expected_a, rtol=0, atol=0)
+        torch.testing.assert_close(b, expected_b, rtol=0, atol=0)
+    for layer in server.extra["fedinc"][0].values():
+        assert sum(layer["masses"]) == pytest.approx(TINY.rank)  # each of a client's r components weighs p_k
 
 
 def test_registry_and_rank_check_at_run(federation):
