@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import TINY, random_factors, random_weights, recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +46,6 @@ from fedlora_edu.client_init import (
     update_dispersion,
 )
 from fedlora_edu.methods import METHODS, make_strategy
-from fedlora_edu.profiles import get_profile
-from fedlora_edu.simulator import build_federation
 from fedlora_edu.strategy import ServerState, normalized_weights, split_factors
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -54,10 +53,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 TOL = dict(atol=1e-9, rtol=1e-9)
 
 shapes = st.tuples(st.integers(0, 10_000), st.integers(2, 9), st.integers(2, 9), st.integers(1, 4))  # seed, m, n, r
-
-
-def random_factors(g: torch.Generator, m: int, n: int, r: int):
-    return torch.randn(r, n, generator=g, dtype=torch.float64), torch.randn(m, r, generator=g, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,8 +152,7 @@ def test_drift_and_dispersion_match_their_definitions(case, clients):
     reference = {"layer": random_factors(g, m, n, r)}
     starts = [{"layer": random_factors(g, m, n, r)} for _ in range(clients)]
     trained = [{"layer": random_factors(g, m, n, r)} for _ in range(clients)]
-    raw = torch.rand(clients, generator=g, dtype=torch.float64) + 0.1
-    p = (raw / raw.sum()).tolist()
+    p = random_weights(g, clients)
     scaling = 2.0
 
     def product(f):
@@ -175,11 +169,6 @@ def test_drift_and_dispersion_match_their_definitions(case, clients):
     assert update_dispersion(starts, trained, p, scaling) == pytest.approx(expected_dispersion, rel=1e-7)
     same = update_dispersion([starts[0]] * clients, [trained[0]] * clients, p, scaling)
     assert same == pytest.approx(0.0, abs=1e-9)
-
-
-def random_weights(g: torch.Generator, count: int) -> list[float]:
-    raw = torch.rand(count, generator=g, dtype=torch.float64) + 0.1
-    return (raw / raw.sum()).tolist()
 
 
 @settings(max_examples=50, deadline=None)
@@ -340,41 +329,10 @@ def test_registry_names_match():
 # ----------------------------------------------------------------------------------------
 # Through the simulator, on the embedded MiniLM
 # ----------------------------------------------------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=2, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
 @pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="shards", classes_per_client=2, profile=TINY, seed=0)
-
-
-def recording(cls):
-    """A subclass that keeps, per round, every client's start and the uploads with the adapter before aggregation."""
-
-    class Recording(cls):
-        def client_start(self, server, client_id, client_state, round_index):
-            start = super().client_start(server, client_id, client_state, round_index)
-            self.starts = getattr(self, "starts", {})
-            self.starts.setdefault(round_index, {})[client_id] = (
-                {n: (a.clone(), b.clone()) for n, (a, b) in start.adapters.items()}, start.download)
-            return start
-
-        def client_upload(self, result, client_state, round_index):
-            payload = super().client_upload(result, client_state, round_index)
-            self.sent = getattr(self, "sent", [])
-            self.sent.append((round_index, result, payload, {k: v for k, v in client_state.items()}))
-            return payload
-
-        def aggregate(self, server, uploads, round_index):
-            self.rounds = getattr(self, "rounds", [])
-            self.rounds.append(({n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()}, uploads))
-            super().aggregate(server, uploads, round_index)
-
-    Recording.name = cls.name
-    return Recording
+def federation(shards_federation):
+    """This module's clients hold two BBC topics each: their updates disagree, as the methods assume."""
+    return shards_federation
 
 
 def averaged(uploads, layer):
@@ -407,8 +365,8 @@ def test_fedloru_global_weight_is_w_prime_plus_the_accumulated_products(federati
     # After the accumulation of round 4 the adapter is fresh: eq. 9, B = 0.
     assert all(float(b.abs().max()) == 0.0 for _, b in server.adapters.values())
     # Between accumulations the clients start from the average (round 2 starts from round 1's average).
-    for k, (adapters, _) in strategy.starts[1].items():
-        for layer, (a, b) in adapters.items():
+    for k, start in strategy.starts[1].items():
+        for layer, (a, b) in start.adapters.items():
             a1, b1 = averaged(strategy.rounds[0][1], layer)
             assert torch.equal(a, a1) and torch.equal(b, b1), k
 
@@ -434,9 +392,9 @@ def test_re_initial_starts_every_round_from_eq9_and_counts_seed_and_merges(feder
     server = federation.last_server
     head_bytes = tensor_bytes(server.head)
     adapter_bytes = tensor_bytes([t for ab in server.adapters.values() for t in ab])
-    for k, (adapters, _) in strategy.starts[1].items():
-        fresh = gaussian_reinit(adapters, 0, 1)
-        for layer, (a, b) in adapters.items():
+    for k, start in strategy.starts[1].items():
+        fresh = gaussian_reinit(start.adapters, 0, 1)
+        for layer, (a, b) in start.adapters.items():
             assert torch.equal(a, fresh[layer][0]) and float(b.abs().max()) == 0.0, k
     clients = TINY.clients_per_round
     # Round 1: head and the initial adapter. Round 2: head, the seed of the fresh adapter, round 1's merge.
@@ -470,19 +428,19 @@ def test_local_initial_starts_every_client_from_one_clients_previous_adapter(fed
         source = next(u for u in previous_uploads if u.client_id == c)
         a_c, b_c = split_factors(source.payload, list(strategy.rounds[t][0]))
         others = [u for u in previous_uploads if u.client_id != c]
-        for k, (adapters, _) in strategy.starts[t].items():
-            for layer, (a, b) in adapters.items():
+        for k, start in strategy.starts[t].items():
+            for layer, (a, b) in start.adapters.items():
                 assert torch.equal(a, a_c[layer]) and torch.equal(b, b_c[layer]), (t, k)
                 # exactly one client's: no other uploader's adapter is what the clients got
                 assert all(not torch.equal(a, split_factors(u.payload, [layer])[0][layer]) for u in others)
         # The global model is FedIT's average, and the clients' start is not it: an initialisation drift.
-        starts = [adapters for adapters, _ in strategy.starts[t].values()]
+        starts = [start.adapters for start in strategy.starts[t].values()]
         assert initialization_drift(starts, strategy.rounds[t][0], scaling) > 1e-4
     # Round 1 starts from the server's initial adapter.
     initial = federation.fresh_model()
     first = adapter_io.get_lora_factors(initial)
-    for adapters, _ in strategy.starts[0].values():
-        assert all(torch.equal(adapters[n][0], first[n][0]) for n in first)
+    for start in strategy.starts[0].values():
+        assert all(torch.equal(start.adapters[n][0], first[n][0]) for n in first)
 
 
 def test_pfedloru_personal_module_never_leaves_the_client(federation):
@@ -591,7 +549,7 @@ def test_mfedloru_global_weight_is_w_prime_plus_the_accumulated_products(federat
     for round_index, result, payload, _ in strategy.sent:
         rk = ranks[result.client_id]
         seen.add(rk)
-        start_adapters = strategy.starts[round_index][result.client_id][0]
+        start_adapters = strategy.starts[round_index][result.client_id].adapters
         expected_bytes = head_bytes
         for layer, (a0, b0) in start_adapters.items():
             a_left, a_right = payload.tensors[f"{layer}.A_left"], payload.tensors[f"{layer}.A_right"]
@@ -654,12 +612,12 @@ def test_frlora_restarts_from_the_top_singular_vectors_and_sums_the_residuals(fe
         top = u[:, :r] @ torch.diag(sv[:r]) @ vh[:r]
         init_a, init_b = None, None
         for t in (0, 1):
-            for adapters, download in strategy.starts[t].values():
-                a, b = adapters[layer]
+            for start in strategy.starts[t].values():
+                a, b = start.adapters[layer]
                 torch.testing.assert_close(s * (b.double() @ a.double()), top, atol=1e-4, rtol=1e-4)
                 rows = a.double() @ a.double().T  # orthogonal rows: the singular directions themselves
                 torch.testing.assert_close(rows, torch.diag(sv[:r] / s), atol=1e-4, rtol=1e-4)
-                assert not any(key.endswith(f"{layer}.A") for key in download.tensors)  # A_0 is not downloaded
+                assert not any(key.endswith(f"{layer}.A") for key in start.download.tensors)  # A_0 is not downloaded
                 init_a, init_b = a, b
         # W = W_pre + sum_t s (avg(B_t) avg(A_t) - B_0 A_0).
         expected = pretrained.clone()

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import TINY, recording
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -28,8 +29,6 @@ from fedlora_edu.corrective import (
     lora_fair_solve,
 )
 from fedlora_edu.methods import METHODS, make_strategy
-from fedlora_edu.profiles import get_profile
-from fedlora_edu.simulator import build_federation
 from fedlora_edu.strategy import normalized_weights
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -262,27 +261,10 @@ def test_bad_arguments_raise_clear_errors():
 # ----------------------------------------------------------------------------------------
 # Through the simulator, on the embedded MiniLM
 # ----------------------------------------------------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
 @pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="shards", classes_per_client=2, profile=TINY, seed=0)
-
-
-def recording(cls):
-    """A subclass that keeps the uploads it aggregated."""
-
-    class Recording(cls):
-        def aggregate(self, server, uploads, round_index):
-            self.uploads = uploads
-            super().aggregate(server, uploads, round_index)
-
-    Recording.name = cls.name
-    return Recording
+def federation(shards_federation):
+    """This module's clients hold two BBC topics each: their updates disagree, as the methods assume."""
+    return shards_federation
 
 
 class WrongSignLoRAFAIR(LoRAFAIR):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import helpers
 import pytest
 import torch
 from torch import nn
@@ -22,16 +23,12 @@ from fedlora_edu.engine import (
     train_clients_in_groups,
     unsupported_reason,
 )
-from fedlora_edu.profiles import get_profile
 from fedlora_edu.simulator import Federation, build_federation
 from fedlora_edu.strategy import Payload, Strategy
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-TINY = get_profile("smoke").with_overrides(
-    num_clients=4, clients_per_round=3, rounds=2, local_steps=3, batch_size=4, max_length=16,
-    train_examples=64, test_examples=20, rank=4,
-)
+TINY = helpers.TINY.with_overrides(num_clients=4, rounds=2, local_steps=3, train_examples=64)  # 3 of 4 sampled
 # AdamW moves a weight by at most about lr per step whatever the gradient's size, so an element with a
 # gradient near AdamW's eps, computed in another summation order, can move by a visible fraction of lr.
 # Two checks: the whole update (result minus start) agrees to RELATIVE in Frobenius norm, and no element
@@ -47,23 +44,6 @@ def federation() -> Federation:
     federation = build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
     disable_dropout(federation.base_model)
     return federation
-
-
-def recording(cls):
-    """A subclass that keeps every client's LocalResult, by (round, client)."""
-
-    class Recording(cls):
-        def client_upload(self, result, client_state, round_index):
-            self.__dict__.setdefault("results", {})[(round_index, result.client_id)] = result
-            return super().client_upload(result, client_state, round_index)
-
-        def client_start(self, server, client_id, client_state, round_index):
-            start = super().client_start(server, client_id, client_state, round_index)
-            self.__dict__.setdefault("starts", {})[(round_index, client_id)] = start
-            return start
-
-    Recording.name = cls.name
-    return Recording
 
 
 class SendsBoth(Strategy):
@@ -121,13 +101,14 @@ def replay(federation, strategy, rounds):
     model = federation.fresh_model(strategy.max_rank(federation.num_clients))
     out = {}
     for t in range(rounds):
-        keys = sorted(key for key in strategy.starts if key[0] == t)
-        jobs = [ClientJob(k, federation.clients[k], copy.deepcopy(strategy.starts[(t, k)]), _seed_for(0, t, k))
-                for _, k in keys]
+        starts = strategy.starts[t]
+        sequential = {result.client_id: result for round_index, result, _, _ in strategy.sent if round_index == t}
+        clients = sorted(starts)
+        jobs = [ClientJob(k, federation.clients[k], copy.deepcopy(starts[k]), _seed_for(0, t, k)) for k in clients]
         trained = train_clients_batched(model, jobs, steps=TINY.local_steps, batch_size=TINY.batch_size,
                                         learning_rate=TINY.learning_rate)
-        for key, result in zip(keys, trained, strict=True):
-            out[key] = (strategy.starts[key], strategy.results[key], result)
+        for k, result in zip(clients, trained, strict=True):
+            out[(t, k)] = (starts[k], sequential[k], result)
     return out
 
 
@@ -189,11 +170,11 @@ def test_batched_linear_is_each_clients_head():
 
 # ----- equivalence with the sequential loop on MiniLM -------------------------------------------
 def test_fedit_clients_match_the_sequential_loop(federation):
-    assert_same_client_results(replay(federation, recording(FedIT)(), rounds=2))
+    assert_same_client_results(replay(federation, helpers.recording(FedIT)(), rounds=2))
 
 
 def test_ffa_lora_clients_match_and_a_stays_bit_identical(federation):
-    replayed = replay(federation, recording(FFALoRA)(), rounds=2)
+    replayed = replay(federation, helpers.recording(FFALoRA)(), rounds=2)
     assert_same_client_results(replayed)
     for start, _, got in replayed.values():
         for name, (a, _) in got.adapters.items():
@@ -201,7 +182,7 @@ def test_ffa_lora_clients_match_and_a_stays_bit_identical(federation):
 
 
 def test_alternating_schedule_matches_and_freezes_the_other_matrix(federation):
-    replayed = replay(federation, recording(Alternating)(), rounds=2)
+    replayed = replay(federation, helpers.recording(Alternating)(), rounds=2)
     assert_same_client_results(replayed)
     for (round_index, _), (start, _, got) in replayed.items():
         frozen = 0 if round_index % 2 == 0 else 1  # A frozen in even rounds, B in odd rounds
@@ -211,7 +192,7 @@ def test_alternating_schedule_matches_and_freezes_the_other_matrix(federation):
 
 
 def test_mixed_schedules_within_one_round_match(federation):
-    replayed = replay(federation, recording(MixedPerClient)(), rounds=1)
+    replayed = replay(federation, helpers.recording(MixedPerClient)(), rounds=1)
     assert_same_client_results(replayed)
     for (_, client_id), (start, _, got) in replayed.items():
         frozen = 1 if client_id % 2 == 0 else 0
@@ -222,7 +203,7 @@ def test_mixed_schedules_within_one_round_match(federation):
 @pytest.mark.parametrize(("cls", "rounds"), [(FlexLoRA, 2), (FLoRA, 1)])  # FLoRA changes W' after round 1
 def test_heterogeneous_ranks_match_the_sequential_loop(federation, cls, rounds):
     ranks = [1, 2, 4, 3]
-    replayed = replay(federation, recording(cls)(ranks=ranks), rounds=rounds)
+    replayed = replay(federation, helpers.recording(cls)(ranks=ranks), rounds=rounds)
     assert_same_client_results(replayed)
     for (_, client_id), (_, _, got) in replayed.items():
         assert all(a.shape[0] == ranks[client_id] and b.shape[1] == ranks[client_id]
@@ -412,7 +393,7 @@ def test_decoder_clients_match_the_sequential_loop():
     decoder = build_federation("bbc_news", scheme="iid", profile=TINY, model="embedded-decoder", seed=0)
     disable_dropout(decoder.base_model)
     assert unsupported_reason(decoder.fresh_model()) is None
-    replayed = replay(decoder, recording(FedIT)(), rounds=1)
+    replayed = replay(decoder, helpers.recording(FedIT)(), rounds=1)
     assert_same_client_results(replayed)
     assert {name.rsplit(".", 1)[-1] for name in next(iter(replayed.values()))[2].adapters} == {"q_proj", "v_proj"}
 

@@ -23,8 +23,6 @@ from fedlora_edu.full_size import (
     quantize_factors,
     quantized_nbytes,
 )
-from fedlora_edu.profiles import get_profile
-from fedlora_edu.simulator import build_federation
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -138,17 +136,6 @@ def test_bad_input_is_named():
 
 
 # ----- on the real model, through the simulator ------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
-@pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
-
-
 def test_fedpipe_at_full_precision_runs_like_flexlora(federation):
     pipe = federation.run(FedPipe(bits=32), rounds=2, progress=False)
     pipe_weights = {n: adapter_io.effective_weight(federation.last_model, n) for n in federation.last_server.adapters}

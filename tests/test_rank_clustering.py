@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import TINY, recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ from fedlora_edu import adapters as adapter_io
 from fedlora_edu.adapters import tensor_bytes
 from fedlora_edu.aggregation import FedIT, fedit_average, flora_stack, ideal_update
 from fedlora_edu.methods import METHODS, make_strategy
-from fedlora_edu.profiles import get_profile
 from fedlora_edu.rank_clustering import (
     FedInc,
     _reseed_empty,
@@ -31,7 +31,6 @@ from fedlora_edu.rank_clustering import (
     round_seed,
     weighted_kmeans,
 )
-from fedlora_edu.simulator import build_federation
 from fedlora_edu.strategy import normalized_weights, split_factors
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -352,26 +351,6 @@ def test_bad_input_is_named():
 # ----------------------------------------------------------------------------------------
 # Through the simulator, on the embedded MiniLM
 # ----------------------------------------------------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
-@pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
-
-
-class RecordingFedInc(FedInc):
-    """FedInc that keeps every round's uploads."""
-
-    def aggregate(self, server, uploads, round_index):
-        self.rounds = getattr(self, "rounds", [])
-        self.rounds.append(uploads)
-        super().aggregate(server, uploads, round_index)
-
-
 def layer_uploads(uploads, name):
     As, Bs = [], []
     for upload in uploads:
@@ -382,11 +361,11 @@ def layer_uploads(uploads, name):
 
 
 def test_effective_weight_is_the_base_plus_scaled_product_of_the_clustered_factors(federation):
-    strategy = RecordingFedInc()
+    strategy = recording(FedInc)()
     history = federation.run(strategy, rounds=2, progress=False)
     model, server = federation.last_model, federation.last_server
     pristine = federation.fresh_model()
-    uploads = strategy.rounds[-1]
+    uploads = strategy.uploads
     p = normalized_weights(uploads)
     assert server.extra["fedinc_clusters"] == TINY.rank
     for name in adapter_io.lora_layers(model):
@@ -439,9 +418,9 @@ def test_bytes_are_fedits_at_rank_n_and_runs_are_deterministic(federation):
 
 
 def test_weighted_variant_through_the_simulator_is_the_pure_function(federation):
-    strategy = RecordingFedInc(weighted=True)
+    strategy = recording(FedInc)(weighted=True)
     federation.run(strategy, rounds=1, progress=False)
-    server, uploads = federation.last_server, strategy.rounds[-1]
+    server, uploads = federation.last_server, strategy.uploads
     p = normalized_weights(uploads)
     for name, (a, b) in server.adapters.items():
         As, Bs = layer_uploads(uploads, name)

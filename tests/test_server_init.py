@@ -14,13 +14,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.methods import METHODS
-from fedlora_edu.profiles import get_profile
 from fedlora_edu.server_init import (
     SEED_BYTES,
     STRATEGIES,
@@ -39,7 +39,6 @@ from fedlora_edu.server_init import (
     top_r_part,
     update_spread,
 )
-from fedlora_edu.simulator import build_federation
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -306,17 +305,6 @@ def test_registry():
 # ----------------------------------------------------------------------------------------
 # Through the simulator, on the embedded MiniLM
 # ----------------------------------------------------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
-@pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
-
-
 def probe(cls):
     """A subclass that, at the start of round 1, records W', the adapter, the head and the model's logits."""
 

@@ -9,37 +9,14 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from helpers import TINY, recording
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.aggregation import FedExLoRA, FedIT, FFALoRA, FlexLoRA, FLoRA, ideal_update, truncated_factors
-from fedlora_edu.profiles import get_profile
 from fedlora_edu.simulator import build_federation
 from fedlora_edu.strategy import Payload, split_factors
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
-@pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="iid", profile=TINY, seed=0)
-
-
-def recording(cls):
-    """A subclass that keeps the uploads it aggregated, to recompute the ideal update."""
-
-    class Recording(cls):
-        def aggregate(self, server, uploads, round_index):
-            self.uploads = uploads
-            super().aggregate(server, uploads, round_index)
-
-    Recording.name = cls.name
-    return Recording
-
 
 def ideal_effective_weights(federation, strategy) -> dict[str, torch.Tensor]:
     """W'_0 + (alpha/r) sum_k p_k B_k A_k from the round's uploads (survey eq. 4, right side)."""

@@ -12,14 +12,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import TINY, recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.adapters import tensor_bytes
 from fedlora_edu.aggregation import FedIT, discordance, ideal_update
-from fedlora_edu.profiles import get_profile
-from fedlora_edu.simulator import build_federation
 from fedlora_edu.single_matrix import (
     INDEX_DTYPE,
     SEED_BYTES,
@@ -250,28 +249,10 @@ def test_strategies_table_names_match():
 # ----------------------------------------------------------------------------------------
 # Through the simulator, on the embedded MiniLM
 # ----------------------------------------------------------------------------------------
-TINY = get_profile("smoke").with_overrides(
-    num_clients=3, clients_per_round=3, rounds=2, local_steps=2, batch_size=4, max_length=16,
-    train_examples=60, test_examples=20, rank=4,
-)
-
-
 @pytest.fixture(scope="module")
-def federation():
-    return build_federation("bbc_news", scheme="shards", classes_per_client=2, profile=TINY, seed=0)
-
-
-def recording(cls):
-    """A subclass that keeps, per round, the server's adapter before aggregation and the uploads."""
-
-    class Recording(cls):
-        def aggregate(self, server, uploads, round_index):
-            self.rounds = getattr(self, "rounds", [])
-            self.rounds.append(({n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()}, uploads))
-            super().aggregate(server, uploads, round_index)
-
-    Recording.name = cls.name
-    return Recording
+def federation(shards_federation):
+    """This module's clients hold two BBC topics each: their updates disagree, as the methods assume."""
+    return shards_federation
 
 
 @pytest.fixture(scope="module")
