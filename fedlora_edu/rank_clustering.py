@@ -18,7 +18,7 @@ The pure functions, then the strategy:
 - :func:`rank_vectors`: the clients' components as vectors z with their clients' weights.
 - :func:`weighted_kmeans`: k-means written out in torch (weighted k-means++ seeding, Lloyd
   iterations, empty clusters re-seeded), deterministic for a seed; weights all one is eq. 8.
-- :func:`clusters_to_factors`, :func:`fedinc_aggregate`: eq. 8 end to end,
+- :func:`fedinc_clustering`, :func:`clusters_to_factors`, :func:`fedinc_aggregate`: eq. 8 end to end,
   ``(As, Bs, weights) -> (A, B)`` of rank N.
 - :func:`cluster_residual`: ||B A - sum_k p_k B_k A_k||_F of the result.
 - :class:`FedInc`: the strategy the simulator runs, one clustering per adapted layer.
@@ -301,6 +301,29 @@ def clusters_to_factors(clustering: Clustering, n: int, *, weighted: bool = Fals
     return scaled[:, :n].clone(), scaled[:, n:].T.clone()
 
 
+def fedinc_clustering(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], num_clusters: int,
+    seed: int = 0, iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
+    *, weighted: bool = False,
+) -> Clustering:
+    """The k-means of survey eq. 8 over the clients' rank components: the step before the centroids become factors.
+
+    The clients' sum_k r_k vectors z = [a, b] (:func:`rank_vectors`) are clustered into
+    ``num_clusters`` = N clusters by k-means (:func:`weighted_kmeans`, best of ``restarts``
+    seedings); ``weighted=False`` counts every vector once (eq. 8), ``weighted=True`` gives
+    client k's vectors the weight p_k (our variant, see the module docstring).
+    """
+    if not isinstance(weighted, bool):
+        raise ValueError(f"weighted must be True or False, got {weighted!r}")
+    Z, w, _ = rank_vectors(As, Bs, weights)
+    total = Z.shape[0]
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= total:
+        raise ValueError(f"num_clusters must be an integer in 1..{total} (the clients' total rank), "
+                         f"got {num_clusters!r}")
+    return weighted_kmeans(Z, w if weighted else torch.ones_like(w), num_clusters, seed=seed,
+                           iterations=iterations, restarts=restarts)
+
+
 def fedinc_aggregate(
     As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], num_clusters: int,
     seed: int = 0, iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
@@ -308,9 +331,8 @@ def fedinc_aggregate(
 ) -> tuple[Tensor, Tensor]:
     """FedInc (Qin and Li 2024), survey eq. 8: cluster the rank components, centroids become the adapter.
 
-    The clients' sum_k r_k vectors z = [a, b] (:func:`rank_vectors`) are clustered into
-    ``num_clusters`` = N clusters by k-means (:func:`weighted_kmeans`, best of ``restarts``
-    seedings) and centroid n gives row n of A (N x n) and column n of B (m x N)
+    :func:`fedinc_clustering` clusters the clients' rank components into ``num_clusters`` = N
+    clusters and centroid n gives row n of A (N x n) and column n of B (m x N)
     (:func:`clusters_to_factors`). Returns (A, B) in the dtype and device of the inputs.
 
     ``weighted=False`` (default) is eq. 8 as the survey prints it: every vector counts once,
@@ -321,15 +343,7 @@ def fedinc_aggregate(
     B A = sum_k p_k B_k A_k exactly. With fewer clusters each cluster contributes the product
     of its mean vector, not the mean of its products (module docstring, :func:`cluster_residual`).
     """
-    if not isinstance(weighted, bool):
-        raise ValueError(f"weighted must be True or False, got {weighted!r}")
-    Z, w, _ = rank_vectors(As, Bs, weights)
-    total = Z.shape[0]
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= total:
-        raise ValueError(f"num_clusters must be an integer in 1..{total} (the clients' total rank), "
-                         f"got {num_clusters!r}")
-    clustering = weighted_kmeans(Z, w if weighted else torch.ones_like(w), num_clusters, seed=seed,
-                                 iterations=iterations, restarts=restarts)
+    clustering = fedinc_clustering(As, Bs, weights, num_clusters, seed, iterations, restarts, weighted=weighted)
     a, b = clusters_to_factors(clustering, As[0].shape[1], weighted=weighted)
     return a.to(As[0]), b.to(Bs[0])
 
@@ -405,9 +419,9 @@ class FedInc(Strategy):
         seed = round_seed(int(server.extra.get("seed", 0)), round_index)
         adapters, record = {}, {}
         for name, (a_list, b_list) in per_layer.items():
-            Z, w, _ = rank_vectors(a_list, b_list, weights)
-            clustering = weighted_kmeans(Z, w if self.weighted else torch.ones_like(w), min(clusters, Z.shape[0]),
-                                         seed=seed, iterations=self.iterations, restarts=self.restarts)
+            total_rank = sum(a.shape[0] for a in a_list)
+            clustering = fedinc_clustering(a_list, b_list, weights, min(clusters, total_rank), seed, self.iterations,
+                                           self.restarts, weighted=self.weighted)
             a, b = clusters_to_factors(clustering, a_list[0].shape[1], weighted=self.weighted)
             adapters[name] = (a.to(a_list[0]), b.to(b_list[0]))
             record[name] = {"objective": clustering.objective, "masses": clustering.masses.tolist(),
