@@ -32,13 +32,16 @@ Taught in ``book/part2/client_initialization.ipynb``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
+from fedlora_edu import adapters as adapter_io
 from fedlora_edu.adapters import Factors, base_weight
 from fedlora_edu.aggregation import (
     FedIT,
@@ -48,7 +51,6 @@ from fedlora_edu.aggregation import (
     check_ranks,
     check_weights,
     fedit_average,
-    truncated_factors,
 )
 from fedlora_edu.strategy import (
     ClientStart,
@@ -156,21 +158,28 @@ def _check_nested(factor: Tensor, left: Tensor, right: Tensor) -> None:
                          "left must be rows x r_k and right r_k x columns with the same r_k")
 
 
-def nested_factors(change: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The best rank-``rank`` (left, right) with left @ right closest to ``change`` (truncated SVD).
+class NestedUpdate(torch.nn.Module):
+    """One factor's value while an mFedLoRU client trains: ``nested_update(factor, left, right)``.
 
-    How this package's :class:`MFedLoRU` turns a client's trained change of a factor, A' - A or
-    B' - B, into mFedLoRU's nested pair (Eckart-Young: no rank-r_k product is closer in
-    Frobenius norm). ``left`` is rows x rank and ``right`` rank x columns, the singular values
-    split evenly between them (:func:`fedlora_edu.aggregation.truncated_factors`), zero-padded
-    when ``rank`` exceeds the change's size. Computed in float64, returned in ``change``'s dtype
-    and device. Taught in ``book/part2/client_initialization.ipynb``.
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization` on a peft LoRA
+    factor (A, r x n, or B, m x r), it makes the factor's stored value the frozen start and
+    ``left`` (rows x r_k) and ``right`` (r_k x columns) the parameters that train. As LoRA
+    starts its own product at zero, ``left`` starts at zero and ``right`` is drawn uniformly
+    in +-1/sqrt(columns) (peft's default for LoRA's A), so the client starts exactly at the
+    factor it downloaded. Taught in ``book/part2/client_initialization.ipynb``.
     """
-    check_rank(rank)
-    if change.ndim != 2:
-        raise ValueError(f"change must be a matrix, got shape {tuple(change.shape)}")
-    right, left = truncated_factors(change.detach().to("cpu", torch.float64), rank)
-    return left.to(change), right.to(change)
+
+    def __init__(self, factor: Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        check_rank(rank)
+        rows, columns = factor.shape
+        bound = 1.0 / math.sqrt(columns)
+        right = (torch.rand(rank, columns, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        self.left = torch.nn.Parameter(torch.zeros(rows, rank, dtype=factor.dtype, device=factor.device))
+        self.right = torch.nn.Parameter(right.to(dtype=factor.dtype, device=factor.device))
+
+    def forward(self, factor: Tensor) -> Tensor:
+        return nested_update(factor, self.left, self.right)
 
 
 def mfedloru_aggregate(A: Tensor, B: Tensor, A_updates: Sequence[tuple[Tensor, Tensor]],
@@ -606,18 +615,20 @@ class MFedLoRU(FedLoRU):
     of "hierarchical low-rank updates", not a transcription of the paper's equations; check it
     against the paper's mFedLoRU section before relying on the details below.
 
-    Closest form in the simulator (a deviation). The simulator's local training updates a peft
-    layer's A and B directly; it cannot train four nested factors per layer. So client k
-    trains A and B as FedLoRU's clients do, and at upload replaces each factor's change by its
-    best rank-r_k approximation, A_k = A + [A' - A]_{r_k}, B_k = B + [B' - B]_{r_k}
-    (:func:`nested_factors`, truncated SVD). What the server receives has mFedLoRU's form and
-    size; what differs is the client's path (full-rank steps, then a projection, instead of
-    steps in the nested factors) and its memory and compute, which here are FedLoRU's. With
-    r_k = r the projection changes nothing and mFedLoRU is FedLoRU.
+    How the client trains (:meth:`local_training`). While client k trains, every LoRA factor of
+    the model is parametrised as A + A_left A_right (:class:`NestedUpdate`, via
+    ``torch.nn.utils.parametrize``): the downloaded A and B are frozen and only the nested
+    factors (and the head) have gradients and AdamW state, so the client's optimiser state is
+    of rank r_k, and its change of A and of B has rank at most r_k at every step. A_left and
+    B_left start at zero, A_right and B_right uniform in +-1/sqrt(columns), seeded by the run's
+    seed, the round and the client. The upload is the trained nested factors themselves. The
+    batched engine trains the factors directly, so the simulator runs mFedLoRU's clients in the
+    sequential loop (``history["engine"]`` says so).
 
     Choices where the paper (as far as we could read it) leaves room: both A and B get a nested
-    update, with constant 1 in front of each nested product; the nested update is folded into
-    (A, B) once per round, at upload; the upload is the four nested factors per layer and the
+    update, with constant 1 in front of each nested product; the nested factors start afresh
+    every round and are folded into (A, B) once per round, on the server; the upload is the
+    four nested factors per layer and the
     head (the server holds A and B and rebuilds A_k, B_k exactly), counted per layer at their
     size r_k (r + n) + r_k (m + r) or at the size r (m + n) of A_k, B_k where that is smaller;
     ``ranks`` gives one r_k per client (1 <= r_k <= r), by default three tiers r, r/2, r/4
@@ -655,21 +666,46 @@ class MFedLoRU(FedLoRU):
 
     def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
-        # The client keeps where it started: its upload is the change from there.
-        client_state["mfedloru_start"] = {n: (a.clone(), b.clone()) for n, (a, b) in start.adapters.items()}
         client_state["mfedloru_rank"] = self.nested_rank(client_id, server)
+        client_state["mfedloru_seed"] = (reinit_seed(int(server.extra.get("seed", 0)), round_index)
+                                         + 7919 * (client_id + 1)) % (2**31 - 1)
         return start
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
-        start = client_state.pop("mfedloru_start")
+    @contextlib.contextmanager
+    def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: dict,
+                       round_index: int) -> Iterator[None]:
+        """Train the nested factors of every LoRA factor (:class:`NestedUpdate`), the factors frozen.
+
+        On a normal exit the trained nested factors are kept in ``client_state["mfedloru_nested"]``
+        for :meth:`client_upload`; on any exit the parametrisations are removed and the factors
+        hold their stored (start) values again.
+        """
         rank = client_state["mfedloru_rank"]
+        generator = torch.Generator().manual_seed(client_state["mfedloru_seed"])
+        modules = {(name, side): getattr(layer, f"lora_{side}")[adapter_io.ADAPTER]
+                   for name, layer in adapter_io.lora_layers(model).items() for side in "AB"}
+        nests: dict[tuple[str, str], NestedUpdate] = {}
+        try:
+            for key, module in modules.items():
+                nests[key] = NestedUpdate(module.weight.detach(), rank, generator)
+                parametrize.register_parametrization(module, "weight", nests[key])
+                module.parametrizations.weight.original.requires_grad_(False)
+            yield
+            client_state["mfedloru_nested"] = {
+                (name, f"{side}_{part}"): getattr(nest, part).detach().clone()
+                for (name, side), nest in nests.items() for part in ("left", "right")}
+        finally:
+            for key in nests:
+                parametrize.remove_parametrizations(modules[key], "weight", leave_parametrized=False)
+
+    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+        trained = client_state.pop("mfedloru_nested", None)
+        if trained is None:
+            raise ValueError("mFedLoRU's client trained outside local_training: no nested factors to send")
         tensors: dict[str, Tensor] = {}
         nbytes = 0
         for name, (a, b) in result.adapters.items():
-            a0, b0 = start[name]
-            a_left, a_right = nested_factors(a - a0.to(a), rank)
-            b_left, b_right = nested_factors(b - b0.to(b), rank)
-            nested = {"A_left": a_left, "A_right": a_right, "B_left": b_left, "B_right": b_right}
+            nested = {key: trained[(name, key)] for key in ("A_left", "A_right", "B_left", "B_right")}
             tensors.update({f"{name}.{key}": t for key, t in nested.items()})
             nested_bytes = sum(t.numel() * t.element_size() for t in nested.values())
             nbytes += min(nested_bytes, a.numel() * a.element_size() + b.numel() * b.element_size())

@@ -39,7 +39,7 @@ from fedlora_edu import adapters as adapter_io
 from fedlora_edu.aggregation import discordance, ideal_update
 from fedlora_edu.engine import ClientJob, check_clients_per_pass, train_clients_in_groups, unsupported_reason
 from fedlora_edu.profiles import Profile, default_device, get_profile
-from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
+from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite, reparametrises_training
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
@@ -160,6 +160,8 @@ def local_train(
         sampler = BatchSampler(len(data), batch_size, seed)
         torch.manual_seed(seed)  # dropout inside the model; a caller passing a sampler seeds it once
     layers = list(adapter_io.lora_layers(model).values())
+    if rank is not None and rank >= adapter_io.model_rank(model):
+        rank = None  # no padded components to hold at zero
     losses = []
     model.train()
     for _ in range(steps):
@@ -426,6 +428,8 @@ class Federation:
         reason = unsupported_reason(model)
         if reason is None and not getattr(strategy, "batched_training", True):
             reason = f"strategy {strategy.name} sets batched_training = False"
+        if reason is None and reparametrises_training(strategy):
+            reason = f"strategy {strategy.name} trains its clients in a reparametrisation (local_training)"
         if reason is None:
             return "batched"
         if engine == "batched":
@@ -446,11 +450,12 @@ class Federation:
             adapter_io.set_lora_factors(model, start.adapters)
             adapter_io.set_head_state(model, start.head)
             set_trainable(model, start.trainable)
-            loss = local_train(model, self.clients[k], steps=steps, batch_size=batch_size,
-                               learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
-                               device=self.device)
-            result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
-                                 adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
+            with strategy.local_training(model, start, client_states[k], t):
+                loss = local_train(model, self.clients[k], steps=steps, batch_size=batch_size,
+                                   learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
+                                   device=self.device)
+                result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
+                                     adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
             yield k, start, result
 
     def train_batched(self, model, strategy, server, client_states, sampled, t, *, seed, steps, batch_size,

@@ -9,7 +9,8 @@ and nothing in the loop knows which method is running:
    frozen matrix...). Per-client state that never leaves the client lives in
    ``client_state``, a dict the simulator keeps for each client across rounds.
 3. ``trainable``: which of A and B train in this round (FFA-LoRA freezes A; RoLoRA
-   alternates).
+   alternates); ``local_training``, rarely needed, wraps a client's training in a
+   reparametrisation of the factors (mFedLoRU trains nested low-rank updates of A and B).
 4. ``client_upload``: the :class:`Payload` the client sends, counted at its real size
    (sparse, quantised or sketched payloads set ``nbytes`` themselves).
 5. ``aggregate``: the server's update of :class:`ServerState`: the global adapter,
@@ -21,6 +22,8 @@ Taught in ``book/part1/fedlora.ipynb``; the methods are in :mod:`fedlora_edu.agg
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,6 +166,20 @@ class Strategy:
         """Which LoRA matrices train in this round: any of {"A", "B"}."""
         return BOTH
 
+    def local_training(
+        self, model: torch.nn.Module, start: ClientStart, client_state: dict, round_index: int
+    ) -> contextlib.AbstractContextManager[None]:
+        """The context client k's local training runs in, after its start is loaded into ``model``.
+
+        Nothing by default. A method whose clients train something other than the LoRA
+        factors themselves (mFedLoRU: a nested low-rank update of each factor) registers a
+        parametrisation of the factors here, freezes their stored values, and undoes both on
+        exit; the optimiser then trains whatever requires a gradient, and the trained factors
+        are read inside the context. Only the sequential loop can run such a method: the
+        batched engine trains the stacked factors directly, so the simulator falls back.
+        """
+        return _no_reparametrisation()
+
     def client_start(
         self, server: ServerState, client_id: int, client_state: dict, round_index: int
     ) -> ClientStart:
@@ -205,6 +222,16 @@ class Strategy:
             key: average_tensors([u.payload.tensors[f"head.{key}"] for u in uploads], weights)
             for key in server.head
         }
+
+
+@contextlib.contextmanager
+def _no_reparametrisation() -> Iterator[None]:
+    yield
+
+
+def reparametrises_training(strategy: Strategy) -> bool:
+    """True when ``strategy`` overrides :meth:`Strategy.local_training` (its clients cannot be batched)."""
+    return type(strategy).local_training is not Strategy.local_training
 
 
 def split_factors(payload: Payload, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
