@@ -99,7 +99,9 @@ def run_profile(profile: str, timeout: int, runner: str = "kernel", only: list[s
     """Time every chapter under one profile; the kernels inherit this process's environment.
 
     The result file is rewritten after each chapter (``complete`` false until the last), so a
-    run cut short still leaves what it measured.
+    run cut short still leaves what it measured. A run limited by ``only`` writes its own file,
+    ``chapter_times_<profile>_only.json``, which the README table does not read: it never
+    replaces the measurement of the whole book.
     """
     from tqdm.auto import tqdm
 
@@ -112,7 +114,7 @@ def run_profile(profile: str, timeout: int, runner: str = "kernel", only: list[s
     selected = [path for path in chapters() if not only or any(str(path.relative_to(ROOT)).startswith(o) for o in only)]
     timer = time_notebook if runner == "kernel" else time_notebook_exec
     result = {"benchmark": "chapter_times", "runner": runner, "provenance": provenance(profile), "chapters": [],
-              "total_seconds": 0.0, "complete": False}
+              "total_seconds": 0.0, "complete": False, "only": only or None}
     for path in tqdm(selected, desc=f"chapters ({profile})", unit="chapter"):
         seconds = timer(path, timeout)
         result["chapters"].append({"chapter": str(path.relative_to(ROOT)), "seconds": round(seconds, 1)})
@@ -124,9 +126,14 @@ def run_profile(profile: str, timeout: int, runner: str = "kernel", only: list[s
     return result
 
 
+def result_path(profile: str, only: list[str] | None = None) -> Path:
+    """Where a run's JSON goes: one file per profile, another for runs limited by ``--only``."""
+    return RESULTS / (f"chapter_times_{profile}_only.json" if only else f"chapter_times_{profile}.json")
+
+
 def write_result(profile: str, result: dict) -> Path:
     """Write the JSON atomically: a reader never sees half a file."""
-    out = RESULTS / f"chapter_times_{profile}.json"
+    out = result_path(profile, result.get("only"))
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out)
@@ -151,6 +158,8 @@ def readme_table() -> str:
     results = {}
     for file in sorted(RESULTS.glob("chapter_times_*.json")):
         result = json.loads(file.read_text(encoding="utf-8"))
+        if result.get("only"):
+            continue  # a run of some chapters only (--only) does not stand for the book
         results[result["provenance"]["profile"]] = result
     order = [name for name in ("smoke", "cpu", "gpu") if name in results]
     if not order:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for profile in args.profile or []:
         result = run_profile(profile, args.timeout, args.runner, args.only)
-        print(f"{profile}: {verdict(result)}; wrote {(RESULTS / f'chapter_times_{profile}.json').relative_to(ROOT)}")
+        print(f"{profile}: {verdict(result)}; wrote {result_path(profile, args.only).relative_to(ROOT)}")
     if args.update_readme:
         update_readme()
         print(readme_table())
