@@ -32,6 +32,7 @@ as no step depends on the weights' values; it implies ``--synthetic``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -155,11 +156,8 @@ def one_round(federation: Federation, model: torch.nn.Module, engine: str, clien
     strategy = FedIT()
     server = ServerState(adapter_io.get_lora_factors(model), adapter_io.get_head_state(model),
                          adapter_io.lora_scaling(model), adapter_io.model_rank(model))
-    if engine == "sequential":
-        train = federation.train_sequential
-    else:
-        def train(*args, **kwargs):
-            return federation.train_batched(*args, **kwargs, clients_per_pass=clients_per_pass)
+    train = federation.train_sequential if engine == "sequential" else functools.partial(
+        federation.train_batched, clients_per_pass=clients_per_pass)
     device = federation.device
     with PeakMemory(device) as memory:
         if device.type == "cuda":

@@ -24,6 +24,7 @@ engine in ``book/fast/engine.ipynb``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -369,21 +370,16 @@ class Federation:
         rows = []
         name = label or strategy.name
         bar = tqdm(range(rounds), desc=f"{name} [{used}]", disable=not progress, leave=False)
+        train = self.train_sequential if used == "sequential" else functools.partial(
+            self.train_batched, clients_per_pass=clients_per_pass)
         for t in bar:
             server.round = t
             sampled = strategy.sample_clients(t, self.num_clients, clients_per_round, rng)
             results: list[LocalResult] = []
             uploads: list[Upload] = []
             bytes_up = bytes_down = excluded = 0
-            if used == "sequential":
-                train = self.train_sequential(model, strategy, server, client_states, sampled, t, seed=seed,
-                                              steps=local_steps, batch_size=batch_size,
-                                              learning_rate=learning_rate)
-            else:
-                train = self.train_batched(model, strategy, server, client_states, sampled, t, seed=seed,
-                                           steps=local_steps, batch_size=batch_size, learning_rate=learning_rate,
-                                           clients_per_pass=clients_per_pass)
-            for k, start, result in train:
+            for k, start, result in train(model, strategy, server, client_states, sampled, t, seed=seed,
+                                          steps=local_steps, batch_size=batch_size, learning_rate=learning_rate):
                 bytes_down += start.download.nbytes
                 rank_k, loss = result.rank, result.train_loss
                 payload = strategy.client_upload(result, client_states[k], t)

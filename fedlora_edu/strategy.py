@@ -23,7 +23,6 @@ Taught in ``book/part1/fedlora.ipynb``; the methods are in :mod:`fedlora_edu.agg
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,7 +177,7 @@ class Strategy:
         are read inside the context. Only the sequential loop can run such a method: the
         batched engine trains the stacked factors directly, so the simulator falls back.
         """
-        return _no_reparametrisation()
+        return contextlib.nullcontext()
 
     def client_start(
         self, server: ServerState, client_id: int, client_state: dict, round_index: int
@@ -222,11 +221,6 @@ class Strategy:
             key: average_tensors([u.payload.tensors[f"head.{key}"] for u in uploads], weights)
             for key in server.head
         }
-
-
-@contextlib.contextmanager
-def _no_reparametrisation() -> Iterator[None]:
-    yield
 
 
 def reparametrises_training(strategy: Strategy) -> bool:
