@@ -352,7 +352,7 @@ def _missed_merges(server: ServerState, client_state: dict, key: str) -> tuple[d
 
 
 class AvgInitial(FedIT):
-    """Avg-Initial (LoRA-FAIR, Bian, Wang, Zhang, Luo, Li, Ren, Sun, Wang, Zhang 2024, arXiv 2411.14961).
+    """Avg-Initial (LoRA-FAIR, Bian, Wang, Zhang, Xu 2024, arXiv 2411.14961).
 
     Survey section 3.2: every client starts round t from the averaged factors
     A_t = sum_k p_k A_k^{t-1} and B_t = sum_k p_k B_k^{t-1}, "the conventional FL approach".
