@@ -8,6 +8,13 @@
 # It needs only what the GPU image already has (python3 with torch, transformers, peft, pandas): the
 # models are built from benchmarks/configs with random weights (round_time.py --weights random), so no
 # model wheel has to travel; time and memory per step do not depend on the weights' values.
+# The image's transformers (5.17 when last read) and peft are older than constraints.txt's, so the
+# pinned ones travel as wheels: before the device call, once, here in the repository's root
+# (.whl/ is ignored by git),
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl transformers==5.23.0 peft==0.21.2
+# and name .whl in the call's carry; this script installs them (--target /tmp/site) when .whl exists.
+# Checked on CPU against the image's versions (torch 2.11.0, huggingface_hub 1.33.0, tokenizers
+# 0.23.2, safetensors 0.8.0, accelerate 1.15.0, no datasets) with QUICK=1.
 # Measured on the way (each writes JSON with its provenance):
 #   1. the engine against the sequential loop at K = 4, 16, 64, 256, batch 16 x 64 tokens, with the
 #      equivalence check on this device: the target is >= 10x at K = 64, and K = 256 must run (the
@@ -22,6 +29,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 python=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    site=${WHEEL_SITE:-/tmp/site}
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        || { echo "== FAILED: installing the carried wheels in .whl"; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$python" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+      'peft', peft.__version__)"
 if [ "${QUICK:-0}" = 1 ]; then
     ks=(2 4); decoder_ks=(2); steps=1; gpu_steps=1; repeats=1; svd=(--quick --repeats 1)
 else

@@ -78,7 +78,7 @@ def test_delta_weight_is_scaled_product(case: tuple[int, int, int, float, int]) 
     delta = layer.delta_weight()
     assert delta.shape == (m, n)
     torch.testing.assert_close(delta, (alpha / r) * layer.lora_B @ layer.lora_A, **TIGHT)
-    assert torch.linalg.matrix_rank(delta) <= r
+    assert torch.linalg.matrix_rank(delta, rtol=1e-10) <= r  # float64 round-off of the product stays far below
 
 
 @property_settings
