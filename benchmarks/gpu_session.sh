@@ -3,7 +3,7 @@
 # lent a GPU machine (the `device` tool: no network there, about 15 minutes of device time in all).
 #
 #   device run:  bash benchmarks/gpu_session.sh          (results land in $OUT, or benchmarks/results/)
-#   dry run on a CPU, tiny sizes, about 2 minutes:  QUICK=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh
+#   dry run on a CPU, tiny sizes, 4 to 9 minutes on 2 cores:  QUICK=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh
 #
 # It needs only what the GPU image already has (python3 with torch, transformers, peft, pandas): the
 # models are built from benchmarks/configs with random weights (round_time.py --weights random), so no

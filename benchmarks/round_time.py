@@ -215,21 +215,6 @@ def _working_tree_changes() -> bool | None:
     return bool(status.strip())
 
 
-def _provenance() -> dict:
-    """:func:`fedlora_edu.profiles.provenance`; where a library it reports is missing (a GPU machine without
-    ``datasets``, which only the BBC path needs), that library's version reads "not installed"."""
-    try:
-        return provenance("smoke")
-    except ModuleNotFoundError as error:
-        import types
-
-        sys.modules[error.name] = types.SimpleNamespace(__version__="not installed")
-        try:
-            return provenance("smoke")
-        finally:
-            del sys.modules[error.name]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="numbers of sampled clients K")
@@ -311,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory: {memory_kind}")
     report = {
         "benchmark": "round_time",
-        "provenance": _provenance(),
+        "provenance": provenance("smoke"),
         "settings": {"model": args.model, "data": "synthetic tokens" if args.synthetic else "bbc_news",
                      "weights": "random (same architecture)" if args.weights == "random" else "embedded pretrained",
                      "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,

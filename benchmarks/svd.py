@@ -22,15 +22,19 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout where the package is not installed (a GPU machine)
 
-from fedlora_edu.aggregation import truncated_factors, truncated_factors_factored
-from fedlora_edu.profiles import default_device, provenance
+import torch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from fedlora_edu.aggregation import truncated_factors, truncated_factors_factored  # noqa: E402
+from fedlora_edu.profiles import default_device, provenance  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 TARGET = {"m": 4096, "n": 4096, "clients": 10, "rank": 16}
 
 

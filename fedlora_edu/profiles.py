@@ -12,6 +12,7 @@ Taught in the preface (``book/intro.md``).
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from dataclasses import asdict, dataclass, replace
@@ -124,18 +125,15 @@ def default_device() -> torch.device:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour the chapters depend on."""
-    import datasets
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "datasets": datasets.__version__,
-    }
+    """Versions of the libraries whose behaviour the chapters depend on ("not installed" for a missing one:
+    a benchmark on a GPU machine without ``datasets`` still records its provenance)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "datasets"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return versions
 
 
 def describe_environment(profile: Profile | None = None) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from fedlora_edu import adapters as adapter_io
 from fedlora_edu.models import add_lora, embedded_model_dir, load_classifier, resolve_model
-from fedlora_edu.profiles import PROFILES, describe_environment, get_profile
+from fedlora_edu.profiles import PROFILES, describe_environment, get_profile, library_versions
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,21 @@ def test_profiles_are_chosen_by_environment(monkeypatch):
         PROFILES["cpu"].with_overrides(clients=3)
     small, big = PROFILES["smoke"], PROFILES["gpu"]
     assert small.num_clients < big.num_clients and small.rounds < big.rounds and small.max_length < big.max_length
+
+
+def test_library_versions_name_a_missing_library_instead_of_failing(monkeypatch):
+    """A GPU machine without ``datasets`` still records a benchmark's provenance."""
+    import datasets
+    import peft
+
+    versions = library_versions()
+    assert versions["datasets"] == datasets.__version__ and versions["peft"] == peft.__version__
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what Python does for a module it cannot import
+    with pytest.raises(ModuleNotFoundError):
+        import datasets  # noqa: F401, F811
+    versions = library_versions()
+    assert versions["datasets"] == "not installed"
+    assert versions["torch"] == torch.__version__ and versions["peft"] == peft.__version__
 
 
 def test_any_model_folder_goes_through_the_same_call(tmp_path):
