@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import tiny_federation
+from hypothesis import settings
+
+# Under CI (the CI variable set) the property tests run a fixed sequence of examples, so that a
+# submission lands or fails on its code and not on the draw; everywhere else every run draws new
+# examples, which is how round-off cases get found (the nested-update rank check failed at one).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="module")
