@@ -67,3 +67,12 @@ def random_weights(g: torch.Generator, count: int) -> list[float]:
     """``count`` positive client weights p_k summing to one."""
     raw = torch.rand(count, generator=g, dtype=torch.float64) + 0.1
     return (raw / raw.sum()).tolist()
+
+
+def rank_of_change(new: torch.Tensor, old: torch.Tensor) -> int:
+    """Numerical rank of ``new - old``: singular values above 1e-9 max|old|.
+
+    The subtraction leaves round-off of the size of old's entries, above ``matrix_rank``'s default
+    tolerance (which is relative to the small difference itself).
+    """
+    return int(torch.linalg.matrix_rank(new - old, atol=1e-9 * float(old.abs().max())))
