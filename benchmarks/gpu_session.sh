@@ -35,8 +35,6 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         || { echo "== FAILED: installing the carried wheels in .whl"; exit 1; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$python" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
-      'peft', peft.__version__)"
 if [ "${QUICK:-0}" = 1 ]; then
     ks=(2 4); decoder_ks=(2); steps=1; gpu_steps=1; repeats=1; svd=(--quick --repeats 1)
 else
@@ -47,8 +45,7 @@ step() {  # run one measurement; a failure is reported and the others still run
     echo "== $*"
     "$@" || { echo "== FAILED ($?): $*"; status=1; }
 }
-"$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+"$python" -c "from fedlora_edu.profiles import describe_environment; print(describe_environment())"
 step "$python" benchmarks/round_time.py --weights random --check --k "${ks[@]}" --steps "$steps" \
     --batch-size 16 --max-length 64 --repeats "$repeats" --output "$out/round_time_gpu_b16_l64.json"
 step "$python" benchmarks/round_time.py --weights random --check --k "${ks[@]}" --steps "$gpu_steps" \
