@@ -1,4 +1,4 @@
-"""Committed notebooks carry no outputs, and the table of contents points at real files.
+"""Committed notebooks carry no outputs or placeholders, and the table of contents points at real files.
 
 Outputs belong to the build (every chapter is executed when the book is built), not to git:
 stored outputs bloat diffs, leak the author's paths and can show results the code no longer
@@ -9,6 +9,7 @@ Sphinx reads ``language_info`` for syntax highlighting (a notebook without it fa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIRS = ("book", "exercises")
 PAGE_SUFFIXES = (".ipynb", ".md")
+# Text left for a measurement to fill in ("<CPU>", "TODO"): a chapter must say what was measured.
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]+>|\bTODO\b|\bTBD\b|\bFIXME\b")
 
 
 def find_notebooks() -> list[Path]:
@@ -41,6 +44,9 @@ def notebook_problems(notebook: dict) -> list[str]:
     if "widgets" in metadata:
         problems.append("metadata.widgets holds saved widget state (an output)")
     for index, cell in enumerate(notebook.get("cells", [])):
+        if cell.get("cell_type") == "markdown":
+            source = "".join(cell.get("source", ""))
+            problems += [f"cell {index} holds the placeholder {m.group()!r}" for m in PLACEHOLDER.finditer(source)]
         if cell.get("cell_type") != "code":
             continue
         if cell.get("outputs"):
@@ -109,6 +115,15 @@ def test_checker_flags_outputs_counts_and_missing_metadata() -> None:
     ]
     dirty["metadata"].pop("kernelspec")
     assert any("kernelspec" in problem for problem in notebook_problems(dirty))
+
+
+def test_checker_flags_placeholders_in_prose() -> None:
+    unfinished = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    unfinished["cells"][0]["source"] = "Under `cpu` FedIT was ... <CPU>. TODO: rerun"
+    assert notebook_problems(unfinished) == ["cell 0 holds the placeholder '<CPU>'",
+                                             "cell 0 holds the placeholder 'TODO'"]
+    unfinished["cells"][0]["source"] = "A <b>bold</b> word, a matrix A < B, and TODOS are fine."
+    assert notebook_problems(unfinished) == []
 
 
 @pytest.mark.parametrize(

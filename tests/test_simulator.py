@@ -102,6 +102,16 @@ def test_same_seed_gives_the_same_history(federation):
     assert not first[columns].equals(other[columns])
 
 
+def test_a_run_without_evaluation_trains_and_aggregates_the_same(federation):
+    """evaluate=False leaves accuracy and test loss NaN and changes nothing else the run measures."""
+    evaluated = federation.run(FedIT(), rounds=2, progress=False, seed=1)
+    skipped = federation.run(FedIT(), rounds=2, progress=False, seed=1, evaluate=False)
+    assert evaluated[["accuracy", "test_loss"]].notna().all().all()
+    assert skipped[["accuracy", "test_loss"]].isna().all().all()
+    columns = ["train_loss", "bytes_up", "bytes_down", "discordance", "aggregation_error"]
+    pd.testing.assert_frame_equal(skipped[columns], evaluated[columns])
+
+
 def test_history_counts_real_bytes(federation):
     history = federation.run(FedIT(), rounds=1, progress=False)
     model = federation.fresh_model()
