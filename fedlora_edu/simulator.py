@@ -185,14 +185,13 @@ def local_train(
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ClientData, *, batch_size: int = 64,
              device: torch.device | None = None) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data`` (no autograd graph is kept)."""
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
     device = default_device() if device is None else device
     model.eval()
     correct, loss_sum = 0, 0.0
     for start in range(0, len(data), batch_size):
         batch = _trim(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
-        with torch.no_grad():
-            output = model(**batch)
+        output = model(**batch)
         loss_sum += float(output.loss) * batch["labels"].shape[0]
         correct += int((output.logits.argmax(dim=-1) == batch["labels"]).sum())
     return correct / len(data), loss_sum / len(data)
@@ -318,7 +317,8 @@ class Federation:
 
         ``evaluate=False`` skips the test-set evaluation after each round (``accuracy``
         and ``test_loss`` are NaN): for a run that measures only what aggregation does
-        (discordance, bytes), where the evaluation would be about a third of each round's time on a CPU.
+        (discordance, bytes), where the evaluation would be about a third of each
+        round's time on a CPU.
         ``evaluate_clients=True`` scores each client's own held-out split (the
         ``client_accuracy`` column), independently of ``evaluate``.
 
@@ -418,8 +418,10 @@ class Federation:
                 "clients": len(sampled), "excluded": excluded, "engine": used,
                 "clients_per_pass": 1 if used == "sequential" else self.last_clients_per_pass,
             })
-            bar.set_postfix(accuracy=f"{accuracy:.3f}") if evaluate else bar.set_postfix(
-                discordance=f"{measured_discordance:.2e}")
+            if evaluate:
+                bar.set_postfix(accuracy=f"{accuracy:.3f}")
+            else:
+                bar.set_postfix(discordance=f"{measured_discordance:.2e}")
         self.last_model = model
         self.last_server = server
         self.last_engine = used
