@@ -109,7 +109,7 @@ def run_profile(profile: str, timeout: int, runner: str = "kernel", only: list[s
     os.environ["FEDLORA_PROFILE"] = profile
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     sys.path.insert(0, str(ROOT))
-    from fedlora_edu.profiles import provenance
+    from fedlora_edu.simulation.profiles import provenance
 
     selected = [path for path in chapters() if not only or any(str(path.relative_to(ROOT)).startswith(o) for o in only)]
     timer = time_notebook if runner == "kernel" else time_notebook_exec

@@ -48,11 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fedlora_edu import adapters as adapter_io  # noqa: E402
-from fedlora_edu.aggregation import FedIT  # noqa: E402
-from fedlora_edu.profiles import default_device, get_profile, provenance  # noqa: E402
-from fedlora_edu.simulator import ClientData, Federation, build_federation  # noqa: E402
-from fedlora_edu.strategy import ServerState  # noqa: E402
+from fedlora_edu.core import adapters as adapter_io  # noqa: E402
+from fedlora_edu.core.strategy import ServerState  # noqa: E402
+from fedlora_edu.distributed.discordance import FedIT  # noqa: E402
+from fedlora_edu.simulation.federation import ClientData, Federation, build_federation  # noqa: E402
+from fedlora_edu.simulation.profiles import default_device, get_profile, provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -83,7 +83,7 @@ def build(model: str, clients: int, examples: int, max_length: int, rank: int, s
     if weights == "random":
         base_model, vocab_size = random_model(model, seed)
     else:
-        from fedlora_edu.models import load_classifier
+        from fedlora_edu.assets.models import load_classifier
 
         base_model, tokenizer = load_classifier(MODELS[model], num_labels=5, seed=seed)
         vocab_size = tokenizer.vocab_size
@@ -177,7 +177,7 @@ def equivalence(federation: Federation, args: argparse.Namespace) -> dict:
     """One round of both engines with dropout off: ||batched - sequential|| / ||sequential - start|| per client."""
     import copy
 
-    from fedlora_edu.engine import disable_dropout
+    from fedlora_edu.simulation.engine import disable_dropout
 
     clients = min(args.k)
     checked = copy.copy(federation)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout where the package is not i
 
 import torch  # noqa: E402
 
-from fedlora_edu.aggregation import truncated_factors, truncated_factors_factored  # noqa: E402
-from fedlora_edu.profiles import default_device, provenance  # noqa: E402
+from fedlora_edu.core.svd import truncated_factors, truncated_factors_factored  # noqa: E402
+from fedlora_edu.simulation.profiles import default_device, provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET = {"m": 4096, "n": 4096, "clients": 10, "rank": 16}

@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from fedlora_edu.profiles import get_profile
-from fedlora_edu.simulator import Federation, build_federation
+from fedlora_edu.simulation.federation import Federation, build_federation
+from fedlora_edu.simulation.profiles import get_profile
 
 TINY = get_profile("smoke").with_overrides(
     num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,
@@ -27,7 +27,7 @@ def tiny_federation(scheme: str = "iid", profile=TINY, **options) -> Federation:
 def recording(cls):
     """A subclass of the strategy class ``cls`` that keeps what it sees in a run.
 
-    - ``starts[t][k]``: a copy of client k's :class:`~fedlora_edu.strategy.ClientStart` in round t
+    - ``starts[t][k]``: a copy of client k's :class:`~fedlora_edu.core.strategy.ClientStart` in round t
       (0-based), taken before training;
     - ``sent``: one ``(t, result, payload, client_state copy)`` per upload, in order;
     - ``rounds[t]``: ``(server adapters before aggregation, uploads)``; ``uploads`` is the last round's.
@@ -41,7 +41,7 @@ def recording(cls):
 
         def client_upload(self, result, client_state, round_index):
             payload = super().client_upload(result, client_state, round_index)
-            self.__dict__.setdefault("sent", []).append((round_index, result, payload, dict(client_state)))
+            self.__dict__.setdefault("sent", []).append((round_index, result, payload, copy.copy(client_state)))
             return payload
 
         def aggregate(self, server, uploads, round_index):

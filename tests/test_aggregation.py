@@ -7,18 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu.aggregation import (
-    check_weights,
-    discordance,
-    fedex_residual,
-    fedit_average,
-    ffa_aggregate,
-    flexlora,
-    flora_stack,
-    ideal_update,
-    make_strategy,
-    truncated_factors,
-)
+from fedlora_edu.core.checks import check_weights
+from fedlora_edu.core.factors import discordance, fedit_average, ideal_update
+from fedlora_edu.core.svd import truncated_factors
+from fedlora_edu.distributed.corrective import fedex_residual
+from fedlora_edu.distributed.full_size import flexlora, flora_stack
+from fedlora_edu.distributed.single_matrix import ffa_aggregate
+from fedlora_edu.registry import make_strategy
 
 TOL = dict(atol=1e-9, rtol=1e-9)
 

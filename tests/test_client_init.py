@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.adapters import tensor_bytes
-from fedlora_edu.aggregation import FedIT, fedit_average
-from fedlora_edu.client_init import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import tensor_bytes
+from fedlora_edu.core.factors import fedit_average
+from fedlora_edu.core.strategy import ServerState, normalized_weights, split_factors
+from fedlora_edu.distributed.client_init import (
     SEED_BYTES,
-    STRATEGIES,
     AvgInitial,
     FedLoRU,
     FRLoRA,
@@ -46,8 +46,8 @@ from fedlora_edu.client_init import (
     principal_factors,
     update_dispersion,
 )
-from fedlora_edu.methods import METHODS, make_strategy
-from fedlora_edu.strategy import ServerState, normalized_weights, split_factors
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.registry import METHODS, make_strategy, methods_in
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -326,9 +326,9 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_registry_names_match():
-    assert set(STRATEGIES) == {"Avg-Initial", "Re-Initial", "Local-Initial", "FedLoRU", "pFedLoRU", "mFedLoRU",
-                               "FRLoRA"}
-    for name, cls in STRATEGIES.items():
+    assert set(methods_in("fedlora_edu.distributed.client_init")) == {
+        "Avg-Initial", "Re-Initial", "Local-Initial", "FedLoRU", "pFedLoRU", "mFedLoRU", "FRLoRA"}
+    for name, cls in methods_in("fedlora_edu.distributed.client_init").items():
         assert cls.name == name and METHODS[name] is cls
     assert make_strategy("FedLoRU", tau=3).tau == 3
     assert ReInitial().tau == 1
@@ -355,7 +355,7 @@ def test_fedloru_global_weight_is_w_prime_plus_the_accumulated_products(federati
     federation.run(strategy, rounds=4, progress=False)
     model, server = federation.last_model, federation.last_server
     pristine = federation.fresh_model()
-    assert server.extra["fedloru_merge_rounds"] == [2, 4]
+    assert server.method_state.merge_rounds == [2, 4]
     for layer in adapter_io.lora_layers(model):
         pretrained = adapter_io.base_weight(pristine, layer).detach()
         merges = [averaged(strategy.rounds[t - 1][1], layer) for t in (2, 4)]
@@ -384,7 +384,7 @@ def test_re_initial_is_fedloru_with_tau_1(federation):
     reinit = federation.run(ReInitial(), rounds=3, progress=False)
     reinit_weights = {n: adapter_io.effective_weight(federation.last_model, n)
                       for n in adapter_io.lora_layers(federation.last_model)}
-    assert federation.last_server.extra["fedloru_merge_rounds"] == [1, 2, 3]
+    assert federation.last_server.method_state.merge_rounds == [1, 2, 3]
     tau1 = federation.run(FedLoRU(tau=1), rounds=3, progress=False)
     for column in ("accuracy", "test_loss", "bytes_up", "bytes_down"):
         assert tau1[column].tolist() == reinit[column].tolist()
@@ -426,7 +426,7 @@ def test_avg_initial_is_fedit(federation):
 def test_local_initial_starts_every_client_from_one_clients_previous_adapter(federation):
     strategy = recording(LocalInitial)()
     federation.run(strategy, rounds=3, progress=False)
-    chosen = federation.last_server.extra["local_initial_clients"]
+    chosen = federation.last_server.method_state.chosen_clients
     assert len(chosen) == 3
     scaling = federation.last_server.scaling
     for t in (1, 2):
@@ -469,7 +469,7 @@ def test_pfedloru_personal_module_never_leaves_the_client(federation):
             a, b = result.adapters[n]
             assert a.shape[0] == total
             assert torch.equal(payload.tensors[f"{n}.A"], a[:g]) and torch.equal(payload.tensors[f"{n}.B"], b[:, :g])
-            personal_a, personal_b = state["personal"][n]
+            personal_a, personal_b = state.personal[n]
             assert torch.equal(personal_a, a[g:]) and torch.equal(personal_b, b[:, g:])
             assert float(personal_b.abs().max()) > 0  # the personal module did train
             # no column of an uploaded B and no row of an uploaded A is one of the personal module's
@@ -484,7 +484,7 @@ def test_pfedloru_personal_module_never_leaves_the_client(federation):
     k = strategy.sent[-1][1].client_id
     personal, head = strategy.personal_model(server, k, strategy.sent[-1][3])
     for n, (a, b) in personal.items():
-        assert torch.equal(a[:g], server.adapters[n][0]) and torch.equal(a[g:], strategy.sent[-1][3]["personal"][n][0])
+        assert torch.equal(a[:g], server.adapters[n][0]) and torch.equal(a[g:], strategy.sent[-1][3].personal[n][0])
         assert b.shape[1] == total
 
 
@@ -530,7 +530,7 @@ def test_mfedloru_global_weight_is_w_prime_plus_the_accumulated_products(federat
     history = federation.run(strategy, rounds=4, progress=False)
     model, server = federation.last_model, federation.last_server
     pristine = federation.fresh_model()
-    assert server.extra["fedloru_merge_rounds"] == [2, 4]
+    assert server.method_state.merge_rounds == [2, 4]
 
     def rebuilt(t, layer):
         """(A_t, B_t): round t's start adapter plus the p_k-weighted nested updates of its uploads."""
@@ -579,16 +579,16 @@ def test_mfedloru_global_weight_is_w_prime_plus_the_accumulated_products(federat
 def test_mfedloru_clients_train_only_rank_rk_factors_in_the_sequential_loop(federation, monkeypatch):
     """The optimiser of client k holds the nested factors (r x r_k, r_k x n, m x r_k, r_k x r per layer) and
     the head, nothing of rank r; the engine is not used; no parametrisation outlives a client."""
-    import fedlora_edu.simulator as simulator
+    import fedlora_edu.foundations.training as training
 
     made = []
-    real_adamw = simulator.adamw
+    real_adamw = training.adamw
 
     def recording_adamw(parameters, learning_rate):
         made.append([tuple(p.shape) for p in parameters])
         return real_adamw(parameters, learning_rate)
 
-    monkeypatch.setattr(simulator, "adamw", recording_adamw)
+    monkeypatch.setattr(training, "adamw", recording_adamw)
     ranks = [1, 2, 3]
     history = federation.run(MFedLoRU(ranks=ranks, tau=2), rounds=1, progress=False)
     assert (history["engine"] == "sequential").all()
@@ -652,6 +652,8 @@ def test_frlora_restarts_from_the_top_singular_vectors_and_sums_the_residuals(fe
 
 
 def test_frlora_needs_prepare():
-    server = ServerState(adapters={"q": (torch.zeros(2, 3), torch.zeros(3, 2))}, head={}, scaling=1.0, rank=2)
+    strategy = FRLoRA()
+    server = ServerState(adapters={"q": (torch.zeros(2, 3), torch.zeros(3, 2))}, head={}, scaling=1.0, rank=2,
+                         method_state=strategy.new_state())
     with pytest.raises(ValueError, match="prepare"):
-        FRLoRA().client_start(server, 0, {}, 0)
+        strategy.client_start(server, 0, strategy.new_client_state(), 0)

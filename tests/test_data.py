@@ -8,7 +8,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from fedlora_edu import data
+from fedlora_edu.assets import data
 
 # A link, or what is left of one: scheme, "www.", or a shortened "host.tld/path".
 URL_LIKE = re.compile(r"https?:|://|www\.|\b[a-z0-9-]+\.[a-z]{2,6}/\w", re.IGNORECASE)

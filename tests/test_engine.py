@@ -12,9 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.aggregation import FedIT, FFALoRA, FlexLoRA, FLoRA
-from fedlora_edu.engine import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.strategy import Payload, Strategy
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.distributed.full_size import FlexLoRA, FLoRA
+from fedlora_edu.distributed.single_matrix import FFALoRA
+from fedlora_edu.simulation.engine import (
     ClientJob,
     batched_linear,
     batched_lora_forward,
@@ -23,8 +26,7 @@ from fedlora_edu.engine import (
     train_clients_in_groups,
     unsupported_reason,
 )
-from fedlora_edu.simulator import Federation, build_federation
-from fedlora_edu.strategy import Payload, Strategy
+from fedlora_edu.simulation.federation import Federation, build_federation
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -95,7 +97,7 @@ def replay(federation, strategy, rounds):
     Identical starts isolate one round's local training (otherwise round t + 1 starts from aggregates
     that already differ by float noise). Valid for strategies that leave W' alone (no base_deltas).
     """
-    from fedlora_edu.simulator import _seed_for
+    from fedlora_edu.simulation.federation import _seed_for
 
     federation.run(strategy, rounds=rounds, engine="sequential", progress=False)
     model = federation.fresh_model(strategy.max_rank(federation.num_clients))
@@ -264,7 +266,7 @@ def test_groups_of_clients_give_the_one_pass_results(federation):
 def test_running_out_of_memory_halves_the_group(federation, monkeypatch):
     """A device that holds at most 2 clients per pass (simulated): 5 clients run as 3 passes of <= 2,
     with the results of one pass; an explicit clients_per_pass that does not fit raises instead."""
-    import fedlora_edu.engine as engine
+    import fedlora_edu.simulation.engine as engine
 
     options = {"steps": 1, "batch_size": TINY.batch_size, "learning_rate": TINY.learning_rate}
     model = federation.fresh_model()
@@ -304,7 +306,7 @@ def test_run_reports_and_checks_clients_per_pass(federation):
 
 
 def _server(federation):
-    from fedlora_edu.strategy import ServerState
+    from fedlora_edu.core.strategy import ServerState
 
     model = federation.fresh_model()
     return ServerState(adapter_io.get_lora_factors(model), adapter_io.get_head_state(model),
@@ -404,20 +406,20 @@ def test_a_thousand_clients_hold_optimiser_state_only_for_the_sampled_ten(federa
     import gc
     import weakref
 
-    import fedlora_edu.simulator as simulator
+    import fedlora_edu.simulation.engine as engine
 
     pool = federation.clients[0]
     clients = [pool.subset([i % len(pool)]) for i in range(1000)]
     many = Federation(federation.base_model, clients, federation.test, profile=TINY)
     made = []
-    real_adamw = simulator.adamw
+    real_adamw = engine.adamw
 
     def recording_adamw(parameters, learning_rate):
         optimizer = real_adamw(parameters, learning_rate)
         made.append((weakref.ref(optimizer), [tuple(p.shape) for p in parameters]))
         return optimizer
 
-    monkeypatch.setattr(simulator, "adamw", recording_adamw)
+    monkeypatch.setattr(engine, "adamw", recording_adamw)
     history = many.run(FedIT(), rounds=2, clients_per_round=10, local_steps=1, progress=False, engine="batched")
     assert (history["clients"] == 10).all()
     assert len(made) == 2  # one optimiser per round, none per client

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora_edu.exercises import EXERCISES, ExerciseFailed, check
+from fedlora_edu.teaching.exercises import EXERCISES, ExerciseFailed, check
 
 ROOT = Path(__file__).resolve().parents[1]
 

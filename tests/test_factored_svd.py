@@ -12,15 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu.aggregation import (
-    FlexLoRA,
-    factored_svd,
-    flexlora,
-    flora_stack,
-    ideal_update,
-    truncated_factors,
-    truncated_factors_factored,
-)
+from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.svd import factored_svd, truncated_factors, truncated_factors_factored
+from fedlora_edu.distributed.full_size import FlexLoRA, flexlora, flora_stack
 
 
 def clients(seed: int, m: int, n: int, ranks: list[int], deficient: bool = False):

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu import fedavg as fa
-from fedlora_edu.partition import partition
+from fedlora_edu.foundations import fedavg as fa
+from fedlora_edu.foundations.partition import partition
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -188,8 +188,8 @@ def test_probe_rejects_bad_input(change, parameter):
 # ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bbc_embeddings():
-    from fedlora_edu.data import load_text_classification, train_test_split
-    from fedlora_edu.models import load_classifier
+    from fedlora_edu.assets.data import load_text_classification, train_test_split
+    from fedlora_edu.assets.models import load_classifier
 
     dataset = load_text_classification("bbc_news", max_examples=200, seed=0)
     train, test = train_test_split(dataset, test_fraction=0.25, seed=0)

@@ -10,19 +10,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.aggregation import FedIT, FlexLoRA, flexlora, ideal_update
-from fedlora_edu.full_size import (
-    STRATEGIES,
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.distributed.full_size import (
     FedPipe,
+    FlexLoRA,
+    FLoRA,
     dequantize,
     fake_quantize,
     fedpipe_aggregate,
+    flexlora,
     quantization_error_bound,
     quantize,
     quantize_factors,
     quantized_nbytes,
 )
+from fedlora_edu.registry import methods_in
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -132,7 +136,7 @@ def test_bad_input_is_named():
     As, Bs, p = clients(0, 4, 4, [2, 2])
     with pytest.raises(ValueError, match="bits has 1 entries"):
         fedpipe_aggregate(As, Bs, p, [8], [2])
-    assert STRATEGIES == {"FedPipe": FedPipe}
+    assert methods_in("fedlora_edu.distributed.full_size") == {"FLoRA": FLoRA, "FlexLoRA": FlexLoRA, "FedPipe": FedPipe}
 
 
 # ----- on the real model, through the simulator ------------------------------------------

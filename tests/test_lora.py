@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fedlora_edu.lora import (
+from fedlora_edu.foundations.lora import (
     LoRALinear,
     apply_lora,
     full_parameter_count,

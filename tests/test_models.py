@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.models import add_lora, embedded_model_dir, load_classifier, resolve_model
-from fedlora_edu.profiles import PROFILES, describe_environment, get_profile, library_versions
+from fedlora_edu.assets.models import add_lora, embedded_model_dir, load_classifier, resolve_model
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.simulation.profiles import PROFILES, describe_environment, get_profile, library_versions
 
 
 @pytest.fixture(scope="module")

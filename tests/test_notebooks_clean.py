@@ -20,6 +20,9 @@ NOTEBOOK_DIRS = ("book", "exercises")
 PAGE_SUFFIXES = (".ipynb", ".md")
 # Text left for a measurement to fill in ("<CPU>", "TODO"): a chapter must say what was measured.
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]+>|\bTODO\b|\bTBD\b|\bFIXME\b")
+# Source shown as printed text: a chapter shows the package's code with fedlora_edu.show_source
+# (highlighted, taken from the package when it runs), never print(inspect.getsource(...)).
+PRINTED_SOURCE = re.compile(r"\bgetsource\s*\(")
 
 
 def find_notebooks() -> list[Path]:
@@ -49,6 +52,8 @@ def notebook_problems(notebook: dict) -> list[str]:
             problems += [f"cell {index} holds the placeholder {m.group()!r}" for m in PLACEHOLDER.finditer(source)]
         if cell.get("cell_type") != "code":
             continue
+        if PRINTED_SOURCE.search("".join(cell.get("source", ""))):
+            problems.append(f"cell {index} prints source with inspect.getsource; use fedlora_edu.show_source")
         if cell.get("outputs"):
             problems.append(f"cell {index} has outputs")
         if cell.get("execution_count") is not None:
@@ -124,6 +129,14 @@ def test_checker_flags_placeholders_in_prose() -> None:
                                              "cell 0 holds the placeholder 'TODO'"]
     unfinished["cells"][0]["source"] = "A <b>bold</b> word, a matrix A < B, and TODOS are fine."
     assert notebook_problems(unfinished) == []
+
+
+def test_checker_flags_printed_source() -> None:
+    printing = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    printing["cells"][1]["source"] = "import inspect\nprint(inspect.getsource(FedIT.aggregate))"
+    assert notebook_problems(printing) == ["cell 1 prints source with inspect.getsource; use fedlora_edu.show_source"]
+    printing["cells"][1]["source"] = "show_source(FedIT.aggregate)"
+    assert notebook_problems(printing) == []
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fedlora_edu import partition as part  # noqa: E402
+from fedlora_edu.foundations import partition as part  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -17,11 +17,13 @@ from helpers import TINY, recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.adapters import tensor_bytes
-from fedlora_edu.aggregation import FedIT, fedit_average, flora_stack, ideal_update
-from fedlora_edu.methods import METHODS, make_strategy
-from fedlora_edu.rank_clustering import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import tensor_bytes
+from fedlora_edu.core.factors import fedit_average, ideal_update
+from fedlora_edu.core.strategy import normalized_weights, split_factors
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.distributed.full_size import flora_stack
+from fedlora_edu.distributed.rank_clustering import (
     FedInc,
     _reseed_empty,
     cluster_residual,
@@ -31,7 +33,7 @@ from fedlora_edu.rank_clustering import (
     round_seed,
     weighted_kmeans,
 )
-from fedlora_edu.strategy import normalized_weights, split_factors
+from fedlora_edu.registry import METHODS, make_strategy
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -367,7 +369,7 @@ def test_effective_weight_is_the_base_plus_scaled_product_of_the_clustered_facto
     pristine = federation.fresh_model()
     uploads = strategy.uploads
     p = normalized_weights(uploads)
-    assert server.extra["fedinc_clusters"] == TINY.rank
+    assert server.method_state.clusters == TINY.rank
     for name in adapter_io.lora_layers(model):
         As, Bs = layer_uploads(uploads, name)
         a, b = server.adapters[name]
@@ -392,7 +394,7 @@ def test_effective_weight_is_the_base_plus_scaled_product_of_the_clustered_facto
         assert float((full_b @ full_a - ideal).abs().max()) <= 1e-5 * float(ideal.abs().max())
         assert cluster_residual(As, Bs, p, a, b) > 1e-3 * float(torch.linalg.matrix_norm(ideal))
     # The k-means objective of every layer and round never increased.
-    for record in server.extra["fedinc"]:
+    for record in server.method_state.records:
         for layer in record.values():
             objective = layer["objective"]
             assert all(y <= x + 1e-9 * (1 + x) for x, y in zip(objective, objective[1:], strict=False))
@@ -427,7 +429,7 @@ def test_weighted_variant_through_the_simulator_is_the_pure_function(federation)
         expected_a, expected_b = fedinc_aggregate(As, Bs, p, TINY.rank, seed=round_seed(0, 0), weighted=True)
         torch.testing.assert_close(a, expected_a, rtol=0, atol=0)
         torch.testing.assert_close(b, expected_b, rtol=0, atol=0)
-    for layer in server.extra["fedinc"][0].values():
+    for layer in server.method_state.records[0].values():
         assert sum(layer["masses"]) == pytest.approx(TINY.rank)  # each of a client's r components weighs p_k
 
 

@@ -19,11 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.methods import METHODS
-from fedlora_edu.server_init import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.distributed.server_init import (
     SEED_BYTES,
-    STRATEGIES,
     FeDeRA,
     SLoRA,
     StandardInit,
@@ -39,6 +37,7 @@ from fedlora_edu.server_init import (
     top_r_part,
     update_spread,
 )
+from fedlora_edu.registry import METHODS, methods_in
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -298,8 +297,8 @@ def test_bad_input_is_named():
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"standard init", "FeDeRA", "SLoRA"}
-    assert all(METHODS[name] is cls for name, cls in STRATEGIES.items())
+    assert set(methods_in("fedlora_edu.distributed.server_init")) == {"standard init", "FeDeRA", "SLoRA"}
+    assert all(METHODS[name] is cls for name, cls in methods_in("fedlora_edu.distributed.server_init").items())
 
 
 # ----------------------------------------------------------------------------------------
@@ -449,8 +448,8 @@ def slora_runs(federation):
 def test_slora_stage1_update_is_sparse_and_stage2_preserves_it(slora_runs, pretrained):
     weights, _, scaling = pretrained
     strategy, _ = slora_runs[True]
-    extra = strategy.server.extra
-    deltas, masks = extra["slora_delta"], extra["slora_masks"]
+    state = strategy.server.method_state
+    deltas, masks = state.delta, state.masks
     for name, w in weights.items():
         delta, mask = deltas[name], masks[name]
         assert float(delta[~mask].abs().max()) == 0.0  # zero outside the mask
@@ -475,7 +474,7 @@ def test_slora_split_b_changes_the_factors_not_the_start(slora_runs, federation,
     strategy = probe(SLoRA)(density=0.02, stage1_rounds=2, split="B")
     federation.run(strategy, rounds=1, progress=False, seed=0)
     for name in weights:
-        assert torch.equal(strategy.server.extra["slora_delta"][name], balanced.server.extra["slora_delta"][name])
+        assert torch.equal(strategy.server.method_state.delta[name], balanced.server.method_state.delta[name])
         a, b = strategy.adapters[name]
         a_bal, b_bal = balanced.adapters[name]
         assert torch.allclose(b @ a, b_bal @ a_bal, atol=1e-6)
@@ -485,8 +484,8 @@ def test_slora_split_b_changes_the_factors_not_the_start(slora_runs, federation,
 
 def test_slora_stage1_bytes_are_the_masks_real_size(slora_runs, federation):
     strategy, history = slora_runs[True]
-    record = strategy.server.extra["slora"]
-    masks = strategy.server.extra["slora_masks"]
+    record = strategy.server.method_state.record
+    masks = strategy.server.method_state.masks
     entries = sum(int(m.sum()) for m in masks.values())
     expected_entries = sum(max(1, round(0.02 * m.numel())) for m in masks.values())
     assert entries == expected_entries == record["entries"]

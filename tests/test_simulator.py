@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 import torch
 from helpers import TINY, recording
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.aggregation import FedExLoRA, FedIT, FFALoRA, FlexLoRA, FLoRA, ideal_update, truncated_factors
-from fedlora_edu.simulator import build_federation
-from fedlora_edu.strategy import Payload, split_factors
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.strategy import Payload, Strategy, split_factors
+from fedlora_edu.core.svd import truncated_factors
+from fedlora_edu.distributed.corrective import FedExLoRA
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.distributed.full_size import FlexLoRA, FLoRA
+from fedlora_edu.distributed.single_matrix import FFALoRA
+from fedlora_edu.simulation.federation import build_federation
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -199,30 +205,39 @@ def test_centralized_training_learns(federation):
 def test_the_interface_expresses_private_state_personal_models_and_compressed_payloads(federation):
     """A toy personalised method: each client keeps its trained adapter (never uploaded), is
     evaluated with it on its own split, and sends a head quantised to one byte per value."""
-    from fedlora_edu.strategy import Strategy
+    @dataclass
+    class Rounds:
+        seen: int = 0
+
+    @dataclass
+    class Private:
+        adapters: dict | None = None
+        head: dict | None = None
 
     class PrivateAdapters(Strategy):
         name = "private"
+        State = Rounds
+        ClientState = Private
 
         def client_start(self, server, client_id, client_state, round_index):
             start = super().client_start(server, client_id, client_state, round_index)
-            if "adapters" in client_state:
-                start.adapters = client_state["adapters"]
+            if client_state.adapters is not None:
+                start.adapters = client_state.adapters
             start.download = Payload(nbytes=0)
             return start
 
         def client_upload(self, result, client_state, round_index):
-            client_state["adapters"] = result.adapters
-            client_state["head"] = result.head
+            client_state.adapters = result.adapters
+            client_state.head = result.head
             return Payload({f"head.{k}": v for k, v in result.head.items()},
                            nbytes=sum(v.numel() for v in result.head.values()))
 
         def aggregate(self, server, uploads, round_index):
-            server.extra["rounds_seen"] = server.extra.get("rounds_seen", 0) + 1
+            server.method_state.seen += 1
             self.aggregate_head(server, uploads)
 
         def personal_model(self, server, client_id, client_state):
-            return (client_state["adapters"], client_state["head"]) if "adapters" in client_state else None
+            return None if client_state.adapters is None else (client_state.adapters, client_state.head)
 
     strategy = PrivateAdapters()
     history = federation.run(strategy, rounds=2, progress=False, evaluate_clients=True)
@@ -230,7 +245,7 @@ def test_the_interface_expresses_private_state_personal_models_and_compressed_pa
     assert (history["bytes_up"] == 3 * head_values).all()
     assert (history["bytes_down"] == 0).all()
     assert history["client_accuracy"].between(0, 1).all()
-    assert federation.last_server.extra["rounds_seen"] == 2
+    assert federation.last_server.method_state.seen == 2
     # The global adapter never moved: nothing was aggregated into it.
     for name, (a, _) in adapter_io.get_lora_factors(federation.fresh_model()).items():
         torch.testing.assert_close(federation.last_server.adapters[name][0], a)
@@ -279,8 +294,7 @@ def test_prepare_sees_the_model_and_its_base_deltas_reach_w_prime_before_round_o
 
 
 def test_every_registered_method_is_built_by_name():
-    from fedlora_edu.aggregation import make_strategy
-    from fedlora_edu.methods import METHODS
+    from fedlora_edu.registry import METHODS, make_strategy
 
     assert {"FedIT", "FFA-LoRA", "FLoRA", "FlexLoRA", "FedEx-LoRA", "CoLR", "RoLoRA", "LoRA-A2",
             "FedPipe"} <= set(METHODS)

@@ -16,13 +16,14 @@ from helpers import TINY, recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.adapters import tensor_bytes
-from fedlora_edu.aggregation import FedIT, discordance, ideal_update
-from fedlora_edu.single_matrix import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import tensor_bytes
+from fedlora_edu.core.factors import discordance, ideal_update
+from fedlora_edu.core.strategy import normalized_weights
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.distributed.single_matrix import (
     INDEX_DTYPE,
     SEED_BYTES,
-    STRATEGIES,
     CoLR,
     LoRAA2,
     RoLoRA,
@@ -36,7 +37,7 @@ from fedlora_edu.single_matrix import (
     select_top_ranks,
     single_matrix_average,
 )
-from fedlora_edu.strategy import normalized_weights
+from fedlora_edu.registry import methods_in
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -242,8 +243,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_strategies_table_names_match():
-    assert set(STRATEGIES) == {"CoLR", "RoLoRA", "LoRA-A2"}
-    assert all(cls.name == name for name, cls in STRATEGIES.items())
+    assert set(methods_in("fedlora_edu.distributed.single_matrix")) == {"FFA-LoRA", "CoLR", "RoLoRA", "LoRA-A2"}
+    assert all(cls.name == name for name, cls in methods_in("fedlora_edu.distributed.single_matrix").items())
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,7 +381,7 @@ class UploadRecordingLoRAA2(LoRAA2):
     def client_upload(self, result, client_state, round_index):
         payload = super().client_upload(result, client_state, round_index)
         self.sent = getattr(self, "sent", [])
-        self.sent.append((round_index, client_state["lora_a2_start"], result.adapters, payload))
+        self.sent.append((round_index, client_state.start, result.adapters, payload))
         return payload
 
 
@@ -429,5 +430,5 @@ def test_budget_larger_than_the_rank_fails_at_run(federation):
 
 
 def test_every_combination_of_method_and_round_trains_one_matrix():
-    for (name, cls), t in itertools.product(STRATEGIES.items(), range(4)):
+    for (name, cls), t in itertools.product(methods_in("fedlora_edu.distributed.single_matrix").items(), range(4)):
         assert len(cls().trainable(t)) == 1, name

@@ -1,5 +1,5 @@
 """Solutions to exercises/aggregation_basics.ipynb (teachers: leave this folder out when you hand
-the exercises out). tests/test_exercises.py checks each one with fedlora_edu.exercises.check."""
+the exercises out). tests/test_exercises.py checks each one with fedlora_edu.teaching.exercises.check."""
 
 from __future__ import annotations
 

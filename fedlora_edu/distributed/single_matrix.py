@@ -1,4 +1,4 @@
-"""Single low-rank matrix aggregation (survey section 3.1, eq. 5): CoLR, RoLoRA and LoRA-A2.
+"""Single low-rank matrix aggregation (survey section 3.1, eq. 5): FFA-LoRA, CoLR, RoLoRA and LoRA-A2.
 
 The survey's first family against aggregation discordance trains and sends only one of
 the two LoRA factors per round, while the other one is the same on every client. Then
@@ -6,9 +6,10 @@ averaging the trained factor is the ideal aggregation exactly (eq. 5):
 
     sum_k p_k B_k A = (sum_k p_k B_k) A        or        sum_k p_k B A_k = B (sum_k p_k A_k).
 
-FFA-LoRA (A frozen for good) lives in :mod:`fedlora_edu.aggregation`; this module adds
-the three other methods of the family:
+The family's four methods:
 
+- :class:`FFALoRA` (Sun et al. 2024): A stays at its random initialisation for good and only
+  B trains (:func:`ffa_aggregate`).
 - :class:`CoLR` (Nguyen et al. 2024): a fresh shared random factor every round, drawn
   from a seed the server broadcasts (:func:`colr_fresh_adapters`); the round's product
   is folded into the frozen weight W' (:func:`colr_merge`).
@@ -24,26 +25,30 @@ Notation of the survey: A is r x n, B is m x r, p_k are client weights summing t
 products are unscaled (LoRA's alpha / r multiplies every term alike). ``side`` names the
 factor that trains in a round, ``"A"`` or ``"B"``.
 
-Taught in ``book/part2/single_matrix.ipynb``.
+Taught in ``book/part2/single_matrix.ipynb`` (FFA-LoRA first in
+``book/part2/aggregation_discordance.ipynb``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.adapters import Factors
-from fedlora_edu.aggregation import check_factors, check_weights
-from fedlora_edu.strategy import (
+from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.checks import check_factors, check_weights
+from fedlora_edu.core.factors import average_tensors
+from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
     Payload,
     ServerState,
     Strategy,
     Upload,
-    average_tensors,
+    collect_factors,
     normalized_weights,
 )
 
@@ -100,6 +105,15 @@ def single_matrix_average(
     check_side(side)
     _check_shared(frozen, trained, side)
     return average_tensors(list(trained), check_weights(weights, len(trained)))
+
+
+def ffa_aggregate(A: Tensor, Bs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """FFA-LoRA (Sun et al. 2024), eq. 5: with A frozen and shared, sum_k p_k B_k A = (sum_k p_k B_k) A.
+
+    Returns the averaged B; its product with the shared A equals the ideal update exactly.
+    """
+    check_factors([A] * len(Bs), Bs)
+    return average_tensors(list(Bs), check_weights(weights, len(Bs)))
 
 
 def fresh_factor(shape: tuple[int, int], fan_in: int, generator: torch.Generator) -> Tensor:
@@ -264,6 +278,35 @@ def _trained_by_layer(server: ServerState, uploads: list[Upload], side: str) -> 
     return out
 
 
+class FFALoRA(Strategy):
+    """FFA-LoRA (Sun et al. 2024, ICLR): A stays at its random initialisation; only B trains (eq. 5).
+
+    A is derived from the shared seed, so clients never download it; each round moves
+    B and the head only.
+    """
+
+    name = "FFA-LoRA"
+    paper = "Sun, Li, Li, Ding 2024, ICLR, arXiv 2403.12313"
+    chapter = "book/part2/aggregation_discordance"
+
+    def trainable(self, round_index: int) -> frozenset[str]:
+        return frozenset({"B"})
+
+    def client_start(self, server, client_id, client_state, round_index):
+        start = super().client_start(server, client_id, client_state, round_index)
+        tensors = {k: v for k, v in start.download.tensors.items() if not k.endswith(".A")}
+        start.download = Payload(tensors)
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = collect_factors(server, uploads)
+        server.adapters = {
+            n: (server.adapters[n][0], ffa_aggregate(server.adapters[n][0], b_list, weights))
+            for n, (_, b_list) in per_layer.items()
+        }
+        self.aggregate_head(server, uploads)
+
+
 class RoLoRA(Strategy):
     """RoLoRA (Chen, Ju, Dalal, Zhu, Khisti 2024, arXiv 2409.02346): alternating minimisation of LoRA.
 
@@ -281,6 +324,8 @@ class RoLoRA(Strategy):
     """
 
     name = "RoLoRA"
+    paper = "Chen, Ju, Dalal, Zhu, Khisti 2024, arXiv 2409.02346"
+    chapter = "book/part2/single_matrix"
 
     def trainable(self, round_index: int) -> frozenset[str]:
         return frozenset({alternating_side(round_index)})
@@ -331,6 +376,20 @@ class CoLR(Strategy):
     """
 
     name = "CoLR"
+    paper = "Nguyen et al. 2024, WWW, arXiv 2401.03748"
+    chapter = "book/part2/single_matrix"
+
+    @dataclass
+    class State:
+        """Per round, the averaged trained factor of every layer (what a late client must apply)."""
+
+        merges: list[dict[str, Tensor]] = field(default_factory=list)
+
+    @dataclass
+    class ClientState:
+        """How many of the server's merges this client has applied to its W'."""
+
+        merges_applied: int = 0
 
     def __init__(self, rank: int | None = None, trained: str = "A") -> None:
         super().__init__(rank)
@@ -342,16 +401,14 @@ class CoLR(Strategy):
         return frozenset({self.trained})
 
     def init_server(self, server: ServerState, seed: int) -> None:
-        server.extra["seed"] = seed
         server.adapters = colr_fresh_adapters(server.adapters, seed, 0, self.trained)
-        server.extra["colr_merges"] = []  # per round: the averaged trained factor of every layer
 
     def client_start(
-        self, server: ServerState, client_id: int, client_state: dict, round_index: int
+        self, server: ServerState, client_id: int, client_state: Any, round_index: int
     ) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
-        merges: list[dict[str, Tensor]] = server.extra.get("colr_merges", [])
-        missed = merges[client_state.get("colr_applied", 0):]
+        merges = server.method_state.merges
+        missed = merges[client_state.merges_applied:]
         tensors: dict[str, Tensor] = {f"head.{k}": v for k, v in server.head.items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + SEED_BYTES  # this round's seed
         if missed:
@@ -360,7 +417,7 @@ class CoLR(Strategy):
             nbytes += min(factored, dense)
             for j, merge in enumerate(missed):
                 tensors.update({f"{name}.{self.trained}@merge{j}": t for name, t in merge.items()})
-        client_state["colr_applied"] = len(merges)
+        client_state.merges_applied = len(merges)
         start.download = Payload(tensors, nbytes=nbytes)
         return start
 
@@ -373,9 +430,9 @@ class CoLR(Strategy):
             frozen = b if side == "A" else a
             averages[name] = single_matrix_average(frozen, trained, weights, side)
             deltas[name] = colr_merge(frozen, trained, weights, side)
-        server.extra.setdefault("colr_merges", []).append(averages)
+        server.method_state.merges.append(averages)
         server.base_deltas = {name: server.scaling * delta for name, delta in deltas.items()}
-        server.adapters = colr_fresh_adapters(server.adapters, int(server.extra.get("seed", 0)), round_index + 1,
+        server.adapters = colr_fresh_adapters(server.adapters, server.seed, round_index + 1,
                                               self.trained)
         self.aggregate_head(server, uploads)
 
@@ -407,6 +464,15 @@ class LoRAA2(Strategy):
     """
 
     name = "LoRA-A2"
+    paper = "Koo, Jang, Ok 2024, ACL 2025, arXiv 2410.22815"
+    chapter = "book/part2/single_matrix"
+
+    @dataclass
+    class ClientState:
+        """The round's starting factors and rank budget, kept to score the client's own update."""
+
+        start: dict[str, Factors] = field(default_factory=dict)
+        budget: int = 0
 
     def __init__(self, rank: int | None = None, budget: int | Sequence[int] | None = None) -> None:
         super().__init__(rank)
@@ -438,22 +504,22 @@ class LoRAA2(Strategy):
         return frozenset({alternating_side(round_index)})
 
     def client_start(
-        self, server: ServerState, client_id: int, client_state: dict, round_index: int
+        self, server: ServerState, client_id: int, client_state: Any, round_index: int
     ) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
         # The client keeps its starting factors to score its own update (they never leave it).
-        client_state["lora_a2_start"] = {name: (a.clone(), b.clone()) for name, (a, b) in start.adapters.items()}
-        client_state["lora_a2_budget"] = self.client_budget(client_id, server)
+        client_state.start = {name: (a.clone(), b.clone()) for name, (a, b) in start.adapters.items()}
+        client_state.budget = self.client_budget(client_id, server)
         return start
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         side = alternating_side(round_index)
-        started: dict[str, Factors] = client_state["lora_a2_start"]
+        started = client_state.start
         scores = {}
         for name, (a, b) in result.adapters.items():
             a0, b0 = started[name]
             scores[name] = rank_importance(a0, b0, b, side) if side == "B" else rank_importance(b0, a0, a, side)
-        count = client_state["lora_a2_budget"] * len(scores)
+        count = client_state.budget * len(scores)
         selected = select_top_ranks(scores, count)
         tensors: dict[str, Tensor] = {}
         for name, indices in selected.items():
@@ -482,5 +548,3 @@ class LoRAA2(Strategy):
         server.adapters = adapters
         self.aggregate_head(server, uploads)
 
-
-STRATEGIES: dict[str, type[Strategy]] = {"CoLR": CoLR, "RoLoRA": RoLoRA, "LoRA-A2": LoRAA2}

@@ -1,35 +1,46 @@
-"""The one interface every FedLoRA method of the survey fits.
+"""The one interface every FedLoRA method of the survey fits: :class:`Strategy`.
 
-A round of the simulator (:mod:`fedlora_edu.simulator`) asks the strategy five things,
-and nothing in the loop knows which method is running:
+A round of the simulator (:mod:`fedlora_edu.simulation.federation`) asks the strategy these
+things, and nothing in the loop knows which method is running:
 
 1. ``sample_clients``: who takes part (uniform by default; groups and clusters override it).
 2. ``client_start``: what client k starts training from and what it downloads for that
    (global adapter, a per-client rank, a personalised or re-initialised adapter, a
-   frozen matrix...). Per-client state that never leaves the client lives in
-   ``client_state``, a dict the simulator keeps for each client across rounds.
+   frozen matrix...). What a client keeps between rounds and never sends is its client
+   state, an instance of the strategy's ``ClientState`` dataclass that the simulator keeps
+   for each client.
 3. ``trainable``: which of A and B train in this round (FFA-LoRA freezes A; RoLoRA
    alternates); ``local_training``, rarely needed, wraps a client's training in a
    reparametrisation of the factors (mFedLoRU trains nested low-rank updates of A and B).
+   ``batched_training`` and :meth:`Strategy.batched_training_obstacle` say whether the
+   batched engine may train the round's clients together.
 4. ``client_upload``: the :class:`Payload` the client sends, counted at its real size
    (sparse, quantised or sketched payloads set ``nbytes`` themselves).
 5. ``aggregate``: the server's update of :class:`ServerState`: the global adapter,
    the head, changes to the frozen base weights W' (``base_deltas``: residuals,
-   merges, periodic accumulation) and any server optimiser state (``extra``).
+   merges, periodic accumulation) and the method's own server state (``method_state``,
+   an instance of the strategy's ``State`` dataclass: a server optimiser's moments,
+   cluster records, merged stacks...).
 
-Taught in ``book/part1/fedlora.ipynb``; the methods are in :mod:`fedlora_edu.aggregation`.
+:class:`Strategy` is abstract: a method must implement ``aggregate``; every other hook has
+a default (FedIT's download and upload: the global adapter, A and B, and the head).
+
+Taught in ``book/part1/fedlora.ipynb``; the methods are in :mod:`fedlora_edu.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora_edu.adapters import Factors, tensor_bytes
+from fedlora_edu.core.adapters import Factors, tensor_bytes
+from fedlora_edu.core.factors import average_tensors
 
 BOTH = frozenset({"A", "B"})
 
@@ -90,8 +101,9 @@ class ServerState:
 
     ``adapters`` is the global adapter the model is evaluated with; ``base_deltas`` is
     filled by ``aggregate`` with changes to W' that the simulator applies to the shared
-    base model (and that clients download); ``extra`` holds method state such as a
-    server optimiser's moments or cluster centres.
+    base model (and that clients download); ``seed`` is the run's seed (methods derive
+    their broadcast seeds from it); ``method_state`` is the method's own state, an
+    instance of its :attr:`Strategy.State` dataclass (:class:`NoState` for most).
     """
 
     adapters: dict[str, Factors]
@@ -99,8 +111,14 @@ class ServerState:
     scaling: float
     rank: int
     round: int = 0
+    seed: int = 0
     base_deltas: dict[str, Tensor] = field(default_factory=dict)
-    extra: dict[str, object] = field(default_factory=dict)
+    method_state: Any = None
+
+
+@dataclass
+class NoState:
+    """The state of a method that keeps nothing of its own (the default ``State`` and ``ClientState``)."""
 
 
 def normalized_weights(uploads: list[Upload]) -> list[float]:
@@ -111,19 +129,27 @@ def normalized_weights(uploads: list[Upload]) -> list[float]:
     return [u.num_examples / total for u in uploads]
 
 
-def average_tensors(tensors: list[Tensor], weights: list[float]) -> Tensor:
-    """sum_k p_k T_k."""
-    return sum(w * t for w, t in zip(weights, tensors, strict=True))  # type: ignore[return-value]
+class Strategy(ABC):
+    """A FedLoRA method: the hooks the simulator calls each round (see the module docstring).
 
+    Abstract: a method implements :meth:`aggregate` and overrides what else differs; the
+    defaults download the global adapter (truncated to the client's rank) and the head,
+    train A and B, and upload both with the head. ``rank`` is the LoRA rank every client
+    uses unless :meth:`client_rank` says otherwise.
 
-class Strategy:
-    """Base class: FedIT's behaviour (send A and B, average each), which methods override.
-
-    Subclasses set ``name`` and override only what differs. ``rank`` is the LoRA rank
-    every client uses unless :meth:`client_rank` says otherwise.
+    Class attributes a method declares: ``name`` (the survey's name, the registry's key),
+    ``paper`` (its citation) and ``chapter`` (the notebook that teaches it, without
+    ``.ipynb``); ``State`` and ``ClientState``, the dataclasses of what the server and each
+    client keep between rounds (:class:`NoState` by default); ``batched_training``, False
+    for a method whose clients the batched engine must not train together.
     """
 
-    name = "strategy"
+    name: ClassVar[str] = "strategy"
+    paper: ClassVar[str] = ""
+    chapter: ClassVar[str] = ""
+    State: ClassVar[type] = NoState
+    ClientState: ClassVar[type] = NoState
+    batched_training: ClassVar[bool] = True
 
     def __init__(self, rank: int | None = None) -> None:
         if rank is not None and (not isinstance(rank, int) or rank < 1):
@@ -131,6 +157,27 @@ class Strategy:
         self.rank = rank
 
     # ----- set-up -------------------------------------------------------------------
+    def new_state(self) -> Any:
+        """A fresh server-side state for one run (``server.method_state``)."""
+        return self.State()
+
+    def new_client_state(self) -> Any:
+        """A fresh state for one client, kept by the simulator across the rounds of one run."""
+        return self.ClientState()
+
+    def batched_training_obstacle(self) -> str | None:
+        """Why the batched engine cannot train this method's clients together, or None if it can.
+
+        It cannot when the method says so (``batched_training = False``) or when it overrides
+        :meth:`local_training` (its clients train inside a reparametrisation; the engine trains
+        the stacked factors directly).
+        """
+        if not self.batched_training:
+            return f"strategy {self.name} sets batched_training = False"
+        if type(self).local_training is not Strategy.local_training:
+            return f"strategy {self.name} trains its clients in a reparametrisation (local_training)"
+        return None
+
     def client_rank(self, client_id: int, server: ServerState) -> int:
         """The LoRA rank r_k of client k (the server's rank by default)."""
         return server.rank if self.rank is None else self.rank
@@ -139,14 +186,16 @@ class Strategy:
         """The largest rank any client uses, if the strategy fixes it (the model is built with it)."""
         return self.rank
 
-    def init_server(self, server: ServerState, seed: int) -> None:
+    def init_server(self, server: ServerState, seed: int) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Adjust the initial server state (server-side initialisation, survey 3.2)."""
 
-    def prepare(self, federation: object, model: torch.nn.Module, server: ServerState, seed: int) -> None:
+    def prepare(  # noqa: B027 (optional hook, no-op by default)
+        self, federation: object, model: torch.nn.Module, server: ServerState, seed: int
+    ) -> None:
         """Server-side work before round 1 that needs the model or the clients' data.
 
         Called once per run, after :meth:`init_server`, with the
-        :class:`~fedlora_edu.simulator.Federation` and the freshly built peft ``model``
+        :class:`~fedlora_edu.simulation.federation.Federation` and the freshly built peft ``model``
         (its base weights W' as pre-trained). Data-driven and weight-driven initialisations
         (survey 3.2: SLoRA's sparse phase, FeDeRA's SVD of W', eq. 10) set
         ``server.adapters`` here, and may set ``server.base_deltas``: the simulator adds
@@ -166,7 +215,7 @@ class Strategy:
         return BOTH
 
     def local_training(
-        self, model: torch.nn.Module, start: ClientStart, client_state: dict, round_index: int
+        self, model: torch.nn.Module, start: ClientStart, client_state: Any, round_index: int
     ) -> contextlib.AbstractContextManager[None]:
         """The context client k's local training runs in, after its start is loaded into ``model``.
 
@@ -180,7 +229,7 @@ class Strategy:
         return contextlib.nullcontext()
 
     def client_start(
-        self, server: ServerState, client_id: int, client_state: dict, round_index: int
+        self, server: ServerState, client_id: int, client_state: Any, round_index: int
     ) -> ClientStart:
         """Download the global adapter, truncated to the client's rank, and the head."""
         r = self.client_rank(client_id, server)
@@ -191,7 +240,7 @@ class Strategy:
         return ClientStart(adapters, {k: v.clone() for k, v in server.head.items()}, Payload(tensors),
                            self.trainable(round_index))
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         """Send the matrices that trained this round and the head."""
         trained = self.trainable(round_index)
         tensors: dict[str, Tensor] = {}
@@ -204,15 +253,15 @@ class Strategy:
         return Payload(tensors)
 
     def personal_model(
-        self, server: ServerState, client_id: int, client_state: dict
+        self, server: ServerState, client_id: int, client_state: Any
     ) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
         """Client k's own (adapters, head) for evaluation on its own data; None means the global model."""
         return None
 
     # ----- server side --------------------------------------------------------------
+    @abstractmethod
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
-        """Update ``server`` from the round's uploads. Subclasses implement their method."""
-        raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
+        """Update ``server`` from the round's uploads: the method's aggregation rule."""
 
     def aggregate_head(self, server: ServerState, uploads: list[Upload]) -> None:
         """FedAvg of the task head (a plain linear layer: averaging it is exact)."""
@@ -221,11 +270,6 @@ class Strategy:
             key: average_tensors([u.payload.tensors[f"head.{key}"] for u in uploads], weights)
             for key in server.head
         }
-
-
-def reparametrises_training(strategy: Strategy) -> bool:
-    """True when ``strategy`` overrides :meth:`Strategy.local_training` (its clients cannot be batched)."""
-    return type(strategy).local_training is not Strategy.local_training
 
 
 def split_factors(payload: Payload, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -238,3 +282,26 @@ def split_factors(payload: Payload, names: list[str]) -> tuple[dict[str, Tensor]
 def all_finite(payload: Payload) -> bool:
     """False when any tensor holds NaN or Inf (such an update is left out of the round)."""
     return all(bool(torch.isfinite(t).all()) for t in payload.tensors.values())
+
+
+def collect_factors(
+    server: ServerState, uploads: list[Upload], *, require_both: bool = False
+) -> tuple[list[float], dict[str, tuple[list, list]]]:
+    """Per layer, the clients' A's and B's, and the weights p_k.
+
+    With ``require_both`` every upload must carry both factors of every layer (methods that
+    train A and B each round), else a ValueError names the client and the layer.
+    """
+    names = list(server.adapters)
+    weights = normalized_weights(uploads)
+    per_layer: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
+    for upload in uploads:
+        a, b = split_factors(upload.payload, names)
+        for n in names:
+            if require_both and (n not in a or n not in b):
+                raise ValueError(f"client {upload.client_id}'s upload carries no {n}.A or {n}.B")
+            if n in a:
+                per_layer[n][0].append(a[n])
+            if n in b:
+                per_layer[n][1].append(b[n])
+    return weights, per_layer

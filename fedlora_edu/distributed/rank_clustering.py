@@ -82,15 +82,16 @@ k-means groups by index) the two forms give the same adapter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.aggregation import _collect, check_factors, check_weights, ideal_update
-from fedlora_edu.strategy import ServerState, Strategy, Upload
+from fedlora_edu.core.checks import check_factors, check_weights
+from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.strategy import ServerState, Strategy, Upload, collect_factors
+from fedlora_edu.core.threads import one_thread
 
 DEFAULT_ITERATIONS = 50
 """Lloyd iterations at most; k-means stops earlier when no assignment changes."""
@@ -144,25 +145,6 @@ def _check_count(name: str, value: object, low: int, high: int | None = None) ->
         bound = f"in {low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return value
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block, then restore the caller's setting.
-
-    k-means here works on tiny tensors (tens of vectors): with several intra-op threads the
-    synchronisation costs far more than the arithmetic (measured 50 times slower with 2
-    threads on a loaded 2-core machine).
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _squared_distances(Z: Tensor, centroids: Tensor) -> Tensor:
@@ -229,7 +211,7 @@ def weighted_kmeans(
 
     generator = torch.Generator().manual_seed(seed)
     best: Clustering | None = None
-    with _one_thread():
+    with one_thread():
         for _ in range(restarts):
             result = _lloyd(points, w, _kmeans_plus_plus(points, w, num_clusters, generator), iterations)
             if best is None or result.objective[-1] < best.objective[-1]:
@@ -385,10 +367,19 @@ class FedInc(Strategy):
     number of k-means++ seedings tried (the lowest objective is kept). The paper is one-shot
     (a single round); the simulator runs it every round, as the survey presents it. Each
     round's k-means objective and cluster masses (member counts when unweighted) are kept in
-    ``server.extra["fedinc"]``. Taught in ``book/part2/rank_clustering.ipynb``.
+    ``server.method_state.records``. Taught in ``book/part2/rank_clustering.ipynb``.
     """
 
     name = "FedInc"
+    paper = "Qin and Li 2024, ICANN"
+    chapter = "book/part2/rank_clustering"
+
+    @dataclass
+    class State:
+        """N, the number of clusters (the global rank), and per round each layer's k-means record."""
+
+        clusters: int = 0
+        records: list[dict[str, dict]] = field(default_factory=list)
 
     def __init__(self, rank: int | None = None, num_clusters: int | None = None,
                  iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
@@ -408,15 +399,14 @@ class FedInc(Strategy):
         if clusters > server.rank:
             raise ValueError(f"num_clusters = {clusters} exceeds the model's LoRA rank {server.rank}: the "
                              "rank-N adapter of the centroids must fit the model")
-        server.extra["fedinc_clusters"] = clusters
-        server.extra["fedinc"] = []
+        server.method_state.clusters = clusters
         server.adapters = {name: (a[:clusters].clone(), b[:, :clusters].clone())
                            for name, (a, b) in server.adapters.items()}
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
-        weights, per_layer = _collect(server, uploads)
-        clusters = int(server.extra.get("fedinc_clusters", server.rank))
-        seed = round_seed(int(server.extra.get("seed", 0)), round_index)
+        weights, per_layer = collect_factors(server, uploads)
+        clusters = server.method_state.clusters
+        seed = round_seed(server.seed, round_index)
         adapters, record = {}, {}
         for name, (a_list, b_list) in per_layer.items():
             total_rank = sum(a.shape[0] for a in a_list)
@@ -427,5 +417,5 @@ class FedInc(Strategy):
             record[name] = {"objective": clustering.objective, "masses": clustering.masses.tolist(),
                             "iterations": clustering.iterations, "converged": clustering.converged}
         server.adapters = adapters
-        server.extra.setdefault("fedinc", []).append(record)
+        server.method_state.records.append(record)
         self.aggregate_head(server, uploads)

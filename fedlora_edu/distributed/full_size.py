@@ -1,10 +1,19 @@
-"""Full-size matrix aggregation (survey section 3.1), the third method: FedPipe.
+"""Full-size matrix aggregation (survey section 3.1, eq. 6): FLoRA, FlexLoRA and FedPipe.
 
-FLoRA and FlexLoRA live in :mod:`fedlora_edu.aggregation`; this module adds FedPipe
-(Fang et al. 2024, "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of
-Large Language Models", arXiv 2404.06448), which the survey describes as full-size LoRA
-weight aggregation combined with quantizing the clients' local models to different bit
-levels. The pure functions come first:
+Instead of averaging A and B separately, these methods aggregate the full-size update
+sum_k p_k B_k A_k itself, the right side of eq. 4, so the aggregate is exact:
+
+- :class:`FLoRA` (Wang et al. 2024): stack the clients' factors (:func:`flora_stack`); the
+  stack's product is the ideal update for any mix of ranks, and it is merged into W'.
+- :class:`FlexLoRA` (Bai et al. 2024): form the ideal update and hand each client its best
+  rank-r_k approximation by SVD (:func:`flexlora`, Eckart-Young), from the stacked factors
+  without forming the m x n sum (:func:`~fedlora_edu.core.svd.factored_svd`).
+- :class:`FedPipe` (Fang et al. 2024, "Automated Federated Pipeline for Parameter-Efficient
+  Fine-Tuning of Large Language Models", arXiv 2404.06448), which the survey describes as
+  full-size LoRA weight aggregation combined with quantizing the clients' local models to
+  different bit levels.
+
+The pure functions come first: :func:`flora_stack`, :func:`flexlora`, and FedPipe's
 
 - :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`: symmetric uniform b-bit
   quantization with one float32 scale per row, and its error bound
@@ -14,25 +23,70 @@ levels. The pure functions come first:
 - :func:`fedpipe_aggregate`: sum_k p_k B^_k A^_k of the dequantized adapters (survey eq. 6),
   redistributed to each client's rank.
 
-Taught in ``book/part2/full_size.ipynb``.
+Taught in ``book/part2/full_size.ipynb`` (FLoRA and FlexLoRA first in
+``book/part2/aggregation_discordance.ipynb``; the factored SVD in ``book/fast/factored_svd.ipynb``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.aggregation import _collect, check_method, check_ranks, check_weights, flexlora
-from fedlora_edu.strategy import LocalResult, Payload, ServerState, Strategy, Upload
+from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.checks import check_factors, check_ranks, check_weights
+from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.strategy import LocalResult, Payload, ServerState, Strategy, Upload, collect_factors
+from fedlora_edu.core.svd import check_method, truncated_factors, truncated_factors_factored
 
 FULL_PRECISION = 32
 """A bit width of 32 means the client sends float32, unquantized."""
 
 SCALE_BYTES = 4
 """Each quantized row carries its scale as one float32."""
+
+
+def flora_stack(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """FLoRA (Wang et al. 2024): stack p_k A_k row-wise and B_k column-wise.
+
+    Returns (A, B) with A of shape (sum r_k) x n and B m x (sum r_k); B A equals
+    :func:`ideal_update` exactly (block matrix product), for any mix of ranks.
+    """
+    check_factors(As, Bs)
+    p = check_weights(weights, len(As))
+    return torch.cat([w * a for w, a in zip(p, As, strict=True)], dim=0), torch.cat(list(Bs), dim=1)
+
+
+def flexlora(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float], ranks: Sequence[int],
+    method: str = "factored",
+) -> list[tuple[Tensor, Tensor]]:
+    """FlexLoRA (Bai et al. 2024), eq. 6: SVD of sum_k p_k B_k A_k, redistributed to each rank.
+
+    Returns one (A_k, B_k) per entry of ``ranks``: the best rank-r_k approximation
+    of the ideal update (clients may have different ranks). ``method="factored"`` (the
+    default) takes the SVD from the stacked factors (:func:`factored_svd`) and never
+    forms the m x n sum; ``method="dense"`` forms it and takes its SVD (the reference).
+    When the total rank R = sum_k r_k reaches min(m, n), the factored route has nothing
+    to save and takes the dense SVD. Both give the same products B_k A_k up to rounding.
+    """
+    check_method(method)
+    rank_list = check_ranks(ranks, len(ranks))
+    if not rank_list:
+        raise ValueError("ranks is empty")
+    a_stack, b_stack = flora_stack(As, Bs, weights)
+    m, total_rank, n = b_stack.shape[0], b_stack.shape[1], a_stack.shape[1]
+    # With R >= min(m, n) the QR core is as large as the product: the factored route saves
+    # nothing (benchmarks/svd.py measures it slower), so it takes the dense SVD instead.
+    if method == "dense" or total_rank >= min(m, n):
+        a, b = truncated_factors(ideal_update(As, Bs, weights), max(rank_list))
+    else:
+        a, b = truncated_factors_factored(b_stack, a_stack, max(rank_list))
+    return [(a[:r].clone(), b[:, :r].clone()) for r in rank_list]
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
@@ -137,7 +191,7 @@ def fedpipe_aggregate(
 
     Client k's factors are quantized to ``bits[k]`` bits (:func:`quantize_factors`), the server
     forms sum_k p_k B^_k A^_k (survey eq. 6 on what it received) and returns its best
-    rank-r approximation for each r in ``ranks`` (:func:`~fedlora_edu.aggregation.flexlora`).
+    rank-r approximation for each r in ``ranks`` (:func:`flexlora`).
     With every client at 32 bits this is exactly FlexLoRA.
     """
     if len(bits) != len(As):
@@ -146,6 +200,92 @@ def fedpipe_aggregate(
     received = [quantize_factors(a, b, check_bits(w, f"bits[{k}]"))
                 for k, (a, b, w) in enumerate(zip(As, Bs, bits, strict=True))]
     return flexlora([a for a, _, _ in received], [b for _, b, _ in received], weights, ranks, method=method)
+
+
+class FLoRA(Strategy):
+    """FLoRA (Wang et al. 2024, NeurIPS): stack the clients' adapters, merge the stack into W'.
+
+    The server broadcasts the stacked adapter (rank sum_k r_k); every client adds its
+    product to its frozen weight and starts the next round from a fresh LoRA (A random,
+    B zero). Clients may have different ranks.
+    """
+
+    name = "FLoRA"
+    paper = "Wang et al. 2024, NeurIPS, arXiv 2409.05976"
+    chapter = "book/part2/full_size"
+
+    @dataclass
+    class State:
+        """Last round's stacked adapter of every layer (what the clients download and merge)."""
+
+        stacked: dict[str, Factors] = field(default_factory=dict)
+
+    def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None) -> None:
+        super().__init__(rank)
+        self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        return self.ranks[client_id] if self.ranks is not None else super().client_rank(client_id, server)
+
+    def max_rank(self, num_clients: int) -> int | None:
+        return max(self.ranks) if self.ranks is not None else self.rank
+
+    def client_start(self, server, client_id, client_state, round_index):
+        start = super().client_start(server, client_id, client_state, round_index)
+        # The fresh adapter comes from the shared seed; what is downloaded is last round's stack.
+        stacked = server.method_state.stacked
+        tensors = {f"{n}.{side}": t for n, (a, b) in stacked.items() for side, t in (("A", a), ("B", b))}
+        tensors.update({f"head.{k}": v for k, v in server.head.items()})
+        start.download = Payload(tensors)
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = collect_factors(server, uploads)
+        stacked = {n: flora_stack(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
+        server.method_state.stacked = stacked
+        server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in stacked.items()}
+        # Fresh adapter for the next round: a new random A (survey eq. 9), zero B.
+        generator = torch.Generator().manual_seed(server.seed * 7_919 + round_index + 1)
+        server.adapters = {
+            n: (torch.empty_like(a).uniform_(-1.0, 1.0, generator=generator) / a.shape[1] ** 0.5,
+                torch.zeros_like(b))
+            for n, (a, b) in server.adapters.items()
+        }
+        self.aggregate_head(server, uploads)
+
+
+class FlexLoRA(Strategy):
+    """FlexLoRA (Bai et al. 2024, NeurIPS): full-size aggregation, SVD redistributed to each rank (eq. 6).
+
+    ``ranks[k]`` is client k's rank (default: all equal). The global adapter kept by
+    the server is the best rank-max(r_k) approximation of sum_k p_k B_k A_k; client k
+    starts from its first r_k components, which are its best rank-r_k approximation.
+    ``method`` picks the SVD route of :func:`flexlora` (``"factored"`` by default, never
+    forming the m x n sum on the server; ``"dense"`` is the reference).
+    """
+
+    name = "FlexLoRA"
+    paper = "Bai et al. 2024, NeurIPS, arXiv 2402.11505"
+    chapter = "book/part2/full_size"
+
+    def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None, method: str = "factored") -> None:
+        super().__init__(rank)
+        self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
+        self.method = check_method(method)
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        return self.ranks[client_id] if self.ranks is not None else super().client_rank(client_id, server)
+
+    def max_rank(self, num_clients: int) -> int | None:
+        if self.ranks is not None and len(self.ranks) != num_clients:
+            raise ValueError(f"ranks has {len(self.ranks)} entries for {num_clients} clients")
+        return max(self.ranks) if self.ranks is not None else self.rank
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = collect_factors(server, uploads)
+        server.adapters = {n: flexlora(a_list, b_list, weights, [server.rank], method=self.method)[0]
+                           for n, (a_list, b_list) in per_layer.items()}
+        self.aggregate_head(server, uploads)
 
 
 class FedPipe(Strategy):
@@ -169,7 +309,7 @@ class FedPipe(Strategy):
     - the server dequantizes and aggregates the full-size update sum_k p_k B^_k A^_k (eq. 6);
       the survey does not say how the full-size result returns to the clients' low ranks, so we
       take FlexLoRA's choice: the best rank-max(r_k) approximation by SVD (the factored route of
-      :func:`~fedlora_edu.aggregation.factored_svd` by default), of which client k downloads the
+      :func:`~fedlora_edu.core.svd.factored_svd` by default), of which client k downloads the
       first r_k components, in float32;
     - the weight selection and the resource optimisation (the paper's MILP) are not implemented.
 
@@ -177,6 +317,8 @@ class FedPipe(Strategy):
     """
 
     name = "FedPipe"
+    paper = "Fang et al. 2024, arXiv 2404.06448"
+    chapter = "book/part2/full_size"
 
     def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None,
                  bits: int | Sequence[int] = 8, method: str = "factored") -> None:
@@ -202,7 +344,7 @@ class FedPipe(Strategy):
             raise ValueError(f"ranks has {len(self.ranks)} entries for {num_clients} clients")
         return max(self.ranks) if self.ranks is not None else self.rank
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         """The adapter quantized to b_k bits (sent as its dequantized values, counted at its quantized size)."""
         bits = self.client_bits(result.client_id)
         tensors: dict[str, Tensor] = {}
@@ -217,10 +359,8 @@ class FedPipe(Strategy):
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         # The uploads already hold the dequantized A^_k, B^_k: aggregate them in full size (eq. 6).
-        weights, per_layer = _collect(server, uploads)
+        weights, per_layer = collect_factors(server, uploads)
         server.adapters = {n: flexlora(a_list, b_list, weights, [server.rank], method=self.method)[0]
                            for n, (a_list, b_list) in per_layer.items()}
         self.aggregate_head(server, uploads)
 
-
-STRATEGIES: dict[str, type[Strategy]] = {"FedPipe": FedPipe}

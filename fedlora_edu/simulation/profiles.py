@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from fedlora_edu.core.device import default_device
+
 PROFILE_ENV_VAR = "FEDLORA_PROFILE"
 
 
@@ -117,11 +119,6 @@ def get_profile(name: str | None = None) -> Profile:
         source = f"environment variable {PROFILE_ENV_VAR}" if name is None else "name"
         raise ValueError(f"unknown profile {chosen!r} (from {source}); choose one of {sorted(PROFILES)}")
     return PROFILES[chosen]
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def library_versions() -> dict[str, str]:

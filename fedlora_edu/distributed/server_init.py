@@ -26,7 +26,7 @@ Mao et al., "A Survey on LoRA of Large Language Models" (arXiv 2407.11046, secti
 which is this package's own.
 
 Every strategy here averages A and B as FedIT does once the rounds start: only the start
-differs. They do their work in :meth:`~fedlora_edu.strategy.Strategy.prepare`, which the
+differs. They do their work in :meth:`~fedlora_edu.core.strategy.Strategy.prepare`, which the
 simulator calls once with the freshly built peft model; what they put in
 ``server.base_deltas`` there is added to the frozen weights W' before round 1.
 
@@ -42,15 +42,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.adapters import Factors
-from fedlora_edu.aggregation import FedIT, check_rank, check_weights, truncated_factors
-from fedlora_edu.strategy import ServerState, average_tensors
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.checks import check_rank, check_weights
+from fedlora_edu.core.factors import average_tensors
+from fedlora_edu.core.strategy import ServerState
+from fedlora_edu.core.svd import truncated_factors
+from fedlora_edu.distributed.discordance import FedIT
+from fedlora_edu.foundations.training import evaluate, local_train
 
 SEED_BYTES = 8
 """A seed crosses the network as one 64-bit integer (SLoRA's mask is regenerated from it)."""
@@ -241,7 +246,7 @@ def slora_factors(delta: Tensor, rank: int, *, scaling: float = 1.0, split: str 
     describe SLoRA as decomposing "the accumulated gradient updates" by SVD). Truncated SVD,
     so ||dW - s B A||_F^2 = sum_{i>r} sigma_i(dW)^2, the least possible (Eckart-Young).
     ``split``: ``"balanced"`` (default) splits the singular values evenly between the
-    factors (:func:`~fedlora_edu.aggregation.truncated_factors`); ``"B"`` puts them all in B,
+    factors (:func:`~fedlora_edu.core.svd.truncated_factors`); ``"B"`` puts them all in B,
     A = V_r^T, as the survey's eq. 10 writes its generalisation of SLoRA and FeDeRA. SLoRA's
     own split could not be checked; the product is the same either way.
     """
@@ -266,12 +271,10 @@ def sparse_local_train(
     The LoRA factors are frozen (their B is zero, so they add nothing); each adapted
     layer's W' trains with its gradient multiplied by the layer's mask, so an entry outside
     the mask gets a zero gradient and (AdamW without weight decay, zero moments) never
-    moves. Uses the simulator's :func:`~fedlora_edu.simulator.local_train` (same batches
-    and optimiser as a LoRA round). Returns the mean loss; ``model``'s base weights and
+    moves. Uses the clients' :func:`~fedlora_edu.foundations.training.local_train` (same
+    batches and optimiser as a LoRA round). Returns the mean loss; ``model``'s base weights and
     head are left trained, and every ``requires_grad`` flag as it was.
     """
-    from fedlora_edu.simulator import local_train
-
     layers = adapter_io.lora_layers(model)
     if set(masks) != set(layers):
         raise ValueError(f"masks must name every LoRA layer of the model, got {sorted(masks)[:3]}...")
@@ -345,6 +348,8 @@ class StandardInit(FedIT):
     """
 
     name = "standard init"
+    paper = "Hu et al. 2021, ICLR 2022, arXiv 2106.09685"
+    chapter = "book/part2/server_initialization"
 
     def __init__(self, rank: int | None = None, sigma: float | None = None) -> None:
         super().__init__(rank)
@@ -396,6 +401,8 @@ class FeDeRA(FedIT):
     """
 
     name = "FeDeRA"
+    paper = "Yan, Tang, Shi, Yang 2024, arXiv 2404.18848"
+    chapter = "book/part2/server_initialization"
 
     def __init__(self, rank: int | None = None, split: str = "balanced", preserve: bool = True) -> None:
         super().__init__(rank)
@@ -460,7 +467,7 @@ class SLoRA(FedIT):
       beyond rank r (the model after stage 1 is then not preserved).
 
     Bytes of stage 1 are counted at their real sparse size (one float32 value per masked
-    entry, the positions come from the seed) and kept in ``server.extra["slora"]``: rounds,
+    entry, the positions come from the seed) and kept in ``server.method_state.record``: rounds,
     clients, ``bytes_up`` and ``bytes_down`` (values, head and the 8-byte seed), the sparse
     part alone (``sparse_bytes_up``), and per stage-1 round the test accuracy if
     ``evaluate`` is set. The simulator's history counts only stage 2; a chapter adds these.
@@ -468,6 +475,17 @@ class SLoRA(FedIT):
     """
 
     name = "SLoRA"
+    paper = "Babakniya et al. 2023, arXiv 2308.06522"
+    chapter = "book/part2/server_initialization"
+
+    @dataclass
+    class State:
+        """What stage 1 did: its record (rounds, clients, bytes, losses), the learned sparse update
+        dW of every adapted layer, and the masks of the entries it trained."""
+
+        record: dict = field(default_factory=dict)
+        delta: dict[str, Tensor] = field(default_factory=dict)
+        masks: dict[str, Tensor] = field(default_factory=dict)
 
     def __init__(
         self, rank: int | None = None, density: float = 0.01, stage1_rounds: int = 2, *,
@@ -492,8 +510,6 @@ class SLoRA(FedIT):
         self.evaluate = bool(evaluate)
 
     def prepare(self, federation, model, server, seed):
-        from fedlora_edu.simulator import evaluate
-
         profile = federation.profile
         steps = self.stage1_steps or profile.local_steps
         learning_rate = self.stage1_learning_rate or profile.learning_rate
@@ -558,9 +574,9 @@ class SLoRA(FedIT):
         server.adapters = adapters
         server.head = head
         server.base_deltas = base_deltas
-        server.extra["slora"] = record
-        server.extra["slora_delta"] = deltas
-        server.extra["slora_masks"] = masks
+        server.method_state.record = record
+        server.method_state.delta = deltas
+        server.method_state.masks = masks
 
     @staticmethod
     def _load(layers, pretrained, masks, values) -> None:
@@ -569,5 +585,3 @@ class SLoRA(FedIT):
             for name, layer in layers.items():
                 layer.get_base_layer().weight.copy_(pretrained[name] + scatter(values[name], masks[name]))
 
-
-STRATEGIES = {cls.name: cls for cls in (StandardInit, FeDeRA, SLoRA)}

@@ -35,33 +35,30 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.adapters import Factors, base_weight
-from fedlora_edu.aggregation import (
-    FedIT,
-    _collect,
-    check_factors,
-    check_rank,
-    check_ranks,
-    check_weights,
-    fedit_average,
-)
-from fedlora_edu.strategy import (
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import Factors, base_weight
+from fedlora_edu.core.checks import check_factors, check_rank, check_ranks, check_weights
+from fedlora_edu.core.factors import fedit_average
+from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
     Payload,
     ServerState,
     Strategy,
     Upload,
+    collect_factors,
     normalized_weights,
     split_factors,
 )
+from fedlora_edu.distributed.discordance import FedIT
 
 SEED_BYTES = 8
 """A seed crosses the network as one 64-bit integer (a re-initialised adapter is regenerated from it)."""
@@ -325,20 +322,39 @@ def update_dispersion(starts: Sequence[Mapping[str, Factors]], trained: Sequence
 # ----------------------------------------------------------------------------------------
 def _layers(server: ServerState, uploads: list[Upload]) -> tuple[list[float], dict[str, tuple[list, list]]]:
     """Per layer, the uploaded A's and B's (both required), and the weights p_k."""
-    return _collect(server, uploads, require_both=True)
+    return collect_factors(server, uploads, require_both=True)
 
 
-def _missed_merges(server: ServerState, client_state: dict, key: str) -> tuple[dict[str, Tensor], int]:
+@dataclass
+class MergingState:
+    """The server state of a method that folds averaged adapters into W': every merge so far.
+
+    ``merges`` lists, per merge, every layer's averaged (A, B); ``merge_rounds`` the 1-based
+    rounds after which they were merged.
+    """
+
+    merges: list[dict[str, Factors]] = field(default_factory=list)
+    merge_rounds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MergingClientState:
+    """How many of the server's merges this client has applied to its own W'."""
+
+    merges_applied: int = 0
+
+
+def _missed_merges(server: ServerState, client_state: MergingClientState) -> tuple[dict[str, Tensor], int]:
     """What a client downloads to bring its W' up to date: the merged factors it has not applied yet.
 
-    ``server.extra[key]`` lists, per merge, every layer's averaged (A, B); the client applies
-    s B A of each merge it missed (it may have skipped rounds). Counted as the factors, or as
-    the dense m x n change per layer where that is smaller.
+    ``server.method_state.merges`` lists, per merge, every layer's averaged (A, B); the client
+    applies s B A of each merge it missed (it may have skipped rounds). Counted as the factors,
+    or as the dense m x n change per layer where that is smaller.
     """
-    merges: list[dict[str, Factors]] = server.extra.get(key, [])
-    applied = client_state.get(f"{key}_applied", 0)
+    merges: list[dict[str, Factors]] = server.method_state.merges
+    applied = client_state.merges_applied
     missed = merges[applied:]
-    client_state[f"{key}_applied"] = len(merges)
+    client_state.merges_applied = len(merges)
     tensors: dict[str, Tensor] = {}
     if not missed:
         return tensors, 0
@@ -356,11 +372,13 @@ class AvgInitial(FedIT):
 
     Survey section 3.2: every client starts round t from the averaged factors
     A_t = sum_k p_k A_k^{t-1} and B_t = sum_k p_k B_k^{t-1}, "the conventional FL approach".
-    That is exactly FedIT (:class:`fedlora_edu.aggregation.FedIT`), reused unchanged under
+    That is exactly FedIT (:class:`fedlora_edu.distributed.discordance.FedIT`), reused unchanged under
     LoRA-FAIR's name. Taught in ``book/part2/client_initialization.ipynb``.
     """
 
     name = "Avg-Initial"
+    paper = "Bian, Wang, Zhang, Xu 2024 (LoRA-FAIR), arXiv 2411.14961"
+    chapter = "book/part2/client_initialization"
 
 
 class FedLoRU(Strategy):
@@ -385,29 +403,32 @@ class FedLoRU(Strategy):
     """
 
     name = "FedLoRU"
-    merge_key = "fedloru_merges"
+    paper = "Park and Klabjan 2024, arXiv 2409.12371"
+    chapter = "book/part2/client_initialization"
+
+    @dataclass
+    class State(MergingState):
+        """FedLoRU's merges, and whether the adapter was just re-initialised (clients then get only a seed)."""
+
+        fresh: bool = False
+
+    ClientState = MergingClientState
 
     def __init__(self, rank: int | None = None, tau: int = 2) -> None:
         super().__init__(rank)
         self.tau = check_tau(tau)
 
-    def init_server(self, server: ServerState, seed: int) -> None:
-        server.extra["seed"] = seed
-        server.extra[self.merge_key] = []
-        server.extra["fedloru_merge_rounds"] = []
-        server.extra["fresh"] = False
-
-    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
         tensors = {k: v for k, v in start.download.tensors.items() if k.startswith("head.")}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if server.extra.get("fresh"):
+        if server.method_state.fresh:
             nbytes += SEED_BYTES  # the fresh adapter is regenerated from the round's seed
         else:
             adapter = {k: v for k, v in start.download.tensors.items() if not k.startswith("head.")}
             tensors.update(adapter)
             nbytes += sum(t.numel() * t.element_size() for t in adapter.values())
-        merged, merged_bytes = _missed_merges(server, client_state, self.merge_key)
+        merged, merged_bytes = _missed_merges(server, client_state)
         tensors.update(merged)
         start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
         return start
@@ -422,13 +443,13 @@ class FedLoRU(Strategy):
         """End of round t: keep the averaged adapter, or (t mod tau = 0) fold s B_t A_t into W' and restart (eq. 9)."""
         if accumulation_round(round_index, self.tau):
             server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in averaged.items()}
-            server.extra.setdefault(self.merge_key, []).append(averaged)
-            server.extra.setdefault("fedloru_merge_rounds", []).append(round_index + 1)
-            server.adapters = gaussian_reinit(averaged, int(server.extra.get("seed", 0)), round_index + 1)
-            server.extra["fresh"] = True
+            server.method_state.merges.append(averaged)
+            server.method_state.merge_rounds.append(round_index + 1)
+            server.adapters = gaussian_reinit(averaged, server.seed, round_index + 1)
+            server.method_state.fresh = True
         else:
             server.adapters = averaged
-            server.extra["fresh"] = False
+            server.method_state.fresh = False
 
 
 class ReInitial(FedLoRU):
@@ -441,6 +462,8 @@ class ReInitial(FedLoRU):
     """
 
     name = "Re-Initial"
+    paper = "Bian, Wang, Zhang, Xu 2024 (LoRA-FAIR), arXiv 2411.14961"
+    chapter = "book/part2/client_initialization"
 
     def __init__(self, rank: int | None = None) -> None:
         super().__init__(rank, tau=1)
@@ -462,13 +485,18 @@ class LocalInitial(FedIT):
     """
 
     name = "Local-Initial"
+    paper = "Bian, Wang, Zhang, Xu 2024 (LoRA-FAIR), arXiv 2411.14961"
+    chapter = "book/part2/client_initialization"
 
-    def init_server(self, server: ServerState, seed: int) -> None:
-        server.extra["seed"] = seed
-        server.extra["local_initial_clients"] = []
+    @dataclass
+    class State:
+        """The adapter every client starts the next round from, and the client chosen in each round."""
 
-    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
-        chosen = server.extra.get("local_initial")
+        chosen: dict[str, Factors] | None = None
+        chosen_clients: list[int] = field(default_factory=list)
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        chosen = server.method_state.chosen
         if chosen is None:
             return super().client_start(server, client_id, client_state, round_index)
         adapters = {name: (a.clone(), b.clone()) for name, (a, b) in chosen.items()}
@@ -479,11 +507,11 @@ class LocalInitial(FedIT):
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         super().aggregate(server, uploads, round_index)
-        c = choose_local_initial_client([u.client_id for u in uploads], int(server.extra.get("seed", 0)), round_index)
+        c = choose_local_initial_client([u.client_id for u in uploads], server.seed, round_index)
         upload = next(u for u in uploads if u.client_id == c)
         a, b = split_factors(upload.payload, list(server.adapters))
-        server.extra["local_initial"] = {n: (a[n].clone(), b[n].clone()) for n in server.adapters}
-        server.extra.setdefault("local_initial_clients", []).append(c)
+        server.method_state.chosen = {n: (a[n].clone(), b[n].clone()) for n in server.adapters}
+        server.method_state.chosen_clients.append(c)
 
 
 class PFedLoRU(FedLoRU):
@@ -526,6 +554,20 @@ class PFedLoRU(FedLoRU):
     """
 
     name = "pFedLoRU"
+    paper = "Park and Klabjan 2024, arXiv 2409.12371"
+    chapter = "book/part2/client_initialization"
+
+    @dataclass
+    class State(FedLoRU.State):
+        """FedLoRU's state and the personal module every client starts from (components r_G.. of the start)."""
+
+        personal_init: dict[str, Factors] = field(default_factory=dict)
+
+    @dataclass
+    class ClientState(MergingClientState):
+        """The client's personal module (A_L, B_L) per layer; None until its first round."""
+
+        personal: dict[str, Factors] | None = None
 
     def __init__(self, rank: int | None = None, personal_rank: int | None = None, tau: int = 2) -> None:
         super().__init__(rank, tau=tau)
@@ -554,26 +596,27 @@ class PFedLoRU(FedLoRU):
                              f"cannot be split into {total - personal} + {personal}")
         self.global_rank = total - personal
         g = self.global_rank
-        server.extra["personal_init"] = {n: (a[g:].clone(), b[:, g:].clone()) for n, (a, b) in server.adapters.items()}
+        server.method_state.personal_init = {n: (a[g:].clone(), b[:, g:].clone())
+                                             for n, (a, b) in server.adapters.items()}
         server.adapters = {n: (a[:g].clone(), b[:, :g].clone()) for n, (a, b) in server.adapters.items()}
 
-    def _personal(self, server: ServerState, client_state: dict) -> dict[str, Factors]:
-        return client_state.get("personal", server.extra["personal_init"])
+    def _personal(self, server: ServerState, client_state: Any) -> dict[str, Factors]:
+        return server.method_state.personal_init if client_state.personal is None else client_state.personal
 
-    def _joined(self, server: ServerState, client_state: dict) -> dict[str, Factors]:
+    def _joined(self, server: ServerState, client_state: Any) -> dict[str, Factors]:
         personal = self._personal(server, client_state)
         return {n: (torch.cat([a, personal[n][0].to(a)]), torch.cat([b, personal[n][1].to(b)], dim=1))
                 for n, (a, b) in server.adapters.items()}
 
-    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
         start.adapters = {n: (a.clone(), b.clone()) for n, (a, b) in self._joined(server, client_state).items()}
         return start
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         g = self.global_rank
         assert g is not None
-        client_state["personal"] = {n: (a[g:].clone(), b[:, g:].clone()) for n, (a, b) in result.adapters.items()}
+        client_state.personal = {n: (a[g:].clone(), b[:, g:].clone()) for n, (a, b) in result.adapters.items()}
         tensors: dict[str, Tensor] = {}
         for name, (a, b) in result.adapters.items():
             tensors[f"{name}.A"] = a[:g].clone()
@@ -582,7 +625,7 @@ class PFedLoRU(FedLoRU):
         return Payload(tensors)
 
     def personal_model(self, server: ServerState, client_id: int,
-                       client_state: dict) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
         return self._joined(server, client_state), {k: v.clone() for k, v in server.head.items()}
 
 
@@ -640,6 +683,16 @@ class MFedLoRU(FedLoRU):
     """
 
     name = "mFedLoRU"
+    paper = "Park and Klabjan 2024, arXiv 2409.12371"
+    chapter = "book/part2/client_initialization"
+
+    @dataclass
+    class ClientState(MergingClientState):
+        """This round's nested rank r_k and seed, and the trained nested factors until they are uploaded."""
+
+        nested_rank: int = 0
+        nested_seed: int = 0
+        nested: dict[tuple[str, str], Tensor] | None = None
 
     def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None, tau: int = 2) -> None:
         super().__init__(rank, tau=tau)
@@ -664,24 +717,23 @@ class MFedLoRU(FedLoRU):
             return self.ranks[client_id]
         return default_nested_ranks(server.rank, client_id + 1)[client_id]
 
-    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
-        client_state["mfedloru_rank"] = self.nested_rank(client_id, server)
-        client_state["mfedloru_seed"] = (reinit_seed(int(server.extra.get("seed", 0)), round_index)
-                                         + 7919 * (client_id + 1)) % (2**31 - 1)
+        client_state.nested_rank = self.nested_rank(client_id, server)
+        client_state.nested_seed = (reinit_seed(server.seed, round_index) + 7919 * (client_id + 1)) % (2**31 - 1)
         return start
 
     @contextlib.contextmanager
-    def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: dict,
+    def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: Any,
                        round_index: int) -> Iterator[None]:
         """Train the nested factors of every LoRA factor (:class:`NestedUpdate`), the factors frozen.
 
-        On a normal exit the trained nested factors are kept in ``client_state["mfedloru_nested"]``
+        On a normal exit the trained nested factors are kept in ``client_state.nested``
         for :meth:`client_upload`; on any exit the parametrisations are removed and the factors
         hold their stored (start) values again.
         """
-        rank = client_state["mfedloru_rank"]
-        generator = torch.Generator().manual_seed(client_state["mfedloru_seed"])
+        rank = client_state.nested_rank
+        generator = torch.Generator().manual_seed(client_state.nested_seed)
         modules = {(name, side): getattr(layer, f"lora_{side}")[adapter_io.ADAPTER]
                    for name, layer in adapter_io.lora_layers(model).items() for side in "AB"}
         nests: dict[tuple[str, str], NestedUpdate] = {}
@@ -691,15 +743,15 @@ class MFedLoRU(FedLoRU):
                 parametrize.register_parametrization(module, "weight", nests[key])
                 module.parametrizations.weight.original.requires_grad_(False)
             yield
-            client_state["mfedloru_nested"] = {
+            client_state.nested = {
                 (name, f"{side}_{part}"): getattr(nest, part).detach().clone()
                 for (name, side), nest in nests.items() for part in ("left", "right")}
         finally:
             for key in nests:
                 parametrize.remove_parametrizations(modules[key], "weight", leave_parametrized=False)
 
-    def client_upload(self, result: LocalResult, client_state: dict, round_index: int) -> Payload:
-        trained = client_state.pop("mfedloru_nested", None)
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        trained, client_state.nested = client_state.nested, None
         if trained is None:
             raise ValueError("mFedLoRU's client trained outside local_training: no nested factors to send")
         tensors: dict[str, Tensor] = {}
@@ -759,43 +811,43 @@ class FRLoRA(Strategy):
     """
 
     name = "FRLoRA"
-    merge_key = "frlora_merges"
+    paper = "Yan et al. 2025, ICLR, OpenReview e0rQRMUhs7"
+    chapter = "book/part2/client_initialization"
 
-    def init_server(self, server: ServerState, seed: int) -> None:
-        server.extra["seed"] = seed
-        server.extra[self.merge_key] = []
+    @dataclass
+    class State(MergingState):
+        """The merges so far and the principal factors (A_0, B_0) every round restarts from."""
+
+        init: dict[str, Factors] | None = None
+
+    ClientState = MergingClientState
 
     def prepare(self, federation: object, model: torch.nn.Module, server: ServerState, seed: int) -> None:
         init = {name: principal_factors(base_weight(model, name), server.rank, server.scaling)
                 for name in server.adapters}
         init = {name: (a.to(server.adapters[name][0]), b.to(server.adapters[name][1])) for name, (a, b) in init.items()}
-        server.extra["frlora_init"] = init
+        server.method_state.init = init
         server.adapters = {name: (a.clone(), b.clone()) for name, (a, b) in init.items()}
         server.base_deltas = {name: -server.scaling * (b @ a) for name, (a, b) in init.items()}
 
-    def client_start(self, server: ServerState, client_id: int, client_state: dict, round_index: int) -> ClientStart:
-        if "frlora_init" not in server.extra:
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        if server.method_state.init is None:
             raise ValueError("FRLoRA.prepare has not run: its initial adapter comes from the pre-trained weights")
         start = super().client_start(server, client_id, client_state, round_index)
         tensors = {k: v for k, v in start.download.tensors.items() if k.startswith("head.")}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        merged, merged_bytes = _missed_merges(server, client_state, self.merge_key)
+        merged, merged_bytes = _missed_merges(server, client_state)
         tensors.update(merged)
         start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
         return start
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         weights, per_layer = _layers(server, uploads)
-        init = server.extra["frlora_init"]
+        init = server.method_state.init
         averaged = {n: fedit_average(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
         server.base_deltas = {n: frlora_residual(a, b, init[n][0], init[n][1], server.scaling)
                               for n, (a, b) in averaged.items()}
-        server.extra.setdefault(self.merge_key, []).append(averaged)
+        server.method_state.merges.append(averaged)
         server.adapters = {n: (a.clone(), b.clone()) for n, (a, b) in init.items()}
         self.aggregate_head(server, uploads)
 
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA)
-}
-"""The client-side initialisations of survey section 3.2, by name."""

@@ -1,6 +1,6 @@
 """Train all sampled clients of a round at once: LoRA adapters batched over a client dimension.
 
-The sequential loop of :meth:`fedlora_edu.simulator.Federation.run` swaps client k's
+The sequential loop of :meth:`fedlora_edu.simulation.federation.Federation.run` swaps client k's
 adapter into one peft model, runs its local steps, copies the adapter out and moves on
 to client k + 1. Every client then pays its own Python overhead and its own small
 matrix products. This engine runs local step s of *all* K sampled clients in one forward
@@ -25,7 +25,7 @@ and one backward pass over the shared frozen base model:
   (no gradient clipping over the stack, no weight decay).
 
 Heterogeneous ranks (FLoRA, FlexLoRA with ``ranks``) are zero-padded to r_max and the
-gradients of the padded components are zeroed, as :func:`~fedlora_edu.simulator.local_train`
+gradients of the padded components are zeroed, as :func:`~fedlora_edu.foundations.training.local_train`
 does with ``rank``. A matrix a client does not train this round (``ClientStart.trainable``:
 FFA-LoRA freezes A, RoLoRA-style schedules alternate) gets a zero gradient slice: AdamW's
 moments stay zero and the slice stays bit-identical. A matrix no sampled client trains is
@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.strategy import ClientStart, LocalResult
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.strategy import ClientStart, LocalResult
+from fedlora_edu.foundations.training import BatchSampler, ClientData, adamw
 
 MATRICES = frozenset({"A", "B"})
 
@@ -71,7 +72,7 @@ class ClientJob:
     """One client's local work in a round: its id, data, start (adapter, head, trainable) and batch seed."""
 
     client_id: int
-    data: object  # fedlora_edu.simulator.ClientData (not imported: the simulator imports this module)
+    data: ClientData
     start: ClientStart
     seed: int
 
@@ -252,14 +253,12 @@ def train_clients_batched(
 ) -> list[LocalResult]:
     """``steps`` AdamW steps of every client in ``jobs`` at once; one :class:`LocalResult` per job, in order.
 
-    Equivalent to running :func:`fedlora_edu.simulator.local_train` for each client in turn
+    Equivalent to running :func:`fedlora_edu.foundations.training.local_train` for each client in turn
     on ``model`` with its start adapter, head and ``trainable`` (see the module docstring
     for the exact sense, and for dropout). ``model``'s own parameters are not changed;
     the stacked tensors live only during the call. ``dropout_seed`` seeds torch's global
     generator once for the dropout masks of the whole round.
     """
-    from fedlora_edu.simulator import BatchSampler, adamw  # the simulator imports this module
-
     if not jobs:
         raise ValueError("jobs is empty: nothing to train")
     if steps < 1:

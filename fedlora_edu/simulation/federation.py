@@ -2,7 +2,7 @@
 
 A :class:`Federation` holds K clients' tokenised data, a held-out test set and the
 pre-trained model. :meth:`Federation.run` plays communication rounds of any
-:class:`~fedlora_edu.strategy.Strategy`: sample clients, let each download its start
+:class:`~fedlora_edu.core.strategy.Strategy`: sample clients, let each download its start
 (``client_start``), train locally with gradient steps on its own data, upload
 (``client_upload``), aggregate on the server, fold any change of the frozen weights
 into the base model, and evaluate. Each round becomes one row of a pandas DataFrame
@@ -14,7 +14,7 @@ give the same history on CPU, and different methods see the same batches.
 
 The sampled clients of a round train either one after another in one peft model
 (:meth:`Federation.train_sequential`, the reference) or all at once, batched over a client
-dimension (:meth:`Federation.train_batched`, :mod:`fedlora_edu.engine`); ``run(engine=...)``
+dimension (:meth:`Federation.train_batched`, :mod:`fedlora_edu.simulation.engine`); ``run(engine=...)``
 chooses, and by default takes the batched engine wherever it applies.
 
 Taught in ``book/part1/federated_learning.ipynb`` and ``book/part1/fedlora.ipynb``; the
@@ -28,19 +28,36 @@ import functools
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from fedlora_edu import adapters as adapter_io
-from fedlora_edu.aggregation import discordance, ideal_update
-from fedlora_edu.engine import ClientJob, check_clients_per_pass, train_clients_in_groups, unsupported_reason
-from fedlora_edu.profiles import Profile, default_device, get_profile
-from fedlora_edu.strategy import LocalResult, ServerState, Strategy, Upload, all_finite, reparametrises_training
+from fedlora_edu.assets import data as data_sets
+from fedlora_edu.assets.models import add_lora, load_classifier
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.device import default_device
+from fedlora_edu.core.factors import discordance, ideal_update
+from fedlora_edu.core.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
+from fedlora_edu.foundations import partition
+from fedlora_edu.foundations.training import (
+    BatchSampler,
+    ClientData,
+    evaluate,
+    local_train,
+    make_optimizer,
+    set_trainable,
+    tokenize,
+)
+from fedlora_edu.simulation.engine import (
+    ClientJob,
+    check_clients_per_pass,
+    train_clients_in_groups,
+    unsupported_reason,
+)
+from fedlora_edu.simulation.profiles import Profile, get_profile
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
@@ -50,151 +67,8 @@ HISTORY_COLUMNS = [
 ENGINES = ("auto", "batched", "sequential")
 
 
-@dataclass
-class ClientData:
-    """Tokenised examples of one client (or of a test set): ids, mask and labels."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, indices: np.ndarray | list[int]) -> ClientData:
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ClientData(self.input_ids[index], self.attention_mask[index], self.labels[index])
-
-
-def tokenize(texts: list[str], labels: list[int], tokenizer: object, max_length: int) -> ClientData:
-    """Tokenise texts once, truncated and padded to ``max_length`` tokens."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length",
-                        return_tensors="pt")
-    return ClientData(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(list(labels)))
-
-
-def _trim(batch: ClientData, device: torch.device) -> dict[str, Tensor]:
-    """Move a batch to ``device``, cutting the columns that are padding in every row."""
-    width = int(batch.attention_mask.sum(dim=1).max())
-    return {
-        "input_ids": batch.input_ids[:, :width].to(device),
-        "attention_mask": batch.attention_mask[:, :width].to(device),
-        "labels": batch.labels.to(device),
-    }
-
-
 def _seed_for(seed: int, round_index: int, client_id: int) -> int:
     return (seed * 1_000_003 + round_index * 10_007 + client_id) % (2**31 - 1)
-
-
-def set_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
-    """Freeze or unfreeze every layer's A and B as the strategy asks ({"A"}, {"B"} or both)."""
-    unknown = set(trainable) - {"A", "B"}
-    if unknown or not trainable:
-        raise ValueError(f"trainable must be a non-empty subset of {{'A', 'B'}}, got {set(trainable)}")
-    for layer in adapter_io.lora_layers(model).values():
-        layer.lora_A[adapter_io.ADAPTER].weight.requires_grad_("A" in trainable)
-        layer.lora_B[adapter_io.ADAPTER].weight.requires_grad_("B" in trainable)
-
-
-class BatchSampler:
-    """Shuffled mini-batches of one client's data, drawn without replacement epoch after epoch."""
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        if size == 0:
-            raise ValueError("a client with no examples cannot train")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.size, self.batch_size = size, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(size, generator=self.generator)
-        self.position = 0
-
-    def next(self) -> np.ndarray:
-        if self.position + self.batch_size > self.size:
-            self.order = torch.randperm(self.size, generator=self.generator)
-            self.position = 0
-        index = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return index.numpy()
-
-
-def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW (no weight decay) over the parameters that train: LoRA factors and the head."""
-    return adamw([p for p in model.parameters() if p.requires_grad], learning_rate)
-
-
-def adamw(parameters: list[Tensor], learning_rate: float) -> torch.optim.Optimizer:
-    """The clients' optimiser: AdamW with torch's defaults and no weight decay (shared with the engine)."""
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-
-
-def local_train(
-    model: nn.Module,
-    data: ClientData,
-    *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    rank: int | None = None,
-    seed: int = 0,
-    device: torch.device | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    sampler: BatchSampler | None = None,
-) -> float:
-    """``steps`` AdamW steps on the trainable LoRA factors and head; returns the mean loss.
-
-    A fresh optimiser and batch order each call unless ``optimizer`` and ``sampler`` are
-    passed (a client's optimiser state never leaves it; centralised training keeps
-    both across calls). With ``rank`` below the model's rank, gradients of the padded
-    components are zeroed, so a rank-r_k client trains exactly r_k components.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    device = default_device() if device is None else device
-    optimizer = make_optimizer(model, learning_rate) if optimizer is None else optimizer
-    if sampler is None:
-        sampler = BatchSampler(len(data), batch_size, seed)
-        torch.manual_seed(seed)  # dropout inside the model; a caller passing a sampler seeds it once
-    layers = list(adapter_io.lora_layers(model).values())
-    if rank is not None and rank >= adapter_io.model_rank(model):
-        rank = None  # no padded components to hold at zero
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(**_trim(data.subset(sampler.next()), device)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if rank is not None:
-            for layer in layers:
-                a = layer.lora_A[adapter_io.ADAPTER].weight
-                b = layer.lora_B[adapter_io.ADAPTER].weight
-                if a.grad is not None:
-                    a.grad[rank:] = 0
-                if b.grad is not None:
-                    b.grad[:, rank:] = 0
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return float(np.mean(losses))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ClientData, *, batch_size: int = 64,
-             device: torch.device | None = None) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
-    device = default_device() if device is None else device
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(data), batch_size):
-        batch = _trim(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
-        output = model(**batch)
-        loss_sum += float(output.loss) * batch["labels"].shape[0]
-        correct += int((output.logits.argmax(dim=-1) == batch["labels"]).sum())
-    return correct / len(data), loss_sum / len(data)
 
 
 def layer_discordance(results: list[LocalResult], weights: list[float], scaling: float) -> float:
@@ -286,8 +160,6 @@ class Federation:
 
     def fresh_model(self, rank: int | None = None, seed: int = 0) -> nn.Module:
         """A copy of the pre-trained model wrapped with LoRA of ``rank`` (profile's by default)."""
-        from fedlora_edu.models import add_lora
-
         model = add_lora(copy.deepcopy(self.base_model), rank=rank or self.profile.rank,
                          alpha=self.profile.lora_alpha, seed=seed)
         return model.to(self.device)
@@ -325,7 +197,7 @@ class Federation:
         ``engine`` chooses how the sampled clients train: ``"sequential"`` swaps each
         client's adapter into the model and runs :func:`local_train` client after client
         (the reference); ``"batched"`` trains all of them at once with
-        :func:`fedlora_edu.engine.train_clients_batched` (same batches, same optimiser;
+        :func:`fedlora_edu.simulation.engine.train_clients_batched` (same batches, same optimiser;
         equal to the sequential loop to float tolerance with dropout off, equal in
         distribution with dropout on); ``"auto"`` (default) takes the batched engine
         where it applies and the sequential loop where it does not (a model the engine
@@ -333,7 +205,7 @@ class Federation:
         ``engine`` column and ``self.last_engine`` say which ran.
 
         ``clients_per_pass`` caps how many clients the batched engine trains in one pass
-        (:func:`fedlora_edu.engine.train_clients_in_groups`); ``None`` (default) trains all
+        (:func:`fedlora_edu.simulation.engine.train_clients_in_groups`); ``None`` (default) trains all
         sampled clients together and halves the group whenever the device runs out of
         memory. The history's ``clients_per_pass`` column says what ran (1 for the
         sequential loop).
@@ -367,13 +239,14 @@ class Federation:
             head=adapter_io.get_head_state(model),
             scaling=adapter_io.lora_scaling(model),
             rank=adapter_io.model_rank(model),
-            extra={"seed": seed},
+            seed=seed,
+            method_state=strategy.new_state(),
         )
         strategy.init_server(server, seed)
         strategy.prepare(self, model, server, seed)
         adapter_io.add_to_base_weights(model, server.base_deltas)
         server.base_deltas = {}
-        client_states: dict[int, dict] = {k: {} for k in range(self.num_clients)}
+        client_states = {k: strategy.new_client_state() for k in range(self.num_clients)}
         rng = np.random.default_rng(seed)
         rows = []
         name = label or strategy.name
@@ -433,10 +306,8 @@ class Federation:
         if engine == "sequential":
             return "sequential"
         reason = unsupported_reason(model)
-        if reason is None and not getattr(strategy, "batched_training", True):
-            reason = f"strategy {strategy.name} sets batched_training = False"
-        if reason is None and reparametrises_training(strategy):
-            reason = f"strategy {strategy.name} trains its clients in a reparametrisation (local_training)"
+        if reason is None:
+            reason = strategy.batched_training_obstacle()
         if reason is None:
             return "batched"
         if engine == "batched":
@@ -467,7 +338,7 @@ class Federation:
 
     def train_batched(self, model, strategy, server, client_states, sampled, t, *, seed, steps, batch_size,
                       learning_rate, clients_per_pass=None):
-        """The same local training, all sampled clients at once (:mod:`fedlora_edu.engine`).
+        """The same local training, all sampled clients at once (:mod:`fedlora_edu.simulation.engine`).
 
         Every ``client_start`` first, then batched training, in one pass or in groups of
         ``clients_per_pass`` (see :meth:`run`); yields ``(k, start, result)``; the group size
@@ -555,14 +426,10 @@ def build_federation(
 ) -> Federation:
     """Load a data set and a model, split and partition the data, tokenise: one call per chapter.
 
-    ``scheme`` is a partitioner of :mod:`fedlora_edu.partition` ("iid", "dirichlet" with
+    ``scheme`` is a partitioner of :mod:`fedlora_edu.foundations.partition` ("iid", "dirichlet" with
     ``alpha``, "shards" with ``classes_per_client``, "quantity" with ``alpha``,
     "natural"). The profile fixes the number of clients, examples and tokens.
     """
-    from fedlora_edu import data as data_sets
-    from fedlora_edu import partition
-    from fedlora_edu.models import load_classifier
-
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
     num_clients = profile.num_clients if num_clients is None else num_clients
     if not 0.0 <= client_test_fraction < 1.0:

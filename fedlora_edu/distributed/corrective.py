@@ -13,9 +13,7 @@ the ideal update instead of replacing them:
   computes the exact residual R = sum_k p_k B_k A_k - avg(B) avg(A) and folds it into the
   frozen weight, W' <- W' + s R, so that W' + s avg(B) avg(A) is the ideal aggregate to
   the last bit. The price: R is a full-size m x n matrix per adapted layer that every
-  client downloads. It lives in :mod:`fedlora_edu.aggregation`
-  (:func:`~fedlora_edu.aggregation.fedex_residual`,
-  :class:`~fedlora_edu.aggregation.FedExLoRA`) and is re-exported here, not rewritten.
+  client downloads (:func:`fedex_residual`, :class:`FedExLoRA`).
 - **LoRA-FAIR** (Bian, Wang, Zhang, Xu 2024, ICCV 2025, arXiv 2411.14961): the server keeps
   avg(A) fixed and learns a correction dB of avg(B) so that (avg(B) + dB) avg(A) is as
   similar as possible to the ideal update, with a penalty on dB that keeps the clients'
@@ -44,34 +42,24 @@ said so there; the solver's step count and learning rate are not known to us.
 Notation of the survey: A_k is r x n, B_k is m x r, p_k are weights summing to one;
 products are unscaled (LoRA's alpha / r multiplies every term alike).
 
-Taught in ``book/part2/corrective.ipynb``.
+Taught in ``book/part2/corrective.ipynb`` (FedEx-LoRA first in
+``book/part2/aggregation_discordance.ipynb``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.aggregation import (
-    FedExLoRA,
-    _collect,
-    check_factors,
-    fedex_residual,
-    fedit_average,
-    flora_stack,
-    ideal_update,
-)
-from fedlora_edu.strategy import ServerState, Strategy, Upload, normalized_weights
-
-__all__ = [
-    "SIMILARITIES", "CorrectionResult", "FedExLoRA", "LoRAFAIR", "corrected_residual", "fedex_residual",
-    "lora_fair_correction", "lora_fair_objective", "lora_fair_solve",
-]
+from fedlora_edu.core.checks import check_factors
+from fedlora_edu.core.factors import fedit_average, ideal_update
+from fedlora_edu.core.strategy import Payload, ServerState, Strategy, Upload, collect_factors, normalized_weights
+from fedlora_edu.core.threads import one_thread
+from fedlora_edu.distributed.full_size import flora_stack
 
 SIMILARITIES = ("cosine", "frobenius")
 """How LoRA-FAIR measures the gap to the ideal update: the paper's cosine, or a squared Frobenius distance."""
@@ -88,7 +76,20 @@ RELATIVE_TOLERANCE = 1e-6
 
 
 # ----------------------------------------------------------------------------------------
-# Validation
+# FedEx-LoRA
+# ----------------------------------------------------------------------------------------
+def fedex_residual(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """FedEx-LoRA (Singhal et al. 2024), eq. 7: R = sum_k p_k B_k A_k - avg(B) avg(A).
+
+    Folding R into the frozen weight (W' <- W' + R) makes W' + avg(B) avg(A) equal the
+    ideal aggregation exactly. R is full-size (m x n): that is its communication cost.
+    """
+    a_bar, b_bar = fedit_average(As, Bs, weights)
+    return ideal_update(As, Bs, weights) - b_bar @ a_bar
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA-FAIR: validation
 # ----------------------------------------------------------------------------------------
 def check_similarity(similarity: object) -> str:
     """Validate LoRA-FAIR's similarity measure: ``"cosine"`` (the paper's) or ``"frobenius"``."""
@@ -115,21 +116,6 @@ def check_steps(steps: object) -> int:
 # ----------------------------------------------------------------------------------------
 # LoRA-FAIR: the pure functions
 # ----------------------------------------------------------------------------------------
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch single-threaded inside the block (and restore the setting after it).
-
-    The solver works on m x r and r x r matrices: too small for a thread pool to help, and
-    on a loaded machine the pool's synchronisation made each step about 40 times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @dataclass
 class CorrectionResult:
     """What :func:`lora_fair_solve` returns for one layer.
@@ -209,7 +195,7 @@ def lora_fair_solve(
       millionth) of its value; ``tolerance=0`` runs until a step changes nothing. The paper
       gives no step count; 100 is ours (on MiniLM's layers it converges in about five).
     - The ideal update is never formed as an m x n matrix: with the stacks of
-      :func:`~fedlora_edu.aggregation.flora_stack` (dW = B_s A_s), everything S needs is
+      :func:`~fedlora_edu.distributed.full_size.flora_stack` (dW = B_s A_s), everything S needs is
       C = dW A-bar^T = B_s (A_s A-bar^T) (m x r), G = A-bar A-bar^T (r x r) and
       ||dW||_F^2 = tr((B_s^T B_s)(A_s A_s^T)), so a step costs O(m r^2), not O(m n r).
       Arithmetic is in float64 on the CPU, single-threaded; dB comes back in the inputs' dtype
@@ -225,7 +211,7 @@ def lora_fair_solve(
     check_steps(steps)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    with _one_thread():
+    with one_thread():
         return _solve(As, Bs, weights, similarity, lam, steps, float(tolerance))
 
 
@@ -353,11 +339,46 @@ def corrected_residual(
 
 
 # ----------------------------------------------------------------------------------------
-# The strategy
+# The strategies
 # ----------------------------------------------------------------------------------------
+class FedExLoRA(Strategy):
+    """FedEx-LoRA (Singhal et al. 2024), eq. 7: FedIT's averages plus the exact residual in W'.
+
+    Each client downloads the averaged A and B and the full-size residual of every
+    adapted layer (m x n each), which it adds to its frozen weight.
+    """
+
+    name = "FedEx-LoRA"
+    paper = "Singhal, Ponkshe, Vepakomma 2024, arXiv 2410.09432"
+    chapter = "book/part2/corrective"
+
+    @dataclass
+    class State:
+        """Last round's residual of every layer (what the clients download and fold into W')."""
+
+        residuals: dict[str, Tensor] = field(default_factory=dict)
+
+    def client_start(self, server, client_id, client_state, round_index):
+        start = super().client_start(server, client_id, client_state, round_index)
+        residuals = server.method_state.residuals
+        start.download = Payload(
+            {**start.download.tensors, **{f"{n}.residual": r for n, r in residuals.items()}}
+        )
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights, per_layer = collect_factors(server, uploads)
+        averaged = {n: fedit_average(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
+        residuals = {n: fedex_residual(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
+        server.adapters = averaged
+        server.method_state.residuals = residuals
+        server.base_deltas = {n: server.scaling * r for n, r in residuals.items()}
+        self.aggregate_head(server, uploads)
+
+
 def _client_factors(server: ServerState, uploads: list[Upload]) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
     """Per layer, the clients' uploaded A's and B's (both must be there: LoRA-FAIR trains both)."""
-    return _collect(server, uploads, require_both=True)[1]
+    return collect_factors(server, uploads, require_both=True)[1]
 
 
 class LoRAFAIR(Strategy):
@@ -372,12 +393,20 @@ class LoRAFAIR(Strategy):
     bytes are FedIT's. ``similarity``, ``regularization`` and ``steps`` are passed to the
     solver (defaults: the paper's cosine and lambda = 0.01, 100 steps).
 
-    After each round ``server.extra["lora_fair"]`` holds the round's
+    After each round ``server.method_state.corrections`` holds the round's
     :class:`CorrectionResult` per layer (dB and the objective per step).
     Taught in ``book/part2/corrective.ipynb``.
     """
 
     name = "LoRA-FAIR"
+    paper = "Bian, Wang, Zhang, Xu 2024, ICCV 2025, arXiv 2411.14961"
+    chapter = "book/part2/corrective"
+
+    @dataclass
+    class State:
+        """The last round's :class:`CorrectionResult` per layer (dB and the objective per step)."""
+
+        corrections: dict[str, CorrectionResult] = field(default_factory=dict)
 
     def __init__(
         self,
@@ -401,5 +430,5 @@ class LoRAFAIR(Strategy):
             adapters[name] = (a_bar, b_bar + result.delta_b)
             results[name] = result
         server.adapters = adapters
-        server.extra["lora_fair"] = results
+        server.method_state.corrections = results
         self.aggregate_head(server, uploads)

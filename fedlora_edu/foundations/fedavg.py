@@ -22,9 +22,8 @@ Taught in the chapter "book/part1/federated_learning.ipynb".
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fedlora_edu.aggregation import check_weights
+from fedlora_edu.core.checks import check_weights
+from fedlora_edu.core.threads import one_thread
 
 __all__ = [
     "centralized_linear_probe",
@@ -101,7 +101,7 @@ def embed_texts(
     """Mean-pooled, unit-length sentence embeddings of ``texts`` from a frozen encoder.
 
     ``model`` is the encoder or a classifier around it (its ``base_model`` is used, so the
-    ``load_classifier`` result of :mod:`fedlora_edu.models` works); the token vectors of the
+    ``load_classifier`` result of :mod:`fedlora_edu.assets.models` works); the token vectors of the
     last layer are averaged over real (non-padding) tokens and scaled to length 1, as
     all-MiniLM-L6-v2 (Reimers and Gurevych 2019) is meant to be used. Returns a float tensor of
     shape (len(texts), hidden size) on the CPU. These fixed features let the chapter
@@ -134,18 +134,6 @@ def embed_texts(
 # ----------------------------------------------------------------------------------------
 # A linear probe trained by FedAvg
 # ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: the probe's matrices are tiny, and on a busy machine the
-    thread pool's hand-offs cost far more than the arithmetic (measured 300x on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -255,7 +243,7 @@ def _history_row(round_index: int, state: Mapping[str, Tensor], test: tuple[Tens
             "client_drift": client_drift}
 
 
-@_one_thread()
+@one_thread()
 def federated_linear_probe(
     features: Tensor,
     labels: Sequence[int] | Tensor,
@@ -321,7 +309,7 @@ def federated_linear_probe(
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
-@_one_thread()
+@one_thread()
 def centralized_linear_probe(
     features: Tensor,
     labels: Sequence[int] | Tensor,

@@ -3,7 +3,8 @@
 Each exercise asks the student to write one equation of the survey as a function. :func:`check`
 calls that function on random inputs (several clients, unequal ranks where the method allows them,
 unequal client weights ``p_k``) and compares it with the reference implementation in
-:mod:`fedlora_edu.aggregation` or :mod:`fedlora_edu.lora`. When it differs, the error says which
+:mod:`fedlora_edu.core.factors`, :mod:`fedlora_edu.distributed.corrective` or
+:mod:`fedlora_edu.foundations.lora`. When it differs, the error says which
 case failed and, for the mistakes students make most often (ignoring ``p_k``, a transposed
 product, FedIT's product in place of the ideal one, a missing ``alpha / r``), what the answer
 looks like instead.
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora_edu import aggregation
-from fedlora_edu.lora import LoRALinear
+from fedlora_edu.core.factors import discordance, fedit_average, ideal_update
+from fedlora_edu.distributed.corrective import fedex_residual
+from fedlora_edu.foundations.lora import LoRALinear
 
 
 class ExerciseFailed(AssertionError):
@@ -98,8 +100,8 @@ def _hint_discordance(case: tuple, answer: object) -> str | None:
     As, Bs, weights = case
     if isinstance(answer, Tensor):
         return "return a Python float (use .item())"
-    A_avg, B_avg = aggregation.fedit_average(As, Bs, weights)
-    gap = B_avg @ A_avg - aggregation.ideal_update(As, Bs, weights)
+    A_avg, B_avg = fedit_average(As, Bs, weights)
+    gap = B_avg @ A_avg - ideal_update(As, Bs, weights)
     if isinstance(answer, float) and abs(answer - float(gap.norm() ** 2)) < 1e-6 * max(1.0, answer):
         return "this is the squared norm: take the Frobenius norm itself"
     return None
@@ -107,7 +109,7 @@ def _hint_discordance(case: tuple, answer: object) -> str | None:
 
 def _hint_residual(case: tuple, answer: object) -> str | None:
     As, Bs, weights = case
-    expected = aggregation.fedex_residual(As, Bs, weights)
+    expected = fedex_residual(As, Bs, weights)
     if isinstance(answer, Tensor) and answer.shape == expected.shape and _close(-answer, expected):
         return "the sign is flipped: avg(B) avg(A) + R must equal the ideal update"
     if isinstance(answer, Tensor) and answer.shape == expected.T.shape:
@@ -156,19 +158,19 @@ def _hint_lora(case: tuple, answer: object) -> str | None:
 EXERCISES: dict[str, Exercise] = {
     "ideal_update": Exercise(
         "ideal_update", "survey eq. 4, right side: sum_k p_k B_k A_k",
-        aggregation.ideal_update, _any_rank_cases, _hint_weighted_sum,
+        ideal_update, _any_rank_cases, _hint_weighted_sum,
     ),
     "fedit_average": Exercise(
         "fedit_average", "survey eq. 4, left side: (sum_k p_k A_k, sum_k p_k B_k)",
-        aggregation.fedit_average, _same_rank_cases, _hint_average,
+        fedit_average, _same_rank_cases, _hint_average,
     ),
     "discordance": Exercise(
         "discordance", "|| avg(B) avg(A) - sum_k p_k B_k A_k ||_F",
-        aggregation.discordance, _same_rank_cases, _hint_discordance,
+        discordance, _same_rank_cases, _hint_discordance,
     ),
     "fedex_residual": Exercise(
         "fedex_residual", "survey eq. 7: R = sum_k p_k B_k A_k - avg(B) avg(A)",
-        aggregation.fedex_residual, _same_rank_cases, _hint_residual,
+        fedex_residual, _same_rank_cases, _hint_residual,
     ),
     "lora_forward": Exercise(
         "lora_forward", "survey eq. 2: h = W x + (alpha / r) B A x, for a batch x of rows",

@@ -31,7 +31,7 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
     layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     if not layers:
-        raise ValueError("model has no peft LoRA layers; wrap it with fedlora_edu.models.add_lora first")
+        raise ValueError("model has no peft LoRA layers; wrap it with fedlora_edu.assets.models.add_lora first")
     return layers
 
 
