@@ -47,6 +47,7 @@ from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import Factors, base_weight
 from fedlora_edu.core.checks import check_factors, check_rank, check_ranks, check_weights
 from fedlora_edu.core.factors import fedit_average
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
@@ -90,7 +91,7 @@ def reinit_seed(seed: int, round_index: int) -> int:
     """The seed from which the fresh adapter of round ``round_index`` is drawn (a pure function of both)."""
     if round_index < 0:
         raise ValueError(f"round_index must be >= 0, got {round_index}")
-    return (int(seed) * 1_000_037 + 104_729 * (round_index + 1)) % (2**63 - 1)
+    return derive_seed(seed, "re-initialised adapter", round_index)
 
 
 def gaussian_reinit(shapes: Mapping[str, Factors], seed: int, round_index: int) -> dict[str, Factors]:
@@ -228,7 +229,7 @@ def choose_local_initial_client(client_ids: Sequence[int], seed: int, round_inde
     ids = list(client_ids)
     if not ids:
         raise ValueError("client_ids is empty: Local-Initial needs at least one client to copy")
-    rng = np.random.default_rng([int(seed), int(round_index), 7_907])
+    rng = np.random.default_rng(derive_seed(seed, "Local-Initial client", round_index))
     return int(ids[int(rng.integers(len(ids)))])
 
 
@@ -720,7 +721,7 @@ class MFedLoRU(FedLoRU):
     def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
         start = super().client_start(server, client_id, client_state, round_index)
         client_state.nested_rank = self.nested_rank(client_id, server)
-        client_state.nested_seed = (reinit_seed(server.seed, round_index) + 7919 * (client_id + 1)) % (2**31 - 1)
+        client_state.nested_seed = derive_seed(server.seed, "mFedLoRU nested factors", round_index, client_id)
         return start
 
     @contextlib.contextmanager

@@ -40,6 +40,7 @@ from torch import Tensor
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_factors, check_ranks, check_weights
 from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import LocalResult, Payload, ServerState, Strategy, Upload, collect_factors
 from fedlora_edu.core.svd import check_method, truncated_factors, truncated_factors_factored
 
@@ -245,7 +246,7 @@ class FLoRA(Strategy):
         server.method_state.stacked = stacked
         server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in stacked.items()}
         # Fresh adapter for the next round: a new random A (survey eq. 9), zero B.
-        generator = torch.Generator().manual_seed(server.seed * 7_919 + round_index + 1)
+        generator = torch.Generator().manual_seed(derive_seed(server.seed, "FLoRA fresh adapter", round_index + 1))
         server.adapters = {
             n: (torch.empty_like(a).uniform_(-1.0, 1.0, generator=generator) / a.shape[1] ** 0.5,
                 torch.zeros_like(b))

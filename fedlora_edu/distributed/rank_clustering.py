@@ -90,6 +90,7 @@ from torch import Tensor
 
 from fedlora_edu.core.checks import check_factors, check_weights
 from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import ServerState, Strategy, Upload, collect_factors
 from fedlora_edu.core.threads import one_thread
 
@@ -347,7 +348,7 @@ def cluster_residual(
 # ----------------------------------------------------------------------------------------
 def round_seed(seed: int, round_index: int) -> int:
     """The k-means seed of round ``round_index`` of a run with ``seed`` (a pure function of both)."""
-    return (int(seed) * 1_000_037 + 104_729 * (round_index + 1)) % (2**62)
+    return derive_seed(seed, "FedInc k-means", round_index)
 
 
 class FedInc(Strategy):

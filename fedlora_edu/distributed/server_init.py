@@ -52,6 +52,7 @@ from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_rank, check_weights
 from fedlora_edu.core.factors import average_tensors
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import ServerState
 from fedlora_edu.core.svd import truncated_factors
 from fedlora_edu.distributed.discordance import FedIT
@@ -356,7 +357,7 @@ class StandardInit(FedIT):
         self.sigma = None if sigma is None else check_sigma(sigma)
 
     def prepare(self, federation, model, server, seed):
-        generator = torch.Generator().manual_seed(int(seed) * 9_973 + 1)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "standard init"))
         adapters = {}
         for name, (r, m, n) in _layer_shapes(server).items():
             a0, b0 = server.adapters[name]
@@ -516,7 +517,7 @@ class SLoRA(FedIT):
         per_round = min(self.clients_per_round or profile.clients_per_round, federation.num_clients)
         layers = adapter_io.lora_layers(model)
         pretrained = {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
-        mask_seed = int(seed) * 7_919 + 17
+        mask_seed = derive_seed(seed, "SLoRA masks")
         masks = {name: mask.to(pretrained[name].device)
                  for name, mask in random_masks({n: w.shape for n, w in pretrained.items()}, self.density,
                                                 mask_seed).items()}
@@ -527,7 +528,7 @@ class SLoRA(FedIT):
         element_size = pretrained[next(iter(pretrained))].element_size()
         value_bytes = sparse_bytes(masks, element_size)
         head_bytes = adapter_io.tensor_bytes(head)
-        rng = np.random.default_rng(mask_seed)
+        rng = np.random.default_rng(derive_seed(seed, "SLoRA stage-1 clients"))
         record = {"rounds": self.stage1_rounds, "density": self.density, "clients": 0, "bytes_up": 0,
                   "bytes_down": 0, "sparse_bytes_up": 0, "entries": value_bytes // element_size, "accuracy": [],
                   "train_loss": []}
@@ -539,7 +540,7 @@ class SLoRA(FedIT):
                 adapter_io.set_head_state(model, head)
                 loss = sparse_local_train(model, federation.clients[k], masks, steps=steps,
                                           batch_size=profile.batch_size, learning_rate=learning_rate,
-                                          seed=(mask_seed * 1_009 + t * 10_007 + k) % (2**31 - 1),
+                                          seed=derive_seed(seed, "SLoRA stage-1 batches", t, k),
                                           device=federation.device)
                 client_values.append({name: (layer.get_base_layer().weight.detach() - pretrained[name])[masks[name]]
                                       for name, layer in layers.items()})

@@ -41,6 +41,7 @@ from torch import Tensor
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_factors, check_weights
 from fedlora_edu.core.factors import average_tensors
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
@@ -134,7 +135,7 @@ def round_seed(seed: int, round_index: int) -> int:
     """The seed CoLR's server broadcasts for round ``round_index`` (a pure function of both)."""
     if round_index < 0:
         raise ValueError(f"round_index must be >= 0, got {round_index}")
-    return (int(seed) * 1_000_033 + 7_919 * (round_index + 1)) % (2**63 - 1)
+    return derive_seed(seed, "CoLR shared factor", round_index)
 
 
 def colr_fresh_adapters(

@@ -34,7 +34,7 @@ left out of the optimiser altogether.
 Equivalence. With dropout off (the model's ``hidden_dropout_prob`` and
 ``attention_probs_dropout_prob`` and LoRA's dropout all 0) the engine's adapters and heads
 equal the sequential loop's to float tolerance (same per-client batches: each client
-draws them from ``BatchSampler(len(data), batch_size, _seed_for(seed, t, k))`` exactly as
+draws them from ``BatchSampler(len(data), batch_size, derive_seed(seed, "client batches", t, k))`` as
 the sequential loop does; only the summation order of the larger products differs). With
 dropout on, the engine draws its dropout masks from one stream for the whole round, so its
 masks are equal in distribution to the sequential loop's but not the same draws, and runs

@@ -9,7 +9,8 @@ into the base model, and evaluate. Each round becomes one row of a pandas DataFr
 with the bytes really sent up and down.
 
 Every run starts from a fresh copy of the same pre-trained model, client batches are
-drawn from generators seeded by (seed, round, client), so two runs with the same seed
+drawn from generators seeded by (seed, round, client) through
+:func:`~fedlora_edu.core.seeds.derive_seed`, so two runs with the same seed
 give the same history on CPU, and different methods see the same batches.
 
 The sampled clients of a round train either one after another in one peft model
@@ -40,6 +41,7 @@ from fedlora_edu.assets.models import add_lora, load_classifier
 from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.device import default_device
 from fedlora_edu.core.factors import discordance, ideal_update
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
 from fedlora_edu.foundations import partition
 from fedlora_edu.foundations.training import (
@@ -65,10 +67,6 @@ HISTORY_COLUMNS = [
     "engine", "clients_per_pass",
 ]
 ENGINES = ("auto", "batched", "sequential")
-
-
-def _seed_for(seed: int, round_index: int, client_id: int) -> int:
-    return (seed * 1_000_003 + round_index * 10_007 + client_id) % (2**31 - 1)
 
 
 def layer_discordance(results: list[LocalResult], weights: list[float], scaling: float) -> float:
@@ -330,8 +328,8 @@ class Federation:
             set_trainable(model, start.trainable)
             with strategy.local_training(model, start, client_states[k], t):
                 loss = local_train(model, self.clients[k], steps=steps, batch_size=batch_size,
-                                   learning_rate=learning_rate, rank=rank_k, seed=_seed_for(seed, t, k),
-                                   device=self.device)
+                                   learning_rate=learning_rate, rank=rank_k,
+                                   seed=derive_seed(seed, "client batches", t, k), device=self.device)
                 result = LocalResult(k, adapter_io.get_lora_factors(model, rank=rank_k),
                                      adapter_io.get_head_state(model), len(self.clients[k]), loss, rank_k)
             yield k, start, result
@@ -345,10 +343,10 @@ class Federation:
         that ran is ``self.last_clients_per_pass``. ``model``'s parameters are not changed.
         """
         jobs = [ClientJob(k, self.clients[k], strategy.client_start(server, k, client_states[k], t),
-                          _seed_for(seed, t, k)) for k in sampled]
+                          derive_seed(seed, "client batches", t, k)) for k in sampled]
         results, self.last_clients_per_pass = train_clients_in_groups(
             model, jobs, clients_per_pass=clients_per_pass, steps=steps, batch_size=batch_size,
-            learning_rate=learning_rate, device=self.device, dropout_seed=_seed_for(seed, t, self.num_clients))
+            learning_rate=learning_rate, device=self.device, dropout_seed=derive_seed(seed, "engine dropout", t))
         for job, result in zip(jobs, results, strict=True):
             yield job.client_id, job.start, result
 
@@ -383,8 +381,8 @@ class Federation:
             while done < steps:
                 chunk = min(eval_every, steps - done)
                 loss = local_train(model, pooled, steps=chunk, batch_size=batch_size, learning_rate=learning_rate,
-                                   seed=_seed_for(seed, done, 0), device=self.device, optimizer=optimizer,
-                                   sampler=sampler)
+                                   seed=derive_seed(seed, "centralized batches", done), device=self.device,
+                                   optimizer=optimizer, sampler=sampler)
                 done += chunk
                 accuracy, test_loss = evaluate(model, self.test, device=self.device)
                 rows.append({"step": done, "accuracy": accuracy, "test_loss": test_loss, "train_loss": loss})

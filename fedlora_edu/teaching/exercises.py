@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fedlora_edu.core.factors import discordance, fedit_average, ideal_update
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.foundations.lora import LoRALinear
 
@@ -50,12 +51,17 @@ def _clients(seed: int, ranks: list[int], m: int = 7, n: int = 5) -> tuple[list[
     return As, Bs, weights
 
 
+def _case_seed(seed: int, case: int) -> int:
+    return derive_seed(seed, "exercise case", case)
+
+
 def _same_rank_cases(seed: int) -> list[tuple]:
-    return [_clients(seed, [3, 3, 3]), _clients(seed + 1, [2, 2]), _clients(seed + 2, [4] * 5, m=3, n=9)]
+    return [_clients(_case_seed(seed, 0), [3, 3, 3]), _clients(_case_seed(seed, 1), [2, 2]),
+            _clients(_case_seed(seed, 2), [4] * 5, m=3, n=9)]
 
 
 def _any_rank_cases(seed: int) -> list[tuple]:
-    return _same_rank_cases(seed) + [_clients(seed + 3, [1, 4, 2], m=6, n=8)]
+    return _same_rank_cases(seed) + [_clients(_case_seed(seed, 3), [1, 4, 2], m=6, n=8)]
 
 
 def _close(answer: object, expected: Tensor) -> bool:
@@ -120,7 +126,7 @@ def _hint_residual(case: tuple, answer: object) -> str | None:
 def _lora_cases(seed: int) -> list[tuple]:
     cases = []
     for offset, (m, n, r, alpha) in enumerate([(6, 4, 2, 4.0), (3, 8, 1, 1.0), (5, 5, 4, 16.0)]):
-        gen = torch.Generator().manual_seed(seed + offset)
+        gen = torch.Generator().manual_seed(_case_seed(seed, 10 + offset))
         x = torch.randn(3, n, generator=gen, dtype=torch.float64)
         W = torch.randn(m, n, generator=gen, dtype=torch.float64)
         A = torch.randn(r, n, generator=gen, dtype=torch.float64)
