@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import helpers
 import pytest
 import torch
 from hypothesis import given, settings
@@ -164,3 +165,26 @@ def test_fedpipe_uploads_are_counted_at_their_bit_width(federation):
     assert int(pipe.loc[0, "bytes_up"]) == expected
     assert int(pipe.loc[0, "bytes_up"]) < int(fedit.loc[0, "bytes_up"])
     assert int(pipe.loc[0, "bytes_down"]) == int(fedit.loc[0, "bytes_down"])  # the download stays float32
+
+
+def test_flora_clients_download_every_stack_they_missed(federation):
+    """A client that skipped rounds must apply every stack merged since it last took part (its own W'
+    follows the server's): one client per round, so most clients miss some. Counted as the stacks, or
+    one dense m x n change per layer where that is smaller."""
+    strategy = helpers.recording(FLoRA)()
+    history = federation.run(strategy, rounds=5, clients_per_round=1, progress=False)
+    model = federation.fresh_model()
+    factors = adapter_io.get_lora_factors(model)
+    head_bytes = adapter_io.tensor_bytes(adapter_io.get_head_state(model))
+    stack_bytes = sum(adapter_io.tensor_bytes([a, b]) for a, b in factors.values())  # one client of rank r
+    dense_bytes = sum(a.shape[1] * b.shape[0] * a.element_size() for a, b in factors.values())
+    last_seen = {}  # client -> number of merges it has applied
+    missed_any = False
+    for t in range(5):
+        (client,) = strategy.starts[t]
+        missed = t - last_seen.get(client, 0)  # merges made before round t: t
+        missed_any |= missed > 1
+        expected = head_bytes + min(missed * stack_bytes, dense_bytes if missed else 0)
+        assert strategy.starts[t][client].download.nbytes == expected == history.loc[t, "bytes_down"]
+        last_seen[client] = t
+    assert missed_any  # the run really had a client come back after missing a merge

@@ -32,8 +32,9 @@ ALLOWED: dict[str, set[str]] = {
     "efficiency": {"core", "foundations", "distributed", "heterogeneity", "efficiency"},
     "registry": {"core", *BRANCHES},
     "simulation": {"core", "foundations", "assets", "simulation"},
-    "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "teaching"},
-    "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "teaching"},
+    "studies": {"core", "assets", "foundations", "registry", "simulation", "studies"},
+    "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "teaching"},
+    "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "teaching"},
 }
 
 

@@ -47,6 +47,7 @@ from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import Factors, base_weight
 from fedlora_edu.core.checks import check_factors, check_rank, check_ranks, check_weights
 from fedlora_edu.core.factors import fedit_average
+from fedlora_edu.core.merges import MergingClientState, MergingState, missed_merges
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
@@ -326,48 +327,6 @@ def _layers(server: ServerState, uploads: list[Upload]) -> tuple[list[float], di
     return collect_factors(server, uploads, require_both=True)
 
 
-@dataclass
-class MergingState:
-    """The server state of a method that folds averaged adapters into W': every merge so far.
-
-    ``merges`` lists, per merge, every layer's averaged (A, B); ``merge_rounds`` the 1-based
-    rounds after which they were merged.
-    """
-
-    merges: list[dict[str, Factors]] = field(default_factory=list)
-    merge_rounds: list[int] = field(default_factory=list)
-
-
-@dataclass
-class MergingClientState:
-    """How many of the server's merges this client has applied to its own W'."""
-
-    merges_applied: int = 0
-
-
-def _missed_merges(server: ServerState, client_state: MergingClientState) -> tuple[dict[str, Tensor], int]:
-    """What a client downloads to bring its W' up to date: the merged factors it has not applied yet.
-
-    ``server.method_state.merges`` lists, per merge, every layer's averaged (A, B); the client
-    applies s B A of each merge it missed (it may have skipped rounds). Counted as the factors,
-    or as the dense m x n change per layer where that is smaller.
-    """
-    merges: list[dict[str, Factors]] = server.method_state.merges
-    applied = client_state.merges_applied
-    missed = merges[applied:]
-    client_state.merges_applied = len(merges)
-    tensors: dict[str, Tensor] = {}
-    if not missed:
-        return tensors, 0
-    for j, merge in enumerate(missed):
-        for name, (a, b) in merge.items():
-            tensors[f"{name}.A@merge{applied + j}"] = a
-            tensors[f"{name}.B@merge{applied + j}"] = b
-    factored = sum(t.numel() * t.element_size() for t in tensors.values())
-    dense = sum(a.shape[1] * b.shape[0] * a.element_size() for a, b in missed[0].values())
-    return tensors, min(factored, dense)
-
-
 class AvgInitial(FedIT):
     """Avg-Initial (LoRA-FAIR, Bian, Wang, Zhang, Xu 2024, arXiv 2411.14961).
 
@@ -398,7 +357,7 @@ class FedLoRU(Strategy):
     starts from the shared server initialisation every method of the book starts from; the
     aggregation weights are p_k = n_k / sum n_j (the paper's code also weights by data size).
     Bytes down: the head; the adapter, or only a seed when it was just re-initialised; and
-    every accumulation the client has not applied yet (:func:`_missed_merges`).
+    every accumulation the client has not applied yet (:func:`~fedlora_edu.core.merges.missed_merges`).
     (The brief of this chapter cited arXiv 2410.23295; the paper is 2409.12371.)
     Taught in ``book/part2/client_initialization.ipynb``.
     """
@@ -429,7 +388,7 @@ class FedLoRU(Strategy):
             adapter = {k: v for k, v in start.download.tensors.items() if not k.startswith("head.")}
             tensors.update(adapter)
             nbytes += sum(t.numel() * t.element_size() for t in adapter.values())
-        merged, merged_bytes = _missed_merges(server, client_state)
+        merged, merged_bytes = missed_merges(server.method_state, client_state)
         tensors.update(merged)
         start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
         return start
@@ -837,7 +796,7 @@ class FRLoRA(Strategy):
         start = super().client_start(server, client_id, client_state, round_index)
         tensors = {k: v for k, v in start.download.tensors.items() if k.startswith("head.")}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        merged, merged_bytes = _missed_merges(server, client_state)
+        merged, merged_bytes = missed_merges(server.method_state, client_state)
         tensors.update(merged)
         start.download = Payload(tensors, nbytes=nbytes + merged_bytes)
         return start

@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_factors, check_ranks, check_weights
 from fedlora_edu.core.factors import ideal_update
+from fedlora_edu.core.merges import MergingClientState, MergingState, missed_merges
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import LocalResult, Payload, ServerState, Strategy, Upload, collect_factors
 from fedlora_edu.core.svd import check_method, truncated_factors, truncated_factors_factored
@@ -209,17 +208,19 @@ class FLoRA(Strategy):
     The server broadcasts the stacked adapter (rank sum_k r_k); every client adds its
     product to its frozen weight and starts the next round from a fresh LoRA (A random,
     B zero). Clients may have different ranks.
+
+    Bytes down: the head, and every stack merged since the client last took part (a client
+    that skipped rounds must apply all of them to keep its W' equal to the server's), counted
+    as the stacks or as one dense m x n change per layer, whichever is smaller
+    (:func:`~fedlora_edu.core.merges.missed_merges`). The fresh adapter is drawn from the run's
+    seed and the round, which every client knows, so it is not counted.
     """
 
     name = "FLoRA"
     paper = "Wang et al. 2024, NeurIPS, arXiv 2409.05976"
     chapter = "book/part2/full_size"
-
-    @dataclass
-    class State:
-        """Last round's stacked adapter of every layer (what the clients download and merge)."""
-
-        stacked: dict[str, Factors] = field(default_factory=dict)
+    State = MergingState
+    ClientState = MergingClientState
 
     def __init__(self, rank: int | None = None, ranks: Sequence[int] | None = None) -> None:
         super().__init__(rank)
@@ -233,17 +234,17 @@ class FLoRA(Strategy):
 
     def client_start(self, server, client_id, client_state, round_index):
         start = super().client_start(server, client_id, client_state, round_index)
-        # The fresh adapter comes from the shared seed; what is downloaded is last round's stack.
-        stacked = server.method_state.stacked
-        tensors = {f"{n}.{side}": t for n, (a, b) in stacked.items() for side, t in (("A", a), ("B", b))}
-        tensors.update({f"head.{k}": v for k, v in server.head.items()})
-        start.download = Payload(tensors)
+        # The fresh adapter comes from the shared seed; what is downloaded is every stack the client missed.
+        head = {f"head.{k}": v for k, v in server.head.items()}
+        merged, merged_bytes = missed_merges(server.method_state, client_state)
+        start.download = Payload({**merged, **head}, nbytes=Payload(head).nbytes + merged_bytes)
         return start
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         weights, per_layer = collect_factors(server, uploads)
         stacked = {n: flora_stack(a_list, b_list, weights) for n, (a_list, b_list) in per_layer.items()}
-        server.method_state.stacked = stacked
+        server.method_state.merges.append(stacked)
+        server.method_state.merge_rounds.append(round_index + 1)
         server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in stacked.items()}
         # Fresh adapter for the next round: a new random A (survey eq. 9), zero B.
         generator = torch.Generator().manual_seed(derive_seed(server.seed, "FLoRA fresh adapter", round_index + 1))

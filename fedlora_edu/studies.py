@@ -1,0 +1,196 @@
+"""Studies: named, resumable experiments whose results are stored with their provenance.
+
+A chapter runs a small live experiment within its time budget; some claims need more rounds,
+clients and seeds than that. Those come from a *study*: a script under ``studies/`` that runs a
+grid of runs (each a dict of settings, such as data set, method and seed) and appends one JSON
+line per finished run to ``fedlora_edu/results/<name>.jsonl`` (inside the package, so that a
+chapter opened in Colab finds it too). A run whose key is already in the
+file is skipped, so a study interrupted at any point continues where it stopped. Every line
+carries the run's settings, what it measured, and its provenance: the command, the commit, the
+device, the library versions, the profile, the date, and a fingerprint of the code it ran.
+
+The fingerprint (:func:`code_fingerprint`) hashes the syntax tree of the modules a run depends
+on, docstrings left out, so editing prose does not make a study stale but changing code does.
+:func:`stale_rows` recomputes it for every stored row; the test suite fails on a stale study,
+and a chapter that shows a stored study says so beside it (:func:`load_study`).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from fedlora_edu.registry import METHODS
+from fedlora_edu.simulation.profiles import provenance
+
+PACKAGE = Path(__file__).resolve().parent
+RESULTS = PACKAGE / "results"
+SHARED_PACKAGES = ("core", "assets", "foundations", "simulation")
+"""What every run depends on, whatever the method: the core, the assets, the foundations, the simulation."""
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_fingerprint(path: Path) -> str:
+    """SHA-256 of a Python file's syntax tree without docstrings (comments and layout never enter a tree)."""
+    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def _package_files(package: str) -> list[Path]:
+    return sorted((PACKAGE / package).rglob("*.py"))
+
+
+def code_fingerprint(methods: Iterable[str] = ()) -> str:
+    """A short hash of the code a run of ``methods`` (registry names) executes.
+
+    The shared machinery (the core, assets, foundations and simulation subpackages) and the
+    module of every class in each method's inheritance chain (FedLoRU's runs depend on
+    ``client_init`` and on ``discordance``'s FedIT if it inherits from it).
+    """
+    files = {path for package in SHARED_PACKAGES for path in _package_files(package)}
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+        for cls in METHODS[name].__mro__:
+            module = sys.modules.get(cls.__module__)
+            if module is not None and cls.__module__.startswith("fedlora_edu."):
+                files.add(Path(inspect.getfile(module)))
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + source_fingerprint(path).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------
+# Running and reading a study
+# ----------------------------------------------------------------------------------------
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c == "_" for c in name):
+        raise ValueError(f"a study name is letters, digits and underscores, got {name!r}")
+    return name
+
+
+def result_path(name: str) -> Path:
+    """Where the study ``name`` keeps its rows."""
+    return RESULTS / f"{_check_name(name)}.jsonl"
+
+
+def run_key(settings: Mapping[str, Any]) -> str:
+    """The identity of a run: its settings as canonical JSON (key order does not matter)."""
+    return json.dumps(dict(settings), sort_keys=True)
+
+
+def read_rows(name: str) -> list[dict]:
+    """Every stored row of the study (empty if it never ran); a last line cut off by a crash is skipped."""
+    path = result_path(name)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # the one line a kill in the middle of a write can leave; its run is simply redone
+            raise ValueError(f"{path}:{number} is not a JSON line; the file was edited by hand?") from None
+    return rows
+
+
+def run_study(
+    name: str,
+    runs: Sequence[Mapping[str, Any]],
+    run_one: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    *,
+    profile: str,
+    methods_of: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every run of ``runs`` not stored yet, appending one row each as it finishes; return the study.
+
+    ``run_one(settings)`` measures one run and returns a dict of plain numbers or lists. Each
+    row stores the settings, the measured values, the seconds it took, the code fingerprint of
+    the methods ``methods_of(settings)`` names (by default ``[settings["method"]]`` when there
+    is one) and the provenance of the machine. Rows are appended whole, so interrupting a study
+    (Ctrl-C, a killed job) loses at most the run in progress, and running it again continues.
+    """
+    keys = [run_key(settings) for settings in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"study {name!r}: two runs have the same settings")
+    done = {run_key(row["settings"]) for row in read_rows(name)}
+    pending = [settings for settings, key in zip(runs, keys, strict=True) if key not in done]
+    methods_of = methods_of or (lambda settings: [settings["method"]] if "method" in settings else [])
+    path = result_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    bar = tqdm(pending, desc=f"study {name} ({len(done)} of {len(runs)} stored)", unit="run", disable=not progress)
+    for settings in bar:
+        bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in settings.items()), refresh=False)
+        started = time.perf_counter()
+        measured = dict(run_one(settings))
+        methods = list(methods_of(settings))
+        row = {"settings": dict(settings), "measured": measured, "seconds": round(time.perf_counter() - started, 2),
+               "methods": methods, "code": code_fingerprint(methods),
+               "provenance": {**provenance(profile), "command": command}}
+        line = json.dumps(row, sort_keys=True) + "\n"
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return load_study(name)
+
+
+def stale_rows(name: str) -> list[dict]:
+    """The stored rows whose code fingerprint no longer matches the code (empty when the study is current)."""
+    current: dict[tuple[str, ...], str] = {}
+    stale = []
+    for row in read_rows(name):
+        methods = tuple(row.get("methods", ()))
+        if methods not in current:
+            current[methods] = code_fingerprint(methods)
+        if row.get("code") != current[methods]:
+            stale.append(row)
+    return stale
+
+
+def load_study(name: str) -> pd.DataFrame:
+    """The study as a table: one row per run, its settings and measured values as columns.
+
+    Provenance columns: ``seconds``, ``code``, ``commit``, ``date``, ``device_name``,
+    ``profile``. ``df.attrs["stale"]`` counts the rows whose code has changed since they ran
+    (:func:`stale_rows`); a chapter shows it beside the numbers.
+    """
+    rows = read_rows(name)
+    if not rows:
+        raise FileNotFoundError(f"study {name!r} has no results at {result_path(name)}; run studies/{name}.py")
+    records = []
+    for row in rows:
+        record = {**row["settings"], **row["measured"], "seconds": row["seconds"], "code": row["code"]}
+        record.update({key: row["provenance"].get(key) for key in ("commit", "date", "device_name", "profile")})
+        records.append(record)
+    frame = pd.DataFrame(records)
+    frame.attrs["stale"] = len(stale_rows(name))
+    frame.attrs["name"] = name
+    return frame

@@ -1,0 +1,100 @@
+"""Studies: resumable, stored with provenance, and stale as soon as the code they measured changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora_edu import studies
+from fedlora_edu.studies import (
+    RESULTS,
+    code_fingerprint,
+    load_study,
+    read_rows,
+    run_study,
+    source_fingerprint,
+    stale_rows,
+)
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(studies, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_the_fingerprint_ignores_prose_and_sees_code(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('"""Doc."""\n\ndef f(x):\n    """What f does."""\n    return x + 1  # add one\n')
+    original = source_fingerprint(path)
+    path.write_text('"""Another doc."""\n\n\ndef f(x):\n    # a new comment\n    return x + 1\n')
+    assert source_fingerprint(path) == original
+    path.write_text('"""Doc."""\n\ndef f(x):\n    return x + 2\n')
+    assert source_fingerprint(path) != original
+
+
+def test_a_method_fingerprint_covers_its_module_and_its_bases():
+    assert code_fingerprint(["FedIT"]) != code_fingerprint([])
+    assert code_fingerprint(["FedLoRU"]) != code_fingerprint(["FedIT"])
+    assert code_fingerprint(["FedIT"]) == code_fingerprint(["FedIT"])
+    with pytest.raises(ValueError, match="unknown method"):
+        code_fingerprint(["NoSuchMethod"])
+
+
+def test_a_study_appends_one_row_per_run_and_resumes(results):
+    calls = []
+
+    def run_one(settings):
+        calls.append(settings["seed"])
+        if settings["seed"] == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted in the middle of the third run
+        return {"accuracy": settings["seed"] / 10}
+
+    runs = [{"method": "FedIT", "seed": seed} for seed in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        run_study("demo", runs, run_one, profile="smoke", progress=False)
+    assert [row["settings"]["seed"] for row in read_rows("demo")] == [0, 1]  # nothing half-written
+    frame = run_study("demo", runs, run_one, profile="smoke", progress=False)
+    assert calls == [0, 1, 2, 2, 3]  # the stored runs were not redone
+    assert list(frame["seed"]) == [0, 1, 2, 3] and list(frame["accuracy"]) == [0.0, 0.1, 0.2, 0.3]
+    row = read_rows("demo")[0]
+    assert row["methods"] == ["FedIT"] and row["code"] == code_fingerprint(["FedIT"])
+    for key in ("commit", "date", "device_name", "profile", "versions", "command"):
+        assert key in row["provenance"]
+    assert frame.attrs["stale"] == 0
+
+
+def test_a_crash_mid_line_is_skipped_and_the_run_redone(results):
+    run_study("demo", [{"seed": 0}], lambda s: {"x": 1}, profile="smoke", progress=False)
+    with (results / "demo.jsonl").open("a") as handle:
+        handle.write('{"settings": {"seed": 1}, "meas')  # a write cut off by a kill
+    assert len(read_rows("demo")) == 1
+    (results / "demo.jsonl").write_text('{"broken\n' + (results / "demo.jsonl").read_text())
+    with pytest.raises(ValueError, match="not a JSON line"):
+        read_rows("demo")
+
+
+def test_a_row_measured_on_other_code_is_stale(results):
+    run_study("demo", [{"method": "FedIT", "seed": 0}], lambda s: {"x": 1}, profile="smoke", progress=False)
+    row = read_rows("demo")[0]
+    row["code"] = "0" * 16  # as if FedIT's code had changed since
+    (results / "demo.jsonl").write_text(json.dumps(row) + "\n")
+    assert len(stale_rows("demo")) == 1
+    assert load_study("demo").attrs["stale"] == 1
+
+
+def test_bad_names_and_duplicate_runs_are_refused(results):
+    with pytest.raises(ValueError, match="study name"):
+        read_rows("../outside")
+    with pytest.raises(ValueError, match="same settings"):
+        run_study("demo", [{"seed": 0}, {"seed": 0}], lambda s: {}, profile="smoke", progress=False)
+    with pytest.raises(FileNotFoundError, match="run studies/none.py"):
+        load_study("none")
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.jsonl")), ids=lambda path: path.stem)
+def test_every_stored_study_is_current(path):
+    stale = stale_rows(path.stem)
+    assert not stale, (f"{len(stale)} rows of study {path.stem} measured code that has changed since "
+                       f"(first: {stale[0]['settings']}); run studies/{path.stem}.py again")
