@@ -502,6 +502,17 @@ def test_slora_stage1_bytes_are_the_masks_real_size(slora_runs, federation):
     assert history["bytes_up"].iloc[0] > 0  # stage 2's rounds are in the simulator's history as usual
 
 
+def test_slora_stage2_first_download_carries_the_final_sparse_update(slora_runs):
+    """Round 1 of stage 2 (every client new to it): FedIT's download plus the final sparse values and the mask
+    seed, which a client needs to build W' = W_pre + dW - s B A; without the fold it needs none of it."""
+    folded, history = slora_runs[True]
+    plain, plain_history = slora_runs[False]
+    entries = folded.server.method_state.record["entries"]
+    per = TINY.clients_per_round
+    assert folded.server.method_state.sparse_bytes == entries * 4 + SEED_BYTES
+    assert history.loc[0, "bytes_down"] - plain_history.loc[0, "bytes_down"] == per * (entries * 4 + SEED_BYTES)
+
+
 def test_slora_is_reproducible(federation):
     runs = [federation.run(SLoRA(density=0.02, stage1_rounds=1), rounds=1, progress=False, seed=1)
             for _ in range(2)]

@@ -53,7 +53,7 @@ from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_rank, check_weights
 from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.seeds import derive_seed
-from fedlora_edu.core.strategy import ServerState
+from fedlora_edu.core.strategy import Payload, ServerState
 from fedlora_edu.core.svd import truncated_factors
 from fedlora_edu.distributed.discordance import FedIT
 from fedlora_edu.foundations.training import evaluate, local_train
@@ -472,6 +472,9 @@ class SLoRA(FedIT):
     clients, ``bytes_up`` and ``bytes_down`` (values, head and the 8-byte seed), the sparse
     part alone (``sparse_bytes_up``), and per stage-1 round the test accuracy if
     ``evaluate`` is set. The simulator's history counts only stage 2; a chapter adds these.
+    In stage 2, a client's first download also carries the final sparse update (its values,
+    and the 8-byte mask seed): with ``fold_residual=True`` its frozen weight must become
+    W_pre + dW - s B A, which it computes from dW and the A and B it downloads.
     Taught in ``book/part2/server_initialization.ipynb``.
     """
 
@@ -487,6 +490,13 @@ class SLoRA(FedIT):
         record: dict = field(default_factory=dict)
         delta: dict[str, Tensor] = field(default_factory=dict)
         masks: dict[str, Tensor] = field(default_factory=dict)
+        sparse_bytes: int = 0  # the final sparse update as it crosses the network: values and the mask seed
+
+    @dataclass
+    class ClientState:
+        """Whether this client already holds stage 1's final sparse update (it needs it once, to build W')."""
+
+        has_sparse_update: bool = False
 
     def __init__(
         self, rank: int | None = None, density: float = 0.01, stage1_rounds: int = 2, *,
@@ -578,6 +588,16 @@ class SLoRA(FedIT):
         server.method_state.record = record
         server.method_state.delta = deltas
         server.method_state.masks = masks
+        server.method_state.sparse_bytes = value_bytes + SEED_BYTES if self.fold_residual else 0
+
+    def client_start(self, server, client_id, client_state, round_index):
+        """FedIT's download, plus stage 1's final sparse update the first time a client takes part in stage 2."""
+        start = super().client_start(server, client_id, client_state, round_index)
+        if not client_state.has_sparse_update:
+            client_state.has_sparse_update = True
+            start.download = Payload(start.download.tensors,
+                                     nbytes=start.download.nbytes + server.method_state.sparse_bytes)
+        return start
 
     @staticmethod
     def _load(layers, pretrained, masks, values) -> None:
