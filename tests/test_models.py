@@ -7,8 +7,15 @@ import sys
 import pytest
 import torch
 
-from fedlora_edu.assets.models import add_lora, embedded_model_dir, load_classifier, resolve_model
+from fedlora_edu.assets.models import (
+    MeanPoolingClassifier,
+    add_lora,
+    embedded_model_dir,
+    load_classifier,
+    resolve_model,
+)
 from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.foundations.fedavg import embed_texts
 from fedlora_edu.simulation.profiles import PROFILES, describe_environment, get_profile, library_versions
 
 
@@ -25,6 +32,35 @@ def test_embedded_model_loads_offline(monkeypatch):
     assert model.config.model_type == "bert" and model.num_labels == 5
     assert sum(p.numel() for p in model.parameters()) > 22_000_000
     assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+    assert isinstance(model, MeanPoolingClassifier)  # a sentence-transformers checkpoint: mean pooling by default
+
+
+TEXTS = ["the markets fell sharply", "a late goal won the cup final for the home side", "new phone, old battery"]
+
+
+def test_mean_pooling_reads_the_probe_features_and_with_the_probe_head_is_the_probe():
+    model, tokenizer = load_classifier(num_labels=3, seed=0)
+    features = embed_texts(model, tokenizer, TEXTS, max_length=16, progress=False)  # Part I's probe features
+    batch = tokenizer(TEXTS, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        pooled = model.pooled(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(pooled, features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled.norm(dim=1), torch.ones(3))
+        probe = torch.nn.Linear(features.shape[1], 3)
+        model.classifier.load_state_dict(probe.state_dict())
+        torch.testing.assert_close(model(**batch).logits, probe(features), atol=1e-5, rtol=1e-5)
+        labels = torch.tensor([0, 1, 2])
+        loss = model(**batch, labels=labels).loss
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(probe(features), labels), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_pooling_can_be_the_models_own_head():
+    model, _ = load_classifier(num_labels=3, seed=0, pooling="model")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        load_classifier(num_labels=3, pooling="cls")
 
 
 def test_hub_name_offline_fails_at_once_naming_the_embedded_model(monkeypatch):

@@ -8,16 +8,24 @@ dequantised to float32; about 20 s on two CPU cores): name ``"embedded-decoder"`
 ``load_classifier("bert-base-uncased")`` takes the same path through transformers.
 :func:`add_lora` wraps a model with peft's LoRA layers (survey eq. 2, W = W' + B A).
 
+A classifier reads the representation its encoder was trained to give
+(:func:`load_classifier`'s ``pooling``): a sentence-transformers checkpoint such as the
+embedded MiniLM was trained to mean its token vectors and scale them to unit length, so it
+gets :class:`MeanPoolingClassifier`; other models keep their own head (BERT's [CLS] pooler,
+the decoder's last token).
+
 Taught in ``book/part1/lora.ipynb``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 EMBEDDED_MODEL = "embedded"
@@ -104,15 +112,83 @@ def resolve_model(name: str) -> str:
     return name
 
 
+POOLINGS = ("auto", "mean", "model")
+
+
+class MeanPoolingClassifier(nn.Module):
+    """A sentence encoder read as it was trained to be read, then a linear head.
+
+    The features are the mean of the last layer's token vectors over the real (non-padding)
+    tokens, scaled to unit length: the pooling and normalisation that all-MiniLM-L6-v2 was
+    trained with (Reimers and Gurevych 2019, sentence-transformers; its ``1_Pooling`` and
+    ``2_Normalize`` modules), and exactly the features Part I's linear probe reads
+    (:func:`fedlora_edu.foundations.fedavg.embed_texts`). With B = 0 and the probe's weights as
+    its head, this model *is* the probe; what LoRA adds on top is what the adapter learns.
+    BERT's [CLS] pooler is dropped (it is unused here). ``forward`` takes the arguments of a
+    transformers sequence classifier and returns its output type (``loss``, ``logits``).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.encoder = encoder
+        self.config = encoder.config
+        self.num_labels = num_labels
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=getattr(encoder.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The encoder (as transformers' ``base_model`` of a classifier)."""
+        return self.encoder
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The unit-length mean of the token vectors of each sequence (the encoder's sentence embedding)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                **_: object) -> object:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.classifier(self.pooled(input_ids, attention_mask))
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def sentence_pooling(source: str) -> str | None:
+    """``"mean"`` when ``source`` is a local sentence-transformers folder that mean-pools and normalises, else None."""
+    folder = Path(source)
+    try:
+        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    normalised = any(str(module.get("type", "")).endswith("Normalize") for module in modules)
+    return "mean" if pooling.get("pooling_mode_mean_tokens") and normalised else None
+
+
 def load_classifier(
-    name: str = EMBEDDED_MODEL, *, num_labels: int, seed: int = 0
+    name: str = EMBEDDED_MODEL, *, num_labels: int, seed: int = 0, pooling: str = "auto"
 ) -> tuple[nn.Module, object]:
     """Load a sequence classifier and its tokenizer; the new head is initialised with ``seed``.
 
     Returns ``(model, tokenizer)``. The pre-trained weights are W' of survey eq. 2.
+    ``pooling`` says which representation the head reads: ``"mean"`` wraps the encoder in
+    :class:`MeanPoolingClassifier`; ``"model"`` keeps the architecture's own head (BERT's
+    [CLS] pooler, the decoder's last token); ``"auto"`` (default) takes ``"mean"`` for a
+    sentence-transformers checkpoint that was trained with mean pooling (the embedded
+    MiniLM) and ``"model"`` otherwise.
     """
     if not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -138,6 +214,14 @@ def load_classifier(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if pooling == "auto":
+        pooling = sentence_pooling(source) or "model"
+    if pooling == "mean":
+        base = getattr(model, "base_model", None)
+        if base is None or base is model or not hasattr(base.config, "hidden_size"):
+            raise ValueError(f"pooling='mean' needs an encoder model with a base_model; {name!r} has none")
+        torch.manual_seed(seed)
+        model = MeanPoolingClassifier(base, num_labels)
     return model, tokenizer
 
 
