@@ -230,3 +230,42 @@ def test_fedavg_probe_learns_bbc_topics_on_iid_clients(bbc_embeddings):
     assert federated["accuracy"].iloc[-1] > chance + 0.4
     assert centralized["accuracy"].iloc[-1] > chance + 0.4
     assert federated["objective"].iloc[-1] < 0.7 * math.log(5)
+
+
+def test_best_linear_probe_reaches_the_optimum_and_picks_the_penalty_on_held_out_data():
+    from fedlora_edu.foundations.fedavg import PROBE_PENALTIES, _fit_logistic, best_linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 2
+    labels = torch.arange(120) % 3
+    features = centres[labels] + torch.randn(120, 8, generator=generator)
+    fit = best_linear_probe(features, labels, num_classes=3, seed=0)
+    assert fit.penalty in PROBE_PENALTIES and fit.weight.shape == (3, 8) and fit.bias.shape == (3,)
+    assert fit.accuracy(features, labels) > 0.9  # well-separated classes
+    # the refit is the optimum of the penalised loss: its gradient vanishes there
+    weight = fit.weight.double().requires_grad_(True)
+    bias = fit.bias.double().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(features.double() @ weight.T + bias, labels)
+    (loss + 0.5 * fit.penalty * weight.square().sum()).backward()
+    assert float(weight.grad.abs().max()) < 1e-4 and float(bias.grad.abs().max()) < 1e-4
+    # the chosen penalty is the one with the best validation accuracy on the same split
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    fit_index, validation_index = order[24:], order[:24]
+    scores = []
+    for penalty in PROBE_PENALTIES:
+        w, b = _fit_logistic(features[fit_index], labels[fit_index], 3, penalty)
+        predicted = (features[validation_index] @ w.T + b).argmax(1)
+        scores.append(float((predicted == labels[validation_index]).float().mean()))
+    assert fit.validation_accuracy == max(scores) and PROBE_PENALTIES[scores.index(max(scores))] == fit.penalty
+
+
+def test_best_linear_probe_names_bad_arguments():
+    from fedlora_edu.foundations.fedavg import best_linear_probe
+
+    features, labels = torch.randn(10, 4), torch.arange(10) % 2
+    with pytest.raises(ValueError, match="validation_fraction"):
+        best_linear_probe(features, labels, num_classes=2, validation_fraction=1.0)
+    with pytest.raises(ValueError, match="penalties"):
+        best_linear_probe(features, labels, num_classes=2, penalties=[])
+    with pytest.raises(ValueError, match="labels"):
+        best_linear_probe(features, labels[:5], num_classes=2)
