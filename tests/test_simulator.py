@@ -316,3 +316,28 @@ def test_aggregation_error_is_zero_for_exact_methods_and_fedit_discordance_for_f
     assert errors["FedIT"]["aggregation_error"].tolist() == pytest.approx(errors["FedIT"]["discordance"].tolist(),
                                                                          rel=1e-4)
     assert float(errors["FlexLoRA"]["aggregation_error"].min()) > 1e-4 * scale
+
+
+def test_a_probe_head_is_fitted_frozen_and_never_sent():
+    """head='probe': the head is the best linear probe on the frozen features, the run starts at the probe's
+    accuracy (B = 0), only LoRA factors train and cross the network, and the head never moves."""
+    probe_federation = build_federation("bbc_news", scheme="iid", profile=TINY, seed=0, head="probe")
+    fit = probe_federation.probe
+    assert fit is not None and not probe_federation.train_head
+    model = probe_federation.fresh_model()
+    assert adapter_io.get_head_state(model) == {}  # nothing of the head is trainable
+    classifier = model.base_model.model.classifier
+    torch.testing.assert_close(classifier.weight, fit.weight)
+    from fedlora_edu.foundations.training import evaluate
+    from fedlora_edu.simulation.federation import pooled_features
+
+    start_accuracy = evaluate(model, probe_federation.test)[0]
+    features = pooled_features(probe_federation.base_model, probe_federation.test)
+    assert start_accuracy == pytest.approx(fit.accuracy(features, probe_federation.test.labels))
+    for engine in ("sequential", "batched"):
+        history = probe_federation.run(FedIT(), rounds=1, progress=False, engine=engine)
+        factors = adapter_io.get_lora_factors(model)
+        assert history.loc[0, "bytes_up"] == 3 * adapter_io.tensor_bytes([t for f in factors.values() for t in f])
+        torch.testing.assert_close(probe_federation.last_model.base_model.model.classifier.weight, fit.weight)
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_federation("bbc_news", profile=TINY, head="linear")

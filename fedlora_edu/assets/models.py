@@ -252,13 +252,16 @@ def add_lora(
     target_modules: list[str] | None = None,
     dropout: float = 0.0,
     seed: int = 0,
+    train_head: bool = True,
 ) -> nn.Module:
     """Wrap ``model`` with peft LoRA layers (survey eq. 2) and keep its task head trainable.
 
     A is initialised as peft does (Kaiming-uniform, drawn with ``seed``) and B is zero
     (survey eq. 9), so the wrapped model starts equal to the pre-trained one. The
     head stays an ordinary trainable module (aggregated by plain FedAvg, which is
-    exact for it), so every adapter tensor is a LoRA factor.
+    exact for it), so every adapter tensor is a LoRA factor. With ``train_head=False`` the
+    head is frozen like W' (for instance a linear probe fitted beforehand), and only the
+    LoRA factors train.
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -274,5 +277,5 @@ def add_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     peft_model = get_peft_model(model, config)
     for parameter in getattr(peft_model.base_model.model, head).parameters():
-        parameter.requires_grad_(True)
+        parameter.requires_grad_(bool(train_head))
     return peft_model

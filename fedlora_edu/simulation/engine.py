@@ -157,8 +157,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     """Why the engine cannot train ``model`` (None when it can).
 
     It needs plain peft LoRA on ``nn.Linear`` layers (no DoRA or other variant, no LoRA
-    bias, no fan-in/fan-out transposition, one adapter) and a head made of ``nn.Linear``
-    modules whose parameters are weight and bias.
+    bias, no fan-in/fan-out transposition, one adapter) and a trainable head, if any, made of
+    ``nn.Linear`` modules whose parameters are weight and bias (a frozen head is part of W').
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -177,10 +177,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
             return f"layer {name} is transposed, merged or disabled"
         if layer.lora_B[adapter_io.ADAPTER].bias is not None:
             return f"layer {name} has a LoRA bias"
-    heads = head_modules(model)
-    if not heads:
-        return "model has no trainable head"
-    for name, module in heads.items():
+    for name, module in head_modules(model).items():  # none when the head is frozen (part of W')
         if type(module) is not nn.Linear:
             return f"head module {name} is {type(module).__name__}, not nn.Linear"
     return None

@@ -37,13 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedlora_edu.assets import data as data_sets
-from fedlora_edu.assets.models import add_lora, load_classifier
+from fedlora_edu.assets.models import MeanPoolingClassifier, add_lora, load_classifier
 from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.device import default_device
 from fedlora_edu.core.factors import discordance, ideal_update
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import LocalResult, ServerState, Strategy, Upload, all_finite
 from fedlora_edu.foundations import partition
+from fedlora_edu.foundations.fedavg import best_linear_probe
 from fedlora_edu.foundations.training import (
     BatchSampler,
     ClientData,
@@ -52,6 +53,7 @@ from fedlora_edu.foundations.training import (
     make_optimizer,
     set_trainable,
     tokenize,
+    trim_batch,
 )
 from fedlora_edu.simulation.engine import (
     ClientJob,
@@ -67,6 +69,7 @@ HISTORY_COLUMNS = [
     "engine", "clients_per_pass",
 ]
 ENGINES = ("auto", "batched", "sequential")
+HEADS = ("trained", "probe")
 
 
 def layer_discordance(results: list[LocalResult], weights: list[float], scaling: float) -> float:
@@ -130,6 +133,7 @@ class Federation:
         client_tests: list[ClientData] | None = None,
         label_names: list[str] | None = None,
         device: torch.device | None = None,
+        train_head: bool = True,
     ) -> None:
         if not clients:
             raise ValueError("clients is empty: a federation needs at least one client")
@@ -145,6 +149,7 @@ class Federation:
         self.profile = profile
         self.label_names = label_names
         self.device = default_device() if device is None else device
+        self.train_head = bool(train_head)
         self.last_clients_per_pass: int | None = None  # set by train_batched: the group size that ran
 
     @property
@@ -157,9 +162,13 @@ class Federation:
         return [len(c) for c in self.clients]
 
     def fresh_model(self, rank: int | None = None, seed: int = 0) -> nn.Module:
-        """A copy of the pre-trained model wrapped with LoRA of ``rank`` (profile's by default)."""
+        """A copy of the pre-trained model wrapped with LoRA of ``rank`` (profile's by default).
+
+        Its head trains beside the adapter, or stays frozen when the federation was built with
+        ``train_head=False`` (``build_federation(head="probe")``).
+        """
         model = add_lora(copy.deepcopy(self.base_model), rank=rank or self.profile.rank,
-                         alpha=self.profile.lora_alpha, seed=seed)
+                         alpha=self.profile.lora_alpha, seed=seed, train_head=self.train_head)
         return model.to(self.device)
 
     def run(
@@ -420,6 +429,7 @@ def build_federation(
     num_clients: int | None = None,
     client_test_fraction: float = 0.2,
     seed: int = 0,
+    head: str = "trained",
     **partition_options: object,
 ) -> Federation:
     """Load a data set and a model, split and partition the data, tokenise: one call per chapter.
@@ -427,9 +437,19 @@ def build_federation(
     ``scheme`` is a partitioner of :mod:`fedlora_edu.foundations.partition` ("iid", "dirichlet" with
     ``alpha``, "shards" with ``classes_per_client``, "quantity" with ``alpha``,
     "natural"). The profile fixes the number of clients, examples and tokens.
+
+    ``head`` says what the classifier head is. ``"trained"`` (default): a fresh head that
+    trains beside the adapter and is averaged by FedAvg. ``"probe"``: the best linear probe on
+    the frozen model's features (:func:`~fedlora_edu.foundations.fedavg.best_linear_probe`,
+    fitted once on the clients' training data pooled, as if released with the model), then
+    frozen for every method, so that the adapter is the only thing that learns and a method's
+    gain over the starting accuracy is the adapter's. Needs a mean-pooling classifier (the
+    embedded encoder); ``federation.probe`` keeps the fit.
     """
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
     num_clients = profile.num_clients if num_clients is None else num_clients
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if not 0.0 <= client_test_fraction < 1.0:
         raise ValueError(f"client_test_fraction must be in [0, 1), got {client_test_fraction}")
     dataset = data_sets.load_text_classification(
@@ -450,9 +470,36 @@ def build_federation(
         held_out = int(round(client_test_fraction * len(shuffled))) if len(shuffled) > 1 else 0
         clients.append(everything.subset(shuffled[held_out:]))
         client_tests.append(everything.subset(shuffled[:held_out]))
+    probe = None
+    if head == "probe":
+        if not isinstance(base_model, MeanPoolingClassifier):
+            raise ValueError(f"head='probe' needs a mean-pooling classifier (the embedded encoder); model {model!r} "
+                             f"loads as {type(base_model).__name__}")
+        pooled = ClientData(*(torch.cat([getattr(c, field) for c in clients])
+                              for field in ("input_ids", "attention_mask", "labels")))
+        probe = best_linear_probe(pooled_features(base_model, pooled), pooled.labels,
+                                  num_classes=len(label_names), seed=seed)
+        with torch.no_grad():
+            base_model.classifier.weight.copy_(probe.weight)
+            base_model.classifier.bias.copy_(probe.bias)
     federation = Federation(base_model, clients, test, profile=profile,
                             client_tests=client_tests if client_test_fraction > 0 else None,
-                            label_names=label_names)
+                            label_names=label_names, train_head=head != "probe")
     federation.partitions = parts
     federation.train_labels = labels
+    federation.probe = probe
     return federation
+
+
+@torch.no_grad()
+def pooled_features(model: MeanPoolingClassifier, data: ClientData, batch_size: int = 64) -> torch.Tensor:
+    """The frozen encoder's sentence features of ``data`` (what a linear probe on it reads), on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        batch = trim_batch(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
+        chunks.append(model.pooled(batch["input_ids"], batch["attention_mask"]).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
