@@ -27,11 +27,12 @@ from fedlora_edu.core.device import default_device
 from fedlora_edu.registry import METHODS, make_strategy, method_map
 from fedlora_edu.simulation.federation import Federation, build_federation
 from fedlora_edu.simulation.profiles import describe_environment, get_profile
+from fedlora_edu.teaching.prose import report
 from fedlora_edu.teaching.source import show_source
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "Federation", "build_federation", "default_device", "describe_environment", "get_profile",
-    "make_strategy", "method_map", "show_source",
+    "make_strategy", "method_map", "report", "show_source",
 ]
