@@ -23,6 +23,22 @@ PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]+>|\bTODO\b|\bTBD\b|\bFIXME\b")
 # Source shown as printed text: a chapter shows the package's code with fedlora_edu.show_source
 # (highlighted, taken from the package when it runs), never print(inspect.getsource(...)).
 PRINTED_SOURCE = re.compile(r"\bgetsource\s*\(")
+# A measurement typed into prose: a first-person, this-run or per-profile phrase and a number with
+# decimals, a percentage or a count of test articles in the same sentence ("when we ran this, FedIT
+# reached 0.406"). Such sentences come from the run instead (fedlora_edu.report in a code cell).
+# Papers' own numbers are quoted without these phrases and stay allowed.
+MEASURED_PHRASE = re.compile(
+    r"\b(when we (last )?(ran|wrote|measured|tried)|we (measured|saw|got|found|observed)|in our (last )?runs?|"
+    r"our (last )?(run|runs|measurement)|(this|the last) run (gave|showed|measured|reached|had))\b"
+    r"|under `(smoke|cpu|gpu)`",
+    re.IGNORECASE)
+MEASURED_NUMBER = re.compile(r"\b\d+\.\d+\b|\b\d+(\.\d+)? ?%|\b\d+ (test )?articles \(of")
+
+
+def typed_measurements(markdown: str) -> list[str]:
+    """The sentences of ``markdown`` that state a measured number by hand (see MEASURED_PHRASE)."""
+    sentences = re.split(r"(?<=[.!?])\s+|\n\n", markdown)
+    return [s.strip() for s in sentences if MEASURED_PHRASE.search(s) and MEASURED_NUMBER.search(s)]
 
 
 def find_notebooks() -> list[Path]:
@@ -50,6 +66,8 @@ def notebook_problems(notebook: dict) -> list[str]:
         if cell.get("cell_type") == "markdown":
             source = "".join(cell.get("source", ""))
             problems += [f"cell {index} holds the placeholder {m.group()!r}" for m in PLACEHOLDER.finditer(source)]
+            problems += [f"cell {index} types a measured number into prose: {sentence[:90]!r}"
+                         for sentence in typed_measurements(source)]
         if cell.get("cell_type") != "code":
             continue
         if PRINTED_SOURCE.search("".join(cell.get("source", ""))):
@@ -129,6 +147,16 @@ def test_checker_flags_placeholders_in_prose() -> None:
                                              "cell 0 holds the placeholder 'TODO'"]
     unfinished["cells"][0]["source"] = "A <b>bold</b> word, a matrix A < B, and TODOS are fine."
     assert notebook_problems(unfinished) == []
+
+
+def test_checker_flags_measured_numbers_typed_into_prose() -> None:
+    typed = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    typed["cells"][0]["source"] = ("When we last ran this chapter, FedIT reached 0.406. In our runs it lost 3%.\n\n"
+                                   "Under `cpu` it was 2 articles (of 200) behind. The paper reports a cosine of "
+                                   "0.9998. We use lambda = 0.01. Under `cpu` each client takes 3 steps.")
+    problems = notebook_problems(typed)
+    assert len(problems) == 3 and all("types a measured number" in p for p in problems)
+    assert "0.406" in problems[0] and "3%" in problems[1] and "2 articles" in problems[2]
 
 
 def test_checker_flags_printed_source() -> None:
