@@ -155,3 +155,25 @@ def test_any_model_folder_goes_through_the_same_call(tmp_path):
     model, _ = load_classifier(str(tmp_path), num_labels=4)
     wrapped = add_lora(model, rank=2, alpha=4.0)
     assert len(adapter_io.lora_layers(wrapped)) == 4  # query and value in 2 layers
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 4, 5])
+def test_the_frozen_bottom_and_the_adapted_top_give_the_whole_encoder(frozen):
+    model, tokenizer = load_classifier(num_labels=3, seed=0, frozen_layers=frozen)
+    batch = tokenizer(TEXTS, truncation=True, max_length=16, padding="max_length", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        whole = model.pooled(batch["input_ids"], batch["attention_mask"])
+        cached = model.bottom(batch["input_ids"], batch["attention_mask"])
+        split = model.pooled(None, batch["attention_mask"], hidden_states=cached)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    assert model.adapted_layers == list(range(frozen, 6))
+    adapted = {name.split(".layer.")[1].split(".")[0] for name in adapter_io.lora_layers(add_lora(model, rank=2))}
+    assert adapted == {str(i) for i in range(frozen, 6)}  # LoRA only where the encoder is not cached
+
+
+def test_frozen_layers_are_checked():
+    with pytest.raises(ValueError, match="frozen_layers must be an integer in 0..5"):
+        load_classifier(num_labels=3, frozen_layers=6)
+    with pytest.raises(ValueError, match="needs pooling='mean'"):
+        load_classifier(num_labels=3, pooling="model", frozen_layers=2)

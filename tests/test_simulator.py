@@ -341,3 +341,42 @@ def test_a_probe_head_is_fitted_frozen_and_never_sent():
         torch.testing.assert_close(probe_federation.last_model.base_model.model.classifier.weight, fit.weight)
     with pytest.raises(ValueError, match="head must be one of"):
         build_federation("bbc_news", profile=TINY, head="linear")
+
+
+def test_adapting_the_top_layers_on_cached_inputs_is_the_whole_model_run_on_tokens():
+    """adapted_layers=2: the frozen bottom's output is computed once per example; with dropout off a run on
+    those cached inputs equals the same run that pushes every batch through the whole encoder."""
+    from fedlora_edu.foundations.training import ClientData
+    from fedlora_edu.simulation.engine import disable_dropout
+    from fedlora_edu.simulation.federation import Federation
+
+    cached = build_federation("bbc_news", scheme="iid", profile=TINY, seed=0, adapted_layers=2)
+    assert cached.base_model.frozen_layers == 4 and all(c.hidden is not None for c in cached.clients)
+    assert cached.test.hidden.shape == (*cached.test.input_ids.shape, 384)
+    disable_dropout(cached.base_model)
+    def strip(data):
+        return ClientData(data.input_ids, data.attention_mask, data.labels)
+
+    whole = Federation(cached.base_model, [strip(c) for c in cached.clients], strip(cached.test), profile=TINY)
+    for engine in ("sequential", "batched"):
+        fast = cached.run(FedIT(), rounds=2, progress=False, engine=engine)
+        slow = whole.run(FedIT(), rounds=2, progress=False, engine=engine)
+        assert fast["accuracy"].tolist() == slow["accuracy"].tolist()
+        pd.testing.assert_series_equal(fast["train_loss"], slow["train_loss"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="adapted_layers must be an integer in 1..6"):
+        build_federation("bbc_news", profile=TINY, adapted_layers=7)
+
+
+def test_update_size_is_the_weighted_change_the_clients_trained(federation):
+    """Round 1 of FedIT starts every client at B = 0, so the ideal update is s sum_k p_k B_k A_k of the uploads."""
+    strategy = recording(FedIT)()
+    history = federation.run(strategy, rounds=1, progress=False)
+    uploads = strategy.rounds[0][1]
+    weights = [u.num_examples / sum(v.num_examples for v in uploads) for u in uploads]
+    names = list(strategy.rounds[0][0])
+    total = 0.0
+    for name in names:
+        pairs = [split_factors(u.payload, [name]) for u in uploads]
+        total += float(ideal_update([a[name] for a, _ in pairs], [b[name] for _, b in pairs], weights).square().sum())
+    scaling = federation.last_server.scaling
+    assert history.loc[0, "update_size"] == pytest.approx(scaling * math.sqrt(total), rel=1e-5)

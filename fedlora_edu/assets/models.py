@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -126,15 +127,23 @@ class MeanPoolingClassifier(nn.Module):
     its head, this model *is* the probe; what LoRA adds on top is what the adapter learns.
     BERT's [CLS] pooler is dropped (it is unused here). ``forward`` takes the arguments of a
     transformers sequence classifier and returns its output type (``loss``, ``logits``).
+
+    ``frozen_layers`` = f splits the encoder: the embeddings and the first f transformer layers
+    stay frozen and carry no adapter (:func:`add_lora` adapts :attr:`adapted_layers` only), so
+    their output for an example never changes and can be computed once (:meth:`bottom`); a
+    forward pass given that output as ``hidden_states`` runs only the top layers (:meth:`top`).
+    Both routes give the same result (up to float rounding; tested).
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+    def __init__(self, encoder: nn.Module, num_labels: int, frozen_layers: int = 0) -> None:
         super().__init__()
         if not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        self._frozen_layers = 0
+        self.encoder = encoder
+        self.frozen_layers = frozen_layers
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None
-        self.encoder = encoder
         self.config = encoder.config
         self.num_labels = num_labels
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
@@ -146,17 +155,73 @@ class MeanPoolingClassifier(nn.Module):
         """The encoder (as transformers' ``base_model`` of a classifier)."""
         return self.encoder
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The unit-length mean of the token vectors of each sequence (the encoder's sentence embedding)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @property
+    def frozen_layers(self) -> int:
+        """How many bottom transformer layers stay frozen and carry no adapter (0: LoRA in every layer)."""
+        return self._frozen_layers
+
+    @frozen_layers.setter
+    def frozen_layers(self, value: int) -> None:
+        depth = len(self.encoder.encoder.layer)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < depth:
+            raise ValueError(f"frozen_layers must be an integer in 0..{depth - 1} (the encoder has {depth} layers), "
+                             f"got {value!r}")
+        self._frozen_layers = value
+
+    @property
+    def adapted_layers(self) -> list[int]:
+        """The indices of the transformer layers that LoRA adapts: all but the first ``frozen_layers``."""
+        return list(range(self.frozen_layers, len(self.encoder.encoder.layer)))
+
+    def _layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask in the form the encoder's layers take (it differs between transformers versions)."""
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4.x: the additive extended mask
+            return self.encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+        mask = self._layer_mask(hidden, attention_mask)
+        for layer in layers:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen part (embeddings and the first ``frozen_layers`` layers): what can be cached."""
+        hidden = self.encoder.embeddings(input_ids=input_ids)
+        return self._run_layers(hidden, attention_mask, list(self.encoder.encoder.layer[:self.frozen_layers]))
+
+    def top(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last layer's token vectors, from the frozen part's output: the adapted layers only."""
+        return self._run_layers(hidden_states, attention_mask, list(self.encoder.encoder.layer[self.frozen_layers:]))
+
+    def pooled(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit-length mean of the token vectors of each sequence (the encoder's sentence embedding).
+
+        From token ids through the whole encoder, or from ``hidden_states``, the cached output of
+        the frozen part (:meth:`bottom`), through the adapted layers only.
+        """
+        if hidden_states is not None:
+            hidden = self.top(hidden_states, attention_mask)
+        elif input_ids is None:
+            raise ValueError("pooled needs input_ids or hidden_states")
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0), dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None,
                 **_: object) -> object:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        logits = self.classifier(self.pooled(input_ids, attention_mask))
+        if attention_mask is None:
+            raise ValueError("MeanPoolingClassifier needs the attention_mask (padding must not enter the mean)")
+        logits = self.classifier(self.pooled(input_ids, attention_mask, hidden_states))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -174,7 +239,7 @@ def sentence_pooling(source: str) -> str | None:
 
 
 def load_classifier(
-    name: str = EMBEDDED_MODEL, *, num_labels: int, seed: int = 0, pooling: str = "auto"
+    name: str = EMBEDDED_MODEL, *, num_labels: int, seed: int = 0, pooling: str = "auto", frozen_layers: int = 0
 ) -> tuple[nn.Module, object]:
     """Load a sequence classifier and its tokenizer; the new head is initialised with ``seed``.
 
@@ -183,7 +248,8 @@ def load_classifier(
     :class:`MeanPoolingClassifier`; ``"model"`` keeps the architecture's own head (BERT's
     [CLS] pooler, the decoder's last token); ``"auto"`` (default) takes ``"mean"`` for a
     sentence-transformers checkpoint that was trained with mean pooling (the embedded
-    MiniLM) and ``"model"`` otherwise.
+    MiniLM) and ``"model"`` otherwise. ``frozen_layers`` (mean pooling only) keeps the first
+    layers frozen and unadapted (:class:`MeanPoolingClassifier`).
     """
     if not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
@@ -221,7 +287,9 @@ def load_classifier(
         if base is None or base is model or not hasattr(base.config, "hidden_size"):
             raise ValueError(f"pooling='mean' needs an encoder model with a base_model; {name!r} has none")
         torch.manual_seed(seed)
-        model = MeanPoolingClassifier(base, num_labels)
+        model = MeanPoolingClassifier(base, num_labels, frozen_layers=frozen_layers)
+    elif frozen_layers:
+        raise ValueError(f"frozen_layers needs pooling='mean'; {name!r} loads with its own head")
     return model, tokenizer
 
 
@@ -272,6 +340,9 @@ def add_lora(
     from peft import LoraConfig, get_peft_model
 
     targets = default_target_modules(model) if target_modules is None else list(target_modules)
+    if getattr(model, "frozen_layers", 0):  # adapt the top layers only (MeanPoolingClassifier.adapted_layers)
+        layers = "|".join(str(i) for i in model.adapted_layers)
+        targets = rf".*\.layer\.({layers})\..*\.({'|'.join(re.escape(t) for t in targets)})"
     head = head_module_name(model)
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)

@@ -25,18 +25,36 @@ from fedlora_edu.core.device import default_device
 
 @dataclass
 class ClientData:
-    """Tokenised examples of one client (or of a test set): ids, mask and labels."""
+    """Tokenised examples of one client (or of a test set): ids, mask and labels.
+
+    ``hidden``, when set, is the output of the model's frozen bottom layers for every example
+    (examples x tokens x hidden size), computed once: the model then runs only its adapted top
+    layers on it (:class:`~fedlora_edu.assets.models.MeanPoolingClassifier`'s ``frozen_layers``).
+    """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    hidden: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, indices: np.ndarray | list[int]) -> ClientData:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ClientData(self.input_ids[index], self.attention_mask[index], self.labels[index])
+        hidden = None if self.hidden is None else self.hidden[index]
+        return ClientData(self.input_ids[index], self.attention_mask[index], self.labels[index], hidden)
+
+    @staticmethod
+    def concat(parts: list[ClientData]) -> ClientData:
+        """The examples of several clients in one set (the pooled data of centralized training)."""
+        if not parts:
+            raise ValueError("parts is empty: nothing to concatenate")
+        if len({part.hidden is None for part in parts}) != 1:
+            raise ValueError("either every part carries cached hidden states or none does")
+        hidden = None if parts[0].hidden is None else torch.cat([part.hidden for part in parts])
+        return ClientData(*(torch.cat([getattr(part, name) for part in parts])
+                            for name in ("input_ids", "attention_mask", "labels")), hidden)
 
 
 def tokenize(texts: list[str], labels: list[int], tokenizer: object, max_length: int) -> ClientData:
@@ -51,11 +69,14 @@ def tokenize(texts: list[str], labels: list[int], tokenizer: object, max_length:
 def trim_batch(batch: ClientData, device: torch.device) -> dict[str, Tensor]:
     """Move a batch to ``device``, cutting the columns that are padding in every row."""
     width = int(batch.attention_mask.sum(dim=1).max())
-    return {
+    trimmed = {
         "input_ids": batch.input_ids[:, :width].to(device),
         "attention_mask": batch.attention_mask[:, :width].to(device),
         "labels": batch.labels.to(device),
     }
+    if batch.hidden is not None:
+        trimmed["hidden_states"] = batch.hidden[:, :width].to(device)
+    return trimmed
 
 
 def set_trainable(model: nn.Module, trainable: frozenset[str]) -> None:

@@ -217,16 +217,22 @@ def _stack_factors(jobs: Sequence[ClientJob], layers: dict[str, nn.Module], devi
 
 
 def _step_batch(jobs, samplers, device):
-    """This step's batch of every client, concatenated: ids, mask (K * b_max, width), labels, row weights."""
+    """This step's batch of every client, concatenated, as keyword arguments of the model (ids and mask
+    (K * b_max, width), cached hidden states where the data carries them), with the labels, row weights and b_max."""
     picks = [sampler.next() for sampler in samplers]
     b_max = max(len(p) for p in picks)
-    ids, masks, labels, weights = [], [], [], []
+    ids, masks, labels, weights, hidden = [], [], [], [], []
+    cached = {job.data.hidden is not None for job in jobs}
+    if len(cached) != 1:
+        raise ValueError("either every client's data carries cached hidden states or none does")
     for job, pick in zip(jobs, picks, strict=True):
         rows = np.concatenate([pick, np.full(b_max - len(pick), pick[0], dtype=pick.dtype)])
         index = torch.as_tensor(rows, dtype=torch.int64)
         ids.append(job.data.input_ids[index])
         masks.append(job.data.attention_mask[index])
         labels.append(job.data.labels[index])
+        if job.data.hidden is not None:
+            hidden.append(job.data.hidden[index])
         weight = torch.zeros(b_max)
         weight[:len(pick)] = 1.0 / len(pick)  # client k's mean over its real rows; padded rows weigh 0
         weights.append(weight)
@@ -234,8 +240,11 @@ def _step_batch(jobs, samplers, device):
     ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in ids])
     masks = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in masks])
     width = int(masks.sum(dim=1).max())  # cut the columns that are padding in every row
-    return (ids[:, :width].to(device), masks[:, :width].to(device), torch.cat(labels).to(device),
-            torch.stack(weights).to(device), b_max)
+    inputs = {"input_ids": ids[:, :width].to(device), "attention_mask": masks[:, :width].to(device)}
+    if hidden:
+        inputs["hidden_states"] = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in hidden])[:, :width]
+        inputs["hidden_states"] = inputs["hidden_states"].to(device)
+    return inputs, torch.cat(labels).to(device), torch.stack(weights).to(device), b_max
 
 
 def train_clients_batched(
@@ -315,8 +324,8 @@ def train_clients_batched(
     model.train()
     with routed(model, factors, heads):
         for step in range(steps):
-            input_ids, attention_mask, labels, row_weights, b_max = _step_batch(jobs, samplers, device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            inputs, labels, row_weights, b_max = _step_batch(jobs, samplers, device)
+            logits = model(**inputs).logits
             per_row = F.cross_entropy(logits.float(), labels, reduction="none").reshape(clients, b_max)
             per_client = (per_row * row_weights).sum(dim=1)  # each client's own mean loss
             optimizer.zero_grad(set_to_none=True)

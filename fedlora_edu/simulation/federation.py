@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fedlora_edu.assets import data as data_sets
@@ -65,7 +65,8 @@ from fedlora_edu.simulation.profiles import Profile, get_profile
 
 HISTORY_COLUMNS = [
     "round", "method", "accuracy", "test_loss", "train_loss", "client_accuracy",
-    "bytes_up", "bytes_down", "discordance", "aggregation_error", "server_seconds", "clients", "excluded",
+    "bytes_up", "bytes_down", "discordance", "update_size", "aggregation_error", "server_seconds", "clients",
+    "excluded",
     "engine", "clients_per_pass",
 ]
 ENGINES = ("auto", "batched", "sequential")
@@ -85,6 +86,27 @@ def layer_discordance(results: list[LocalResult], weights: list[float], scaling:
         As = [r.adapters[name][0] for r in results]
         Bs = [r.adapters[name][1] for r in results]
         total += discordance(As, Bs, weights) ** 2
+    return scaling * math.sqrt(total)
+
+
+def update_size(starts: list[dict[str, tuple[Tensor, Tensor]]], results: list[LocalResult], weights: list[float],
+                scaling: float) -> float:
+    """The size of the round's ideal update, in the units of the discordance, over all layers.
+
+    s sqrt(sum over layers of ||sum_k p_k (B_k A_k - B_k^0 A_k^0)||_F^2), with (A_k^0, B_k^0) the
+    adapter client k started the round from: the weighted average of what the clients' training
+    added to their weights (survey eq. 4's right side, minus the start). The discordance divided
+    by it is how large the error of separate averaging is relative to what the round learned.
+    NaN without results.
+    """
+    if not results:
+        return math.nan
+    total = 0.0
+    for name in results[0].adapters:
+        change = sum(w * (r.adapters[name][1] @ r.adapters[name][0] - s[name][1].to(r.adapters[name][1])
+                          @ s[name][0].to(r.adapters[name][0]))
+                     for w, r, s in zip(weights, results, starts, strict=True))
+        total += float(change.square().sum())
     return scaling * math.sqrt(total)
 
 
@@ -264,6 +286,7 @@ class Federation:
             server.round = t
             sampled = strategy.sample_clients(t, self.num_clients, clients_per_round, rng)
             results: list[LocalResult] = []
+            starts: list[dict[str, tuple[Tensor, Tensor]]] = []
             uploads: list[Upload] = []
             bytes_up = bytes_down = excluded = 0
             for k, start, result in train(model, strategy, server, client_states, sampled, t, seed=seed,
@@ -278,9 +301,11 @@ class Federation:
                     excluded += 1
                     continue
                 results.append(result)
+                starts.append({n: (a[:rank_k], b[:, :rank_k]) for n, (a, b) in start.adapters.items()})
                 uploads.append(Upload(k, result.num_examples, payload, rank_k))
             weights = [u.num_examples / sum(v.num_examples for v in uploads) for u in uploads]
             measured_discordance = layer_discordance(results, weights, server.scaling)
+            measured_update = update_size(starts, results, weights, server.scaling)
             server.base_deltas = {}
             started = time.perf_counter()
             if uploads:
@@ -294,7 +319,8 @@ class Federation:
                 "round": t + 1, "method": name, "accuracy": accuracy, "test_loss": test_loss,
                 "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
                 "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
-                "discordance": measured_discordance, "aggregation_error": error, "server_seconds": server_seconds,
+                "discordance": measured_discordance, "update_size": measured_update, "aggregation_error": error,
+                "server_seconds": server_seconds,
                 "clients": len(sampled), "excluded": excluded, "engine": used,
                 "clients_per_pass": 1 if used == "sequential" else self.last_clients_per_pass,
             })
@@ -378,8 +404,7 @@ class Federation:
         p = self.profile
         batch_size = p.batch_size if batch_size is None else batch_size
         learning_rate = p.learning_rate if learning_rate is None else learning_rate
-        pooled = ClientData(*(torch.cat([getattr(c, field) for c in self.clients])
-                              for field in ("input_ids", "attention_mask", "labels")))
+        pooled = ClientData.concat(self.clients)
         model = self.fresh_model(seed=seed)
         # One optimiser and one batch order for the whole run: evaluating must not change training.
         optimizer = make_optimizer(model, learning_rate)
@@ -430,6 +455,7 @@ def build_federation(
     client_test_fraction: float = 0.2,
     seed: int = 0,
     head: str = "trained",
+    adapted_layers: int | None = None,
     **partition_options: object,
 ) -> Federation:
     """Load a data set and a model, split and partition the data, tokenise: one call per chapter.
@@ -445,6 +471,12 @@ def build_federation(
     frozen for every method, so that the adapter is the only thing that learns and a method's
     gain over the starting accuracy is the adapter's. Needs a mean-pooling classifier (the
     embedded encoder); ``federation.probe`` keeps the fit.
+
+    ``adapted_layers`` (the profile's by default; None adapts every layer) puts LoRA in the top
+    layers of a mean-pooling encoder only. The layers below never change, so their output for
+    every client's and test example is computed once here (``ClientData.hidden``) and every
+    local step runs the adapted layers only: a step costs about adapted / all layers of a full
+    one. The cached outputs are taken without dropout, so dropout acts in the adapted layers only.
     """
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
     num_clients = profile.num_clients if num_clients is None else num_clients
@@ -461,6 +493,15 @@ def build_federation(
     sources = list(train_set["source"]) if scheme == "natural" else None
     parts = partition.partition(labels, scheme, num_clients, seed=seed, sources=sources, **partition_options)
     base_model, tokenizer = load_classifier(model, num_labels=len(label_names), seed=seed)
+    adapted_layers = profile.adapted_layers if adapted_layers is None else adapted_layers
+    if adapted_layers is not None:
+        if not isinstance(base_model, MeanPoolingClassifier):
+            raise ValueError(f"adapted_layers needs a mean-pooling classifier (the embedded encoder); model {model!r} "
+                             f"loads as {type(base_model).__name__}; pass adapted_layers=None to adapt every layer")
+        depth = len(base_model.adapted_layers)
+        if isinstance(adapted_layers, bool) or not isinstance(adapted_layers, int) or not 1 <= adapted_layers <= depth:
+            raise ValueError(f"adapted_layers must be an integer in 1..{depth}, got {adapted_layers!r}")
+        base_model.frozen_layers = depth - adapted_layers
     everything = tokenize(list(train_set["text"]), labels, tokenizer, profile.max_length)
     test = tokenize(list(test_set["text"]), list(test_set["label"]), tokenizer, profile.max_length)
     rng = np.random.default_rng(seed)
@@ -470,13 +511,16 @@ def build_federation(
         held_out = int(round(client_test_fraction * len(shuffled))) if len(shuffled) > 1 else 0
         clients.append(everything.subset(shuffled[held_out:]))
         client_tests.append(everything.subset(shuffled[:held_out]))
+    if getattr(base_model, "frozen_layers", 0):
+        clients = [cache_frozen_layers(base_model, data) for data in clients]
+        client_tests = [cache_frozen_layers(base_model, data) for data in client_tests]
+        test = cache_frozen_layers(base_model, test)
     probe = None
     if head == "probe":
         if not isinstance(base_model, MeanPoolingClassifier):
             raise ValueError(f"head='probe' needs a mean-pooling classifier (the embedded encoder); model {model!r} "
                              f"loads as {type(base_model).__name__}")
-        pooled = ClientData(*(torch.cat([getattr(c, field) for c in clients])
-                              for field in ("input_ids", "attention_mask", "labels")))
+        pooled = ClientData.concat(clients)
         probe = best_linear_probe(pooled_features(base_model, pooled), pooled.labels,
                                   num_classes=len(label_names), seed=seed)
         with torch.no_grad():
@@ -492,6 +536,28 @@ def build_federation(
 
 
 @torch.no_grad()
+def cache_frozen_layers(model: MeanPoolingClassifier, data: ClientData, batch_size: int = 64) -> ClientData:
+    """``data`` with ``hidden`` set: the output of ``model``'s frozen bottom for every example (on the CPU).
+
+    Taken in evaluation mode (no dropout) over the full padded length; a batch later cuts it to
+    its own width, as it cuts the ids.
+    """
+    if len(data) == 0:
+        return ClientData(data.input_ids, data.attention_mask, data.labels,
+                          torch.zeros(0, data.input_ids.shape[1], model.config.hidden_size))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        ids = data.input_ids[start:start + batch_size].to(device)
+        mask = data.attention_mask[start:start + batch_size].to(device)
+        chunks.append(model.bottom(ids, mask).float().cpu())
+    model.train(was_training)
+    return ClientData(data.input_ids, data.attention_mask, data.labels, torch.cat(chunks))
+
+
+@torch.no_grad()
 def pooled_features(model: MeanPoolingClassifier, data: ClientData, batch_size: int = 64) -> torch.Tensor:
     """The frozen encoder's sentence features of ``data`` (what a linear probe on it reads), on the CPU."""
     was_training = model.training
@@ -500,6 +566,7 @@ def pooled_features(model: MeanPoolingClassifier, data: ClientData, batch_size: 
     chunks = []
     for start in range(0, len(data), batch_size):
         batch = trim_batch(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
-        chunks.append(model.pooled(batch["input_ids"], batch["attention_mask"]).float().cpu())
+        features = model.pooled(batch["input_ids"], batch["attention_mask"], batch.get("hidden_states"))
+        chunks.append(features.float().cpu())
     model.train(was_training)
     return torch.cat(chunks)

@@ -30,7 +30,9 @@ class Profile:
 
     ``rank`` and ``lora_alpha`` are the LoRA hyper-parameters of survey eq. 2
     (scaling ``alpha / r``); ``num_clients`` is K of survey eq. 1 and
-    ``clients_per_round`` the number sampled each communication round.
+    ``clients_per_round`` the number sampled each communication round. ``adapted_layers``
+    (None: all) is how many top transformer layers of the encoder LoRA adapts; the frozen layers
+    below are computed once per example (:func:`~fedlora_edu.simulation.federation.build_federation`).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Profile:
     lora_alpha: float
     learning_rate: float
     description: str
+    adapted_layers: int | None = None
 
     def with_overrides(self, **changes: object) -> Profile:
         """Return a copy with some fields changed (for a chapter's ablation)."""
@@ -68,7 +71,7 @@ PROFILES: dict[str, Profile] = {
         test_examples=60,
         rank=4,
         lora_alpha=8.0,
-        learning_rate=1e-2,
+        learning_rate=1e-3,
         description="CI: seconds per chapter, checks that everything runs end to end",
     ),
     "cpu": Profile(
@@ -83,7 +86,7 @@ PROFILES: dict[str, Profile] = {
         test_examples=200,
         rank=8,
         lora_alpha=16.0,
-        learning_rate=1e-2,
+        learning_rate=1e-3,
         description="laptop CPU: at most a few minutes per chapter",
     ),
     "gpu": Profile(
@@ -98,7 +101,7 @@ PROFILES: dict[str, Profile] = {
         test_examples=445,
         rank=8,
         lora_alpha=16.0,
-        learning_rate=5e-3,
+        learning_rate=1e-3,
         description="one T4 or H100: more clients, rounds and tokens",
     ),
 }

@@ -1,0 +1,71 @@
+"""Study: which federation, learning rate and adapted depth make a testbed where the adapter is what learns.
+
+For every embedded data set, under one profile, and for each seed: the best linear probe on the
+frozen encoder's mean-pooled features (the accuracy any run starts from when the probe is the
+head), and centralized LoRA on the pooled clients' data, at several learning rates, with LoRA in
+the top ``adapted`` layers (the layers below cached), with the probe's head frozen or a fresh head
+trained beside the adapter. One JSON line per run in ``fedlora_edu/results/testbed.jsonl``;
+interrupt and rerun to continue. Shown in ``book/part1/federated_learning.ipynb``.
+
+    python studies/testbed.py                     # the cpu profile, seeds 0 1 2
+    python studies/testbed.py --profile smoke --seeds 0   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fedlora_edu import build_federation  # noqa: E402
+from fedlora_edu.foundations.training import evaluate  # noqa: E402
+from fedlora_edu.studies import run_study  # noqa: E402
+
+DATA = ("health_tweets", "tweet_sentiment", "bbc_news")
+STEPS = 600
+EVAL_EVERY = 100
+
+
+def grid(seeds: list[int]) -> list[dict]:
+    runs = []
+    for data, seed in itertools.product(DATA, seeds):
+        for adapted, learning_rate in itertools.product((2, 3, 6), (1e-3, 3e-3)):
+            runs.append({"data": data, "seed": seed, "head": "probe", "adapted": adapted, "lr": learning_rate})
+        runs.append({"data": data, "seed": seed, "head": "trained", "adapted": 6, "lr": 1e-3})
+    return runs
+
+
+def run_one(settings: dict, profile: str) -> dict:
+    federation = build_federation(settings["data"], profile=profile, head=settings["head"],
+                                  adapted_layers=settings["adapted"], seed=settings["seed"])
+    start = evaluate(federation.fresh_model(seed=settings["seed"]), federation.test)[0]
+    history = federation.centralized(steps=STEPS, eval_every=EVAL_EVERY, learning_rate=settings["lr"],
+                                     seed=settings["seed"], progress=False)
+    measured = {"start_accuracy": start, "steps": history["step"].tolist(), "accuracy": history["accuracy"].tolist(),
+                "final_accuracy": float(history["accuracy"].iloc[-1]), "test_examples": len(federation.test),
+                "classes": len(federation.label_names)}
+    if federation.probe is not None:
+        measured["probe_penalty"] = federation.probe.penalty
+        measured["probe_validation_accuracy"] = federation.probe.validation_accuracy
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+    frame = run_study("testbed", grid(args.seeds), lambda settings: run_one(settings, args.profile),
+                      profile=args.profile)
+    print(frame.groupby(["data", "head", "adapted", "lr"])[["start_accuracy", "final_accuracy"]].mean().round(3))
+
+
+if __name__ == "__main__":
+    main()
