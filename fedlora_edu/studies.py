@@ -35,7 +35,8 @@ from fedlora_edu.registry import METHODS
 from fedlora_edu.simulation.profiles import provenance
 
 PACKAGE = Path(__file__).resolve().parent
-RESULTS = PACKAGE / "results"
+RESULTS = Path(os.environ["FEDLORA_RESULTS"]) if os.environ.get("FEDLORA_RESULTS") else PACKAGE / "results"
+"""Where studies keep their rows: the package's ``results`` folder, or ``$FEDLORA_RESULTS`` (for a trial run)."""
 SHARED_PACKAGES = ("core", "assets", "foundations", "simulation")
 """What every run depends on, whatever the method: the core, the assets, the foundations, the simulation."""
 

@@ -34,10 +34,14 @@ EVAL_EVERY = 100
 
 
 def grid(seeds: list[int]) -> list[dict]:
+    """Per data set and seed: the learning-rate sweep with the top 2 layers adapted (cheap), every layer
+    adapted at the chosen rate (what the cut costs), and a head trained beside the adapter (what the
+    frozen probe head changes)."""
     runs = []
-    for data, seed in itertools.product(DATA, seeds):
-        for adapted, learning_rate in itertools.product((2, 3, 6), (1e-3, 3e-3)):
-            runs.append({"data": data, "seed": seed, "head": "probe", "adapted": adapted, "lr": learning_rate})
+    for seed, data in itertools.product(seeds, DATA):
+        for learning_rate in (1e-3, 3e-3, 1e-2):
+            runs.append({"data": data, "seed": seed, "head": "probe", "adapted": 2, "lr": learning_rate})
+        runs.append({"data": data, "seed": seed, "head": "probe", "adapted": 6, "lr": 1e-3})
         runs.append({"data": data, "seed": seed, "head": "trained", "adapted": 6, "lr": 1e-3})
     return runs
 

@@ -33,8 +33,11 @@ ALLOWED: dict[str, set[str]] = {
     "registry": {"core", *BRANCHES},
     "simulation": {"core", "foundations", "assets", "simulation"},
     "studies": {"core", "assets", "foundations", "registry", "simulation", "studies"},
-    "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "teaching"},
-    "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "teaching"},
+    "testbed": {"core", "assets", "foundations", "simulation", "testbed"},
+    "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
+                 "teaching"},
+    "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
+                 "teaching"},
 }
 
 

@@ -1,0 +1,82 @@
+"""Study: every method of Part II on the testbed, over seeds, with centralised LoRA and the probe as anchors.
+
+For each registered method and seed: a federated run on the testbed (health-news tweets split
+over the profile's clients by a Dirichlet(0.5) label skew, the probe as a frozen head, the
+testbed's rounds), recording accuracy, bytes, discordance, the size of the ideal update and the
+aggregation error per round. For each seed also the probe's accuracy (where every run starts)
+and centralised LoRA on the pooled data with as many steps as a federated run, so that a
+method's result can be read as the share of centralised LoRA's gain over the probe that it
+recovers. One JSON line per run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to
+continue (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
+``book/part2/at_a_glance.ipynb`` and the method chapters.
+
+    python studies/part2.py                          # the cpu profile, seeds 0 1 2
+    python studies/part2.py --methods FedIT FLoRA    # some methods only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fedlora_edu import METHODS, build_testbed, make_strategy, testbed_profile  # noqa: E402
+from fedlora_edu.foundations.training import evaluate  # noqa: E402
+from fedlora_edu.studies import run_study  # noqa: E402
+
+# The arguments a method runs with here (everything else is its default), as in Part II at a glance.
+OPTIONS = {"FedLoRU": {"tau": 2}, "pFedLoRU": {"tau": 2}, "mFedLoRU": {"tau": 2}}
+ANCHORS = ("probe and centralized",)
+
+
+def grid(seeds: list[int], methods: list[str], profile: str) -> list[dict]:
+    runs = [{"method": anchor, "seed": seed} for seed, anchor in itertools.product(seeds, ANCHORS)]
+    runs += [{"method": method, "seed": seed} for seed, method in itertools.product(seeds, methods)]
+    return [{**run, "profile": profile} for run in runs]
+
+
+def run_one(settings: dict, profile: str) -> dict:
+    federation = build_testbed(profile=profile, seed=settings["seed"])
+    bed = testbed_profile(profile)
+    steps_per_round = bed.clients_per_round * bed.local_steps
+    if settings["method"] in ANCHORS:
+        probe = evaluate(federation.fresh_model(seed=settings["seed"]), federation.test)[0]
+        history = federation.centralized(steps=bed.rounds * steps_per_round, eval_every=steps_per_round,
+                                         seed=settings["seed"], progress=False)
+        return {"probe_accuracy": probe, "accuracy": history["accuracy"].tolist(),
+                "final_accuracy": float(history["accuracy"].iloc[-1]), "test_examples": len(federation.test)}
+    strategy = make_strategy(settings["method"], **OPTIONS.get(settings["method"], {}))
+    history = federation.run(strategy, seed=settings["seed"], progress=False)
+    measured = {column: history[column].tolist()
+                for column in ("accuracy", "bytes_up", "bytes_down", "discordance", "update_size", "aggregation_error",
+                               "server_seconds")}
+    measured["final_accuracy"] = float(history["accuracy"].iloc[-1])
+    measured["engine"] = history["engine"].iloc[0]
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    frame = run_study("part2", grid(args.seeds, args.methods, args.profile),
+                      lambda settings: run_one(settings, args.profile),
+                      profile=args.profile,
+                      methods_of=lambda settings: [] if settings["method"] in ANCHORS else [settings["method"]])
+    print(frame.groupby("method")["final_accuracy"].agg(["mean", "std", "count"]).round(3))
+
+
+if __name__ == "__main__":
+    main()
