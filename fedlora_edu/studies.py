@@ -41,13 +41,21 @@ SHARED_PACKAGES = ("core", "assets", "foundations", "simulation")
 """What every run depends on, whatever the method: the core, the assets, the foundations, the simulation."""
 
 
+def _is_prose(statement: ast.stmt) -> bool:
+    return (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+            and isinstance(statement.value.value, str))
+
+
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop every statement that is a bare string: docstrings of modules, classes and functions, and the
+    strings under a constant or attribute that document it (they do nothing when the code runs)."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list) and body and all(isinstance(statement, ast.stmt) for statement in body):
+                kept = [statement for statement in body if not _is_prose(statement)]
+                if len(kept) != len(body):
+                    setattr(node, field, kept or [ast.Pass()])
     return tree
 
 
@@ -61,14 +69,25 @@ def _package_files(package: str) -> list[Path]:
     return sorted((PACKAGE / package).rglob("*.py"))
 
 
-def code_fingerprint(methods: Iterable[str] = ()) -> str:
+def _module_file(module: str) -> Path:
+    """The file of a top-level module or subpackage of ``fedlora_edu`` named without the prefix ("testbed")."""
+    path = PACKAGE / f"{module}.py"
+    if not path.is_file():
+        raise ValueError(f"depends_on names modules of fedlora_edu such as 'testbed'; no file {path.name} "
+                         f"in {PACKAGE}")
+    return path
+
+
+def code_fingerprint(methods: Iterable[str] = (), depends_on: Iterable[str] = ()) -> str:
     """A short hash of the code a run of ``methods`` (registry names) executes.
 
-    The shared machinery (the core, assets, foundations and simulation subpackages) and the
+    The shared machinery (the core, assets, foundations and simulation subpackages), the
     module of every class in each method's inheritance chain (FedLoRU's runs depend on
-    ``client_init`` and on ``discordance``'s FedIT if it inherits from it).
+    ``client_init`` and on ``discordance``'s FedIT if it inherits from it), and the top-level
+    modules of ``fedlora_edu`` named in ``depends_on`` (``"testbed"`` for a study on the testbed).
     """
     files = {path for package in SHARED_PACKAGES for path in _package_files(package)}
+    files |= {_module_file(module) for module in depends_on}
     for name in methods:
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
@@ -127,6 +146,7 @@ def run_study(
     *,
     profile: str,
     methods_of: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
+    depends_on: Sequence[str] = (),
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run every run of ``runs`` not stored yet, appending one row each as it finishes; return the study.
@@ -134,9 +154,12 @@ def run_study(
     ``run_one(settings)`` measures one run and returns a dict of plain numbers or lists. Each
     row stores the settings, the measured values, the seconds it took, the code fingerprint of
     the methods ``methods_of(settings)`` names (by default ``[settings["method"]]`` when there
-    is one) and the provenance of the machine. Rows are appended whole, so interrupting a study
+    is one) and of the modules named in ``depends_on`` (see :func:`code_fingerprint`), and the
+    provenance of the machine. Rows are appended whole, so interrupting a study
     (Ctrl-C, a killed job) loses at most the run in progress, and running it again continues.
     """
+    depends_on = sorted(depends_on)
+    code_fingerprint((), depends_on)  # an unknown module fails here, before any run
     keys = [run_key(settings) for settings in runs]
     if len(set(keys)) != len(keys):
         raise ValueError(f"study {name!r}: two runs have the same settings")
@@ -153,7 +176,8 @@ def run_study(
         measured = dict(run_one(settings))
         methods = list(methods_of(settings))
         row = {"settings": dict(settings), "measured": measured, "seconds": round(time.perf_counter() - started, 2),
-               "methods": methods, "code": code_fingerprint(methods),
+               "methods": methods, **({"depends_on": depends_on} if depends_on else {}),
+               "code": code_fingerprint(methods, depends_on),
                "provenance": {**provenance(profile), "command": command}}
         line = json.dumps(row, sort_keys=True) + "\n"
         with path.open("a", encoding="utf-8") as handle:
@@ -165,13 +189,13 @@ def run_study(
 
 def stale_rows(name: str) -> list[dict]:
     """The stored rows whose code fingerprint no longer matches the code (empty when the study is current)."""
-    current: dict[tuple[str, ...], str] = {}
+    current: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
     stale = []
     for row in read_rows(name):
-        methods = tuple(row.get("methods", ()))
-        if methods not in current:
-            current[methods] = code_fingerprint(methods)
-        if row.get("code") != current[methods]:
+        key = (tuple(row.get("methods", ())), tuple(row.get("depends_on", ())))
+        if key not in current:
+            current[key] = code_fingerprint(*key)
+        if row.get("code") != current[key]:
             stale.append(row)
     return stale
 

@@ -12,11 +12,13 @@ continue (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown i
 
     python studies/part2.py                          # the cpu profile, seeds 0 1 2
     python studies/part2.py --methods FedIT FLoRA    # some methods only
+    FEDLORA_RESULTS=/tmp/second python studies/part2.py --no-anchors --methods ...   # a second process
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -36,14 +38,20 @@ OPTIONS = {"FedLoRU": {"tau": 2}, "pFedLoRU": {"tau": 2}, "mFedLoRU": {"tau": 2}
 ANCHORS = ("probe and centralized",)
 
 
-def grid(seeds: list[int], methods: list[str], profile: str) -> list[dict]:
-    runs = [{"method": anchor, "seed": seed} for seed, anchor in itertools.product(seeds, ANCHORS)]
-    runs += [{"method": method, "seed": seed} for seed, method in itertools.product(seeds, methods)]
+def grid(seeds: list[int], methods: list[str], profile: str, anchors: bool = True) -> list[dict]:
+    names = [*ANCHORS, *methods] if anchors else list(methods)
+    runs = [{"method": name, "seed": seed} for seed, name in itertools.product(seeds, names)]
     return [{**run, "profile": profile} for run in runs]
 
 
+@functools.lru_cache(maxsize=1)
+def testbed(profile: str, seed: int):
+    """The seed's federation, built once for all the runs of that seed (a run never changes it)."""
+    return build_testbed(profile=profile, seed=seed)
+
+
 def run_one(settings: dict, profile: str) -> dict:
-    federation = build_testbed(profile=profile, seed=settings["seed"])
+    federation = testbed(profile, settings["seed"])
     bed = testbed_profile(profile)
     steps_per_round = bed.clients_per_round * bed.local_steps
     if settings["method"] in ANCHORS:
@@ -67,14 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--no-anchors", action="store_true",
+                        help="skip the probe and centralised runs (for a second process that runs other methods)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    frame = run_study("part2", grid(args.seeds, args.methods, args.profile),
+    frame = run_study("part2", grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors),
                       lambda settings: run_one(settings, args.profile),
                       profile=args.profile,
-                      methods_of=lambda settings: [] if settings["method"] in ANCHORS else [settings["method"]])
+                      methods_of=lambda settings: [] if settings["method"] in ANCHORS else [settings["method"]],
+                      depends_on=["testbed"])
     print(frame.groupby("method")["final_accuracy"].agg(["mean", "std", "count"]).round(3))
 
 

@@ -32,6 +32,12 @@ def test_the_fingerprint_ignores_prose_and_sees_code(tmp_path):
     assert source_fingerprint(path) == original
     path.write_text('"""Doc."""\n\ndef f(x):\n    return x + 2\n')
     assert source_fingerprint(path) != original
+    path.write_text('LIMIT = 3\n"""What the limit is for."""\n')  # a constant's own docstring is prose too
+    constant = source_fingerprint(path)
+    path.write_text('LIMIT = 3\n"""Another word on it."""\n')
+    assert source_fingerprint(path) == constant
+    path.write_text('LIMIT = 4\n"""Another word on it."""\n')
+    assert source_fingerprint(path) != constant
 
 
 def test_a_method_fingerprint_covers_its_module_and_its_bases():
@@ -98,3 +104,25 @@ def test_every_stored_study_is_current(path):
     stale = stale_rows(path.stem)
     assert not stale, (f"{len(stale)} rows of study {path.stem} measured code that has changed since "
                        f"(first: {stale[0]['settings']}); run studies/{path.stem}.py again")
+
+
+def test_a_study_on_the_testbed_is_stale_when_the_testbed_changes(results, monkeypatch, tmp_path):
+    run_study("demo", [{"seed": 0}], lambda s: {"x": 1}, profile="smoke", depends_on=["testbed"], progress=False)
+    row = read_rows("demo")[0]
+    assert row["depends_on"] == ["testbed"] and row["code"] == code_fingerprint([], ["testbed"])
+    assert row["code"] != code_fingerprint([])
+    assert not stale_rows("demo")
+    package = tmp_path / "package"  # a copy of the package whose testbed has one more line of code
+    package.mkdir()
+    for name in ("testbed.py", *studies.SHARED_PACKAGES):
+        source = studies.PACKAGE / name
+        if source.is_dir():
+            for path in source.rglob("*.py"):
+                (package / path.relative_to(studies.PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+                (package / path.relative_to(studies.PACKAGE)).write_text(path.read_text())
+        else:
+            (package / name).write_text(source.read_text() + "\nCHANGED = 1\n")
+    monkeypatch.setattr(studies, "PACKAGE", package)
+    assert len(stale_rows("demo")) == 1
+    with pytest.raises(ValueError, match="depends_on names modules"):
+        run_study("demo", [{"seed": 1}], lambda s: {}, profile="smoke", depends_on=["no_such"], progress=False)

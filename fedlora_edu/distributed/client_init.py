@@ -359,6 +359,20 @@ class FedLoRU(Strategy):
     Bytes down: the head; the adapter, or only a seed when it was just re-initialised; and
     every accumulation the client has not applied yet (:func:`~fedlora_edu.core.merges.missed_merges`).
     (The brief of this chapter cited arXiv 2410.23295; the paper is 2409.12371.)
+
+    Deviation from the reference code: the authors' code (haemPark/fedloru_official, commit
+    219688b6b1cbc1cf4c07de539a9e50d41192bb68; ``src/algorithm/fedloru/lorumodel.py``,
+    ``src/algorithm/fedloru/main.py`` and the top-level ``main.py``) trains CNNs (LeNet, ResNet;
+    CIFAR in its README) from scratch, ReLoRA-style: each adapted convolution's base weight W'
+    starts at zero, both factors start Kaiming-uniform, and the server averages the whole state
+    dict with data-size weights. Its ``--accumulate_and_reinit`` rounds fold s B A into W' and
+    restart A Kaiming-uniform, B = 0; its ``--accumulate`` rounds, the ones the README's example
+    uses, fold s B A into W' without a restart, so right after such a merge the model applies
+    that product twice. Ours fine-tunes a pre-trained model (W' is the pre-trained weight, as in
+    eq. 11) from the initial adapter every method of the book shares, and after every tau-th
+    round folds s B_t A_t into W' and restarts (eq. 9), as eq. 11 is written; the backbone, the
+    data and the learning rate are those of every other method, so that the comparison is fair.
+    The effect of the difference on accuracy is not yet measured; a study will measure it.
     Taught in ``book/part2/client_initialization.ipynb``.
     """
 

@@ -25,7 +25,15 @@ the ideal update instead of replacing them:
 **What LoRA-FAIR's implementation rests on.** Of the paper itself (arXiv 2411.14961, read as
 the arXiv HTML pages https://arxiv.org/html/2411.14961v2 and v3) only the abstract and the
 opening of the introduction were within reach of this project's tools; its method section,
-eq. 8 and its implementation details were not, and no code by the authors was found. The
+eq. 8 and its implementation details were not. The authors' repository
+(github.com/jmbian/LoRA-FAIR) exists but could not be read offline; what is known of a fork of
+their vision code base is collected in the project's METHOD_SOURCES notes, and it differs from
+ours in four choices, each ours and its effect on accuracy not yet measured: the fork's penalty
+is squared (lambda ||dB||_F^2, ours is not, as the summary below writes it), its similarity is
+the mean of column-wise cosines (ours the cosine of the whole matrices), it starts dB
+Xavier-uniform (ours at zero, so that no correction is the starting point) and runs SGD at
+learning rate 0.01 for up to 1000 iterations with early stopping (ours a fixed number of
+proximal-gradient steps, :func:`lora_fair_solve`). The
 form of the server problem and its settings come from the survey (section 3.1: a corrective
 term dB that refines B "by optimizing the similarity between the ideal aggregated LoRA
 weights dW and the corrected LoRA weights (B + dB) A") and from a detailed third-party summary

@@ -264,6 +264,21 @@ class FlexLoRA(Strategy):
     starts from its first r_k components, which are its best rank-r_k approximation.
     ``method`` picks the SVD route of :func:`flexlora` (``"factored"`` by default, never
     forming the m x n sum on the server; ``"dense"`` is the reference).
+
+    Deviation from the reference code: the authors' code (alibaba/FederatedScope, branch
+    FlexLoRA, commit 4643e1a5d972d0624b40ea2483b70863ee3807c8; ``FlexLoRA`` in
+    ``fed_utils/model_aggregation.py`` and ``distribute_weight_fast`` in
+    ``fed_utils/adaptive_peft.py``) gives each client its own LoRA constant s_k = alpha / r_k:
+    the server takes the SVD of sum_k p_k s_k B_k A_k and sends client k A_k = V_{r_k}^T and
+    B_k = U_{r_k} S_{r_k} / s_k, all singular values in B. Ours uses one s = alpha / r for every
+    client (clients of all ranks share one model of the largest rank r) and splits the singular
+    values evenly, B_k = U_{r_k} S_{r_k}^(1/2) and A_k = S_{r_k}^(1/2) V_{r_k}^T
+    (:func:`~fedlora_edu.core.svd.truncated_factors`). In both, the update client k's model
+    applies is the best rank-r_k approximation of the weighted sum of the clients' applied
+    updates; with equal ranks only the split differs. Why ours: eq. 6 as the survey writes it
+    has no per-client constant, and symmetric factors have the same scale, so one learning rate
+    suits A and B here as in every other method of the comparison. The effect of the difference
+    on accuracy is not yet measured; a study will measure it.
     """
 
     name = "FlexLoRA"

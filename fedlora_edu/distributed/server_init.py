@@ -5,7 +5,7 @@ Before round 1 the server decides what every client's adapter starts from. The s
 
 - the **standard** initialisation of LoRA (Hu et al. 2021), eq. 9: A ~ N(0, sigma^2), B = 0
   (:func:`standard_init`, :class:`StandardInit`); the model starts exactly pre-trained;
-- **FeDeRA** (Yan, Tang, Shi, Yang 2024, arXiv 2404.18848), eq. 10: A and B from the
+- **FeDeRA** (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), eq. 10: A and B from the
   truncated SVD of each adapted layer's pre-trained weight W_pre (:func:`svd_init`,
   :class:`FeDeRA`); the top-r part s B A is subtracted from the frozen weight, so the model
   still starts exactly pre-trained;
@@ -134,7 +134,7 @@ def standard_init(
 # Eq. 10: FeDeRA, the SVD of the pre-trained weight
 # ----------------------------------------------------------------------------------------
 def svd_init(weight: Tensor, rank: int, *, scaling: float = 1.0, split: str = "balanced") -> Factors:
-    """Survey eq. 10 (FeDeRA, Yan, Tang, Shi, Yang 2024, arXiv 2404.18848): A and B from the SVD of W_pre.
+    """Survey eq. 10 (FeDeRA, Yan, Yang, Tang, Shi 2024, arXiv 2404.18848): A and B from the SVD of W_pre.
 
     With W_pre = U S V^T (m x n) and s = ``scaling`` (LoRA's alpha / r), the factors satisfy
 
@@ -368,7 +368,7 @@ class StandardInit(FedIT):
 
 
 class FeDeRA(FedIT):
-    """FeDeRA (Yan, Tang, Shi, Yang 2024, arXiv 2404.18848), survey eq. 10: LoRA from the SVD of W_pre.
+    """FeDeRA (Yan, Yang, Tang, Shi 2024, arXiv 2404.18848), survey eq. 10: LoRA from the SVD of W_pre.
 
     Before round 1 the server takes the truncated SVD of every adapted layer's pre-trained
     weight and sets A and B so that s B A is its top-r part (:func:`svd_init`), and
@@ -402,7 +402,7 @@ class FeDeRA(FedIT):
     """
 
     name = "FeDeRA"
-    paper = "Yan, Tang, Shi, Yang 2024, arXiv 2404.18848"
+    paper = "Yan, Yang, Tang, Shi 2024, arXiv 2404.18848"
     chapter = "book/part2/server_initialization"
 
     def __init__(self, rank: int | None = None, split: str = "balanced", preserve: bool = True) -> None:
@@ -475,6 +475,25 @@ class SLoRA(FedIT):
     In stage 2, a client's first download also carries the final sparse update (its values,
     and the 8-byte mask seed): with ``fold_residual=True`` its frozen weight must become
     W_pre + dW - s B A, which it computes from dW and the A and B it downloads.
+
+    Deviation from the reference code: SLoRA's authors published no code; the reference is the
+    re-implementation in FlexLoRA's official code (alibaba/FederatedScope, branch FlexLoRA,
+    commit 4643e1a5d972d0624b40ea2483b70863ee3807c8; ``main.py``, ``get_sparse`` and
+    ``create_sparse_mask`` in ``fed_utils/client.py``, ``load_weight_SLoRA`` in
+    ``fed_utils/adaptive_peft.py``). There stage 1 masks every parameter of the model, with a
+    mask drawn afresh for each client and round (density 0.0012 in its homogeneous setting,
+    ``--R_1`` = 5 rounds); at the switch the pre-trained model is reloaded and only the LoRA
+    start carries stage 1 over, A = V_r^T and B = U_r S_r / s (all singular values in B), so
+    the rest of what stage 1 learned is dropped. Ours trains the masked entries of the adapted
+    weights (and the head) under one mask shared through a seed, for 2 rounds at density 0.01
+    (the abstract's ~1%), splits the singular values evenly and folds dW - s B A into W';
+    ``split="B"`` with ``fold_residual=False`` comes closest to the reference's switch. Why
+    ours: a shared mask makes the average exact and sends only values, the folded residual keeps
+    the model after stage 1 intact, and symmetric factors suit one learning rate. Stage 1's
+    learning rate is not a deviation: like that code (one ``--local_learning_rate`` for both
+    stages), ours reuses the LoRA rounds' learning rate on the dense weights unless
+    ``stage1_learning_rate`` is given. The effect of the differences on accuracy is not yet
+    measured; a study will measure it.
     Taught in ``book/part2/server_initialization.ipynb``.
     """
 

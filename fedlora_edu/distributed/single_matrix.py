@@ -373,6 +373,21 @@ class CoLR(Strategy):
     every merge the client has not applied yet (it may have missed rounds) the averaged
     trained factors plus that round's seed, or the dense accumulated m x n change per
     layer where that is smaller.
+
+    Deviation from the reference code: the authors' code (NNHieu/CoLR-FedRec, commit
+    d5ec0766f383ebfbe264712f0d9656ac555689f5, ``fedrec/fedmf_colr.py``: ``CoLREmbedding`` and
+    ``FedMFCoLR.on_server_prepare``), written for the item embeddings of federated matrix
+    factorisation, redraws the frozen factor every round as a Gaussian matrix made orthonormal
+    by its SVD and multiplied by sqrt(m / r) (m the embedding size; in survey notation
+    B^T B = (m / r) I_r), with LoRA constant 1, and multiplies A's gradient by sqrt(r / m); its
+    server averages each row of A over the clients whose training touched that item. Ours
+    draws B uniform on [-1/sqrt(n), 1/sqrt(n)] (:func:`fresh_factor`, peft's scale for a LoRA
+    factor), applies s = alpha / r and weights clients by p_k. The frozen factor's scale times
+    the constant sets how far a step on A moves the weight, CoLR's effective step size, so the
+    two do not match at the same learning rate. Why ours: the survey does not say how the
+    factor is drawn, and LoRA's usual scale and constant let one learning rate serve every
+    method, so that the comparison is fair. The effect of the difference on accuracy is not yet
+    measured; a study will measure it.
     Taught in ``book/part2/single_matrix.ipynb``.
     """
 

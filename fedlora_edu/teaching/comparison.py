@@ -1,0 +1,134 @@
+"""Methods compared over seeds, from a stored study: what a chapter may say about accuracy.
+
+A stored study (``studies/part2.py``) holds, per seed, every method's run on the testbed and two
+anchors: the probe (where every run starts) and centralised LoRA on the pooled data.
+:class:`Comparison` reads it and answers the questions a chapter asks:
+
+- :meth:`Comparison.table`: per method, the final accuracy, what it gained over the probe, and
+  the share of centralised LoRA's gain over the probe it recovers (only where centralised LoRA
+  beat the probe on every seed, :attr:`Comparison.recoverable`), each as a mean over seeds with
+  its 95% interval, and how it compares with a reference method on the same seeds;
+- :meth:`Comparison.verdict`: whether methods are ahead of (or behind) a reference with the
+  interval of the paired difference excluding zero: "agrees" with an expected side, "disagrees",
+  or "not distinguishable here".
+
+Used by ``book/part2/at_a_glance.ipynb`` and the method chapters of Part II.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from fedlora_edu.simulation.metrics import Interval, interval, paired_difference
+from fedlora_edu.studies import load_study
+
+ANCHORS = "probe and centralized"
+"""The study's name for the per-seed anchor runs (the probe's accuracy and centralised LoRA's)."""
+
+Measure = Callable[[pd.DataFrame], pd.Series]
+
+
+def final_accuracy(rows: pd.DataFrame) -> pd.Series:
+    """Accuracy after the last round, per seed."""
+    return rows["final_accuracy"]
+
+
+def mean_accuracy(rows: pd.DataFrame) -> pd.Series:
+    """Mean accuracy over the rounds, per seed: an area under the curve, higher for a method that gets there sooner."""
+    return rows["accuracy"].apply(np.mean)
+
+
+def median_server_seconds(rows: pd.DataFrame) -> pd.Series:
+    """The median server time of a round, per seed."""
+    return rows["server_seconds"].apply(np.median)
+
+
+class Comparison:
+    """The stored study ``name``, seed by seed, ready to compare methods (see the module docstring)."""
+
+    def __init__(self, name: str = "part2") -> None:
+        self.study = load_study(name)
+        self.anchors = self.study[self.study["method"] == ANCHORS].set_index("seed").sort_index()
+        if self.anchors.empty:
+            raise ValueError(f"study {name!r} has no anchor runs ({ANCHORS!r}): run studies/{name}.py")
+        self.seeds = list(self.anchors.index)
+
+    @property
+    def stale(self) -> int:
+        """How many stored rows measured code that has changed since."""
+        return int(self.study.attrs["stale"])
+
+    def runs(self, method: str) -> pd.DataFrame:
+        """The method's runs, one row per seed of the anchors (a ValueError if a seed is missing)."""
+        rows = self.study[self.study["method"] == method].set_index("seed").reindex(self.seeds)
+        if rows["final_accuracy"].isna().any():
+            raise ValueError(f"the stored study lacks runs of {method!r} for some of the seeds {self.seeds}")
+        return rows
+
+    def over_probe(self, method: str) -> pd.Series:
+        """accuracy - probe, per seed: what the method's adapter added to the frozen features."""
+        return self.runs(method)["final_accuracy"] - self.anchors["probe_accuracy"]
+
+    @property
+    def recoverable(self) -> bool:
+        """Whether gain recovered is defined: centralised LoRA above the probe on every seed."""
+        return bool(((self.anchors["final_accuracy"] - self.anchors["probe_accuracy"]) > 0).all())
+
+    def recovered(self, method: str) -> pd.Series:
+        """(accuracy - probe) / (centralised - probe), per seed: the share of LoRA's gain the method recovers."""
+        rows = self.runs(method)
+        gain = self.anchors["final_accuracy"] - self.anchors["probe_accuracy"]
+        if (gain <= 0).any():
+            raise ValueError(f"gain recovered needs centralised LoRA above the probe on every seed; on seeds "
+                             f"{list(gain.index[gain <= 0])} it is not (gain {gain.round(3).tolist()})")
+        return (rows["final_accuracy"] - self.anchors["probe_accuracy"]) / gain
+
+    def gain(self) -> Interval:
+        """Centralised LoRA's gain over the probe, over the seeds (the testbed's premise: above zero)."""
+        return interval(self.anchors["final_accuracy"] - self.anchors["probe_accuracy"])
+
+    def side(self, method: str, reference: str, measure: Measure = final_accuracy) -> str | None:
+        """``"ahead"`` or ``"behind"`` of ``reference`` when the paired interval excludes zero, else None."""
+        gap = paired_difference(measure(self.runs(method)), measure(self.runs(reference)))
+        return "ahead" if gap.low > 0 else "behind" if gap.high < 0 else None
+
+    def verdict(self, methods: Sequence[str], reference: str, expected: str,
+                measure: Measure = final_accuracy) -> str:
+        """"agrees" when every method is on the ``expected`` side of ``reference``, "disagrees" when one is on
+        the other side, "not distinguishable here" otherwise."""
+        if expected not in ("ahead", "behind"):
+            raise ValueError(f"expected must be 'ahead' or 'behind', got {expected!r}")
+        sides = [self.side(method, reference, measure) for method in methods]
+        if all(side == expected for side in sides):
+            return "agrees"
+        if any(side is not None and side != expected for side in sides):
+            return "disagrees"
+        return "not distinguishable here"
+
+    def table(self, methods: Sequence[str], reference: str = "FedIT") -> pd.DataFrame:
+        """Per method: final accuracy, its gain over the probe and (where :attr:`recoverable`) the gain
+        recovered, as means with 95% intervals, and the paired comparison with ``reference``."""
+        rows = []
+        for method in methods:
+            if method == reference:
+                versus = "reference"
+            else:
+                gap = paired_difference(final_accuracy(self.runs(method)), final_accuracy(self.runs(reference)))
+                side = "ahead" if gap.low > 0 else "behind" if gap.high < 0 else "not distinguishable"
+                versus = f"{side} ({gap.mean:+.3f})"
+            row = {"method": method, "final accuracy": str(interval(final_accuracy(self.runs(method)))),
+                   "over the probe": str(interval(self.over_probe(method)))}
+            if self.recoverable:
+                row["gain recovered"] = str(interval(self.recovered(method)))
+            rows.append({**row, f"vs {reference}": versus})
+        return pd.DataFrame(rows).set_index("method")
+
+    def provenance(self) -> str:
+        """One line: how many runs, on which machine, at which commit and date, and how many are stale."""
+        first = self.study.iloc[0]
+        return (f"stored study {self.study.attrs['name']}: {len(self.study)} runs over seeds {self.seeds}, "
+                f"{first['device_name']}, commit {first['commit']}, {self.study['date'].min()[:10]}; "
+                f"rows whose code has changed since: {self.stale}")

@@ -1,0 +1,81 @@
+"""Comparison: methods read from a stored study, seed by seed, with verdicts only where intervals allow."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora_edu import studies
+from fedlora_edu.studies import run_study
+from fedlora_edu.teaching.comparison import ANCHORS, Comparison, mean_accuracy
+
+
+@pytest.fixture
+def stored(tmp_path, monkeypatch):
+    """Three seeds: FedIT, a method steadily 2 points ahead of it, and one whose gap changes sign."""
+    monkeypatch.setattr(studies, "RESULTS", tmp_path)
+    base = {0: 0.60, 1: 0.70, 2: 0.65}
+    offsets = {"FedIT": {0: 0.0, 1: 0.0, 2: 0.0}, "FLoRA": {0: 0.02, 1: 0.021, 2: 0.019},
+               "FFA-LoRA": {0: 0.03, 1: -0.03, 2: 0.0}}
+
+    def run_one(settings):
+        seed = settings["seed"]
+        if settings["method"] == ANCHORS:
+            return {"probe_accuracy": base[seed] - 0.10, "final_accuracy": base[seed] + 0.05}
+        accuracy = base[seed] + offsets[settings["method"]][seed]
+        return {"final_accuracy": accuracy, "accuracy": [accuracy - 0.1, accuracy]}
+
+    runs = [{"method": method, "seed": seed} for seed in base for method in (ANCHORS, *offsets)]
+    run_study("part2", runs, run_one, profile="smoke", progress=False,
+              methods_of=lambda settings: [] if settings["method"] == ANCHORS else [settings["method"]])
+    return Comparison("part2")
+
+
+def test_gain_recovered_runs_from_the_probe_to_centralised_lora(stored):
+    assert stored.gain().mean == pytest.approx(0.15)
+    assert stored.recovered("FedIT").tolist() == pytest.approx([10 / 15] * 3)
+    table = stored.table(["FedIT", "FLoRA", "FFA-LoRA"])
+    assert table.loc["FedIT", "vs FedIT"] == "reference"
+    assert table.loc["FLoRA", "vs FedIT"].startswith("ahead")
+    assert table.loc["FFA-LoRA", "vs FedIT"].startswith("not distinguishable")
+    assert stored.over_probe("FLoRA").tolist() == pytest.approx([0.12, 0.121, 0.119])
+    assert stored.recoverable and table.loc["FedIT", "gain recovered"].startswith("0.667")
+
+
+def test_verdicts_need_every_method_on_the_expected_side(stored):
+    assert stored.verdict(["FLoRA"], "FedIT", "ahead") == "agrees"
+    assert stored.verdict(["FLoRA"], "FedIT", "behind") == "disagrees"
+    assert stored.verdict(["FLoRA", "FFA-LoRA"], "FedIT", "ahead") == "not distinguishable here"
+    assert stored.verdict(["FLoRA"], "FedIT", "ahead", measure=mean_accuracy) == "agrees"
+    with pytest.raises(ValueError, match="expected"):
+        stored.verdict(["FLoRA"], "FedIT", "above")
+    with pytest.raises(ValueError, match="lacks runs of 'RoLoRA'"):
+        stored.runs("RoLoRA")
+    assert "seeds [0, 1, 2]" in stored.provenance() and stored.stale == 0
+
+
+def test_gain_recovered_is_refused_where_lora_does_not_beat_the_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr(studies, "RESULTS", tmp_path)
+    anchors = {0: (0.5, 0.6), 1: (0.5, 0.45)}  # seed 1: centralised LoRA below the probe
+
+    def run_one(settings):
+        probe, centralized = anchors[settings["seed"]]
+        if settings["method"] == ANCHORS:
+            return {"probe_accuracy": probe, "final_accuracy": centralized}
+        return {"final_accuracy": 0.55, "accuracy": [0.55]}
+
+    runs = [{"method": method, "seed": seed} for seed in anchors for method in (ANCHORS, "FedIT")]
+    run_study("part2", runs, run_one, profile="smoke", progress=False,
+              methods_of=lambda settings: [] if settings["method"] == ANCHORS else [settings["method"]])
+    comparison = Comparison("part2")
+    assert not comparison.gain().excludes(0) and not comparison.recoverable
+    assert "gain recovered" not in comparison.table(["FedIT"]).columns
+    with pytest.raises(ValueError, match=r"on seeds \[1\]"):
+        comparison.recovered("FedIT")
+
+
+def test_a_study_without_anchors_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(studies, "RESULTS", tmp_path)
+    run_study("part2", [{"method": "FedIT", "seed": 0}], lambda s: {"final_accuracy": 0.5}, profile="smoke",
+              progress=False)
+    with pytest.raises(ValueError, match="no anchor runs"):
+        Comparison("part2")
