@@ -46,6 +46,11 @@ def median_server_seconds(rows: pd.DataFrame) -> pd.Series:
     return rows["server_seconds"].apply(np.median)
 
 
+def _side(gap: Interval) -> str | None:
+    """``"ahead"`` when a paired interval lies above zero, ``"behind"`` below it, None when it holds zero."""
+    return "ahead" if gap.low > 0 else "behind" if gap.high < 0 else None
+
+
 class Comparison:
     """The stored study ``name``, seed by seed, ready to compare methods (see the module docstring)."""
 
@@ -92,8 +97,7 @@ class Comparison:
 
     def side(self, method: str, reference: str, measure: Measure = final_accuracy) -> str | None:
         """``"ahead"`` or ``"behind"`` of ``reference`` when the paired interval excludes zero, else None."""
-        gap = paired_difference(measure(self.runs(method)), measure(self.runs(reference)))
-        return "ahead" if gap.low > 0 else "behind" if gap.high < 0 else None
+        return _side(paired_difference(measure(self.runs(method)), measure(self.runs(reference))))
 
     def verdict(self, methods: Sequence[str], reference: str, expected: str,
                 measure: Measure = final_accuracy) -> str:
@@ -117,8 +121,7 @@ class Comparison:
                 versus = "reference"
             else:
                 gap = paired_difference(final_accuracy(self.runs(method)), final_accuracy(self.runs(reference)))
-                side = "ahead" if gap.low > 0 else "behind" if gap.high < 0 else "not distinguishable"
-                versus = f"{side} ({gap.mean:+.3f})"
+                versus = f"{_side(gap) or 'not distinguishable'} ({gap.mean:+.3f})"
             row = {"method": method, "final accuracy": str(interval(final_accuracy(self.runs(method)))),
                    "over the probe": str(interval(self.over_probe(method)))}
             if self.recoverable:
