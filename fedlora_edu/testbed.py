@@ -11,7 +11,11 @@ a testbed is only good for comparing FedLoRA methods if the adapter is what lear
   FedAvg averages exactly, cannot carry the result;
 - outside the ``gpu`` profile, LoRA adapts the encoder's top layers only, the frozen layers
   below computed once per example, about three times cheaper per step than adapting all six
-  (:data:`ADAPTED_LAYERS`, :data:`ROUNDS`).
+  (:data:`ADAPTED_LAYERS`, :data:`ROUNDS`);
+- outside the ``gpu`` profile, AdamW runs at a learning rate of 1e-2 (:data:`LEARNING_RATE`),
+  federated and centralised alike: with the probe's head frozen and two layers adapted it no
+  longer collapses (``studies/testbed.py``), and at the profiles' 1e-3 fifteen federated rounds
+  leave every method where the probe started (``studies/part2.py`` runs FedIT at both).
 
 :func:`build_testbed` builds it for any partition scheme; :func:`testbed_profile` is the
 profile with the testbed's schedule.
@@ -32,20 +36,28 @@ client steps in all, the length of the centralised anchor of ``studies/part2.py`
 long enough for a federation's adapter to leave the probe behind is what that study measures."""
 
 
+LEARNING_RATE: dict[str, float] = {"smoke": 1e-2, "cpu": 1e-2}
+"""AdamW's learning rate, per profile; the profile's own (1e-3) for any other profile. Not under ``gpu``,
+which adapts all six layers: there centralised LoRA at 1e-2 collapses even with the probe's head frozen
+(measured once on the cpu testbed with every layer adapted, 300 steps: 0.165 against the probe's 0.315, seed 0;
+no stored study yet)."""
+
+
 MARK = "; the testbed's schedule"
 """What :func:`testbed_profile` appends to a profile's description: the mark of a testbed profile."""
 
 
 def testbed_profile(profile: Profile | str | None = None) -> Profile:
-    """``profile`` (the default one if None) with the testbed's rounds and adapted layers.
+    """``profile`` (the default one if None) with the testbed's rounds, adapted layers and learning rate.
 
-    Each of the two fields takes the testbed's value (:data:`ROUNDS`, :data:`ADAPTED_LAYERS`,
-    looked up by the profile's name) only where it still holds the named profile's own value,
-    so a chapter can cut a profile before (``testbed_profile(profile.with_overrides(rounds=3))``
-    runs 3 rounds) or after (``testbed_profile(profile).with_overrides(adapted_layers=None)``
-    adapts every layer). The result's description says it is the testbed's (:data:`MARK`), and
-    a profile with that mark is returned as it is: applying this twice, or passing a cut testbed
-    profile to :func:`build_testbed`, changes nothing. A profile with a name of its own is
+    Each of the three fields takes the testbed's value (:data:`ROUNDS`, :data:`ADAPTED_LAYERS`,
+    :data:`LEARNING_RATE`, looked up by the profile's name) only where it still holds the named
+    profile's own value, so a chapter can cut a profile before
+    (``testbed_profile(profile.with_overrides(rounds=3))`` runs 3 rounds) or after
+    (``testbed_profile(profile).with_overrides(adapted_layers=None)`` adapts every layer). The
+    result's description says it is the testbed's (:data:`MARK`), and a profile with that mark is
+    returned as it is: applying this twice, or passing a cut testbed profile to
+    :func:`build_testbed`, changes nothing. A profile with a name of its own is
     returned unchanged too.
     """
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -57,6 +69,8 @@ def testbed_profile(profile: Profile | str | None = None) -> Profile:
         changes["rounds"] = ROUNDS[profile.name]
     if profile.adapted_layers == named.adapted_layers:
         changes["adapted_layers"] = ADAPTED_LAYERS[profile.name]
+    if profile.learning_rate == named.learning_rate and profile.name in LEARNING_RATE:
+        changes["learning_rate"] = LEARNING_RATE[profile.name]
     return profile.with_overrides(**changes)
 
 

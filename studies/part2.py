@@ -6,11 +6,13 @@ testbed's rounds), recording accuracy, bytes, discordance, the size of the ideal
 aggregation error per round. For each seed also the probe's accuracy (where every run starts)
 and centralised LoRA on the pooled data with as many steps as a federated run, so that a
 method's result can be read as the share of centralised LoRA's gain over the probe that it
-recovers. One JSON line per run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to
+recovers. And FedIT once more per seed at each of :data:`VARIANTS`: the profiles' learning rate
+(what choosing the testbed's rate changed) and fewer or more local steps (how the discordance grows
+with them). One JSON line per run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to
 continue (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
 ``book/part2/at_a_glance.ipynb`` and the method chapters.
 
-    python studies/part2.py                          # the cpu profile, seeds 0 1 2
+    python studies/part2.py                          # the cpu profile, seeds 0 to 4
     python studies/part2.py --methods FedIT FLoRA    # some methods only
     FEDLORA_RESULTS=/tmp/second python studies/part2.py --no-anchors --methods ...   # a second process
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -36,11 +37,19 @@ from fedlora_edu.studies import run_study  # noqa: E402
 # The arguments a method runs with here (everything else is its default), as in Part II at a glance.
 OPTIONS = {"FedLoRU": {"tau": 2}, "pFedLoRU": {"tau": 2}, "mFedLoRU": {"tau": 2}}
 ANCHORS = ("probe and centralized",)
+VARIANTS: tuple[dict, ...] = ({"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"local_steps": 1}, {"local_steps": 10})
+"""FedIT's runs with one setting changed from the testbed's (learning rate 1e-2, 5 local steps under cpu)."""
+VARIED_METHOD = "FedIT"
 
 
-def grid(seeds: list[int], methods: list[str], profile: str, anchors: bool = True) -> list[dict]:
+def grid(seeds: list[int], methods: list[str], profile: str, anchors: bool = True,
+         variants: bool = True) -> list[dict]:
     names = [*ANCHORS, *methods] if anchors else list(methods)
-    runs = [{"method": name, "seed": seed} for seed, name in itertools.product(seeds, names)]
+    runs = []
+    for seed in seeds:
+        runs += [{"method": name, "seed": seed} for name in names]
+        if variants and VARIED_METHOD in methods:
+            runs += [{"method": VARIED_METHOD, "seed": seed, **variant} for variant in VARIANTS]
     return [{**run, "profile": profile} for run in runs]
 
 
@@ -61,7 +70,8 @@ def run_one(settings: dict, profile: str) -> dict:
         return {"probe_accuracy": probe, "accuracy": history["accuracy"].tolist(),
                 "final_accuracy": float(history["accuracy"].iloc[-1]), "test_examples": len(federation.test)}
     strategy = make_strategy(settings["method"], **OPTIONS.get(settings["method"], {}))
-    history = federation.run(strategy, seed=settings["seed"], progress=False)
+    varied = {key: settings[key] for key in ("learning_rate", "local_steps") if key in settings}
+    history = federation.run(strategy, seed=settings["seed"], progress=False, **varied)
     measured = {column: history[column].tolist()
                 for column in ("accuracy", "bytes_up", "bytes_down", "discordance", "update_size", "aggregation_error",
                                "server_seconds")}
@@ -73,15 +83,17 @@ def run_one(settings: dict, profile: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip the probe and centralised runs (for a second process that runs other methods)")
+    parser.add_argument("--no-variants", action="store_true", help=f"skip {VARIED_METHOD}'s runs at {VARIANTS}")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    frame = run_study("part2", grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors),
+    frame = run_study("part2", grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors,
+                                           variants=not args.no_variants),
                       lambda settings: run_one(settings, args.profile),
                       profile=args.profile,
                       methods_of=lambda settings: [] if settings["method"] in ANCHORS else [settings["method"]],
