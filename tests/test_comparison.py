@@ -79,3 +79,19 @@ def test_a_study_without_anchors_is_refused(tmp_path, monkeypatch):
               progress=False)
     with pytest.raises(ValueError, match="no anchor runs"):
         Comparison("part2")
+
+
+def test_runs_at_varied_settings_are_kept_apart(stored, tmp_path):
+    """FedIT once more at another learning rate: reachable by that setting, and never in the default runs."""
+    run_study("part2", [{"method": "FedIT", "seed": seed, "learning_rate": 1e-3} for seed in stored.seeds],
+              lambda settings: {"final_accuracy": 0.1 * (settings["seed"] + 1), "accuracy": [0.1]}, profile="smoke",
+              progress=False)
+    comparison = Comparison("part2")
+    assert comparison.runs("FedIT", learning_rate=1e-3)["final_accuracy"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert comparison.runs("FedIT")["final_accuracy"].tolist() == stored.runs("FedIT")["final_accuracy"].tolist()
+    assert comparison.over_probe("FedIT", learning_rate=1e-3).tolist() == pytest.approx([-0.4, -0.4, -0.25])
+    assert comparison.table(["FedIT", "FLoRA"]).equals(stored.table(["FedIT", "FLoRA"]))
+    with pytest.raises(ValueError, match=r"lacks runs of 'FedIT' at \{'local_steps': 1\}"):
+        comparison.runs("FedIT", local_steps=1)
+    with pytest.raises(ValueError, match="varies only"):
+        comparison.runs("FedIT", rank=2)

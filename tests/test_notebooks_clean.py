@@ -79,6 +79,23 @@ def notebook_problems(notebook: dict) -> list[str]:
     return problems
 
 
+def page_start_problems(notebook: dict) -> list[str]:
+    """What keeps a chapter's page from starting with the chapter: its title must come first, the Colab
+    install cell must be removed from the page (``remove-cell``) and the environment cell's code hidden
+    (``hide-input``); both still run, in the build and in Colab."""
+    cells = notebook.get("cells", [])
+    problems = []
+    if not cells or cells[0].get("cell_type") != "markdown" or not "".join(cells[0].get("source", "")).startswith("# "):
+        problems.append("the first cell is not the chapter's title (a markdown cell starting with '# ')")
+    wanted = {"google.colab": "remove-cell", "describe_environment(": "hide-input"}
+    for index, cell in enumerate(cells):
+        source, tags = "".join(cell.get("source", "")), cell.get("metadata", {}).get("tags", [])
+        for marker, tag in wanted.items():
+            if cell.get("cell_type") == "code" and marker in source and tag not in tags:
+                problems.append(f"cell {index} ({marker.rstrip('(')}) lacks the tag {tag!r}")
+    return problems
+
+
 def toc_files() -> list[str]:
     """Every page named in _toc.yml (root, chapters, sections), without suffix."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
@@ -177,6 +194,25 @@ def test_notebook_is_committed_clean(path: Path) -> None:
     assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems) + (
         " (clear all outputs in Jupyter, then save, before committing)"
     )
+
+
+def test_page_start_checker() -> None:
+    chapter = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    assert page_start_problems(chapter) == []
+    setup = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+             "source": 'if "google.colab" in sys.modules:\n    pass'}
+    chapter["cells"].insert(0, setup)
+    assert page_start_problems(chapter) == [
+        "the first cell is not the chapter's title (a markdown cell starting with '# ')",
+        "cell 0 (google.colab) lacks the tag 'remove-cell'"]
+    chapter["cells"] = [chapter["cells"][1], {**setup, "metadata": {"tags": ["remove-cell"]}}]
+    assert page_start_problems(chapter) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "book").rglob("*.ipynb")), ids=lambda path: str(path.relative_to(ROOT)))
+def test_a_chapter_page_starts_with_the_chapter(path: Path) -> None:
+    problems = page_start_problems(json.loads(path.read_text(encoding="utf-8")))
+    assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
 
 
 def test_toc_pages_exist() -> None:

@@ -7,14 +7,14 @@ import pytest
 from fedlora_edu import build_testbed, get_profile, testbed_profile
 from fedlora_edu.simulation.metrics import paired_difference
 from fedlora_edu.studies import load_study
-from fedlora_edu.testbed import ADAPTED_LAYERS, DATA, HEAD, ROUNDS
+from fedlora_edu.testbed import ADAPTED_LAYERS, DATA, HEAD, LEARNING_RATE, ROUNDS
 
 
 @pytest.mark.parametrize("name", sorted(ROUNDS))
 def test_a_named_profile_takes_the_testbed_schedule(name):
     bed = testbed_profile(name)
     assert bed.rounds == ROUNDS[name] and bed.adapted_layers == ADAPTED_LAYERS[name]
-    assert bed.name == name and bed.learning_rate == get_profile(name).learning_rate
+    assert bed.name == name and bed.learning_rate == LEARNING_RATE.get(name, get_profile(name).learning_rate)
     assert testbed_profile(bed) == bed  # applying it twice changes nothing
 
 
@@ -25,6 +25,8 @@ def test_what_a_chapter_cut_is_kept_before_or_after():
     assert testbed_profile(cut_after) == cut_after
     every_layer = testbed_profile(get_profile("cpu").with_overrides(adapted_layers=4))
     assert every_layer.adapted_layers == 4 and every_layer.rounds == ROUNDS["cpu"]
+    slower = testbed_profile(get_profile("cpu").with_overrides(learning_rate=3e-3))
+    assert slower.learning_rate == 3e-3 and testbed_profile("cpu").learning_rate == LEARNING_RATE["cpu"]
 
 
 def test_an_unknown_profile_name_is_refused():

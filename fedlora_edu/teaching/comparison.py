@@ -8,6 +8,9 @@ anchors: the probe (where every run starts) and centralised LoRA on the pooled d
   the share of centralised LoRA's gain over the probe it recovers (only where centralised LoRA
   beat the probe on every seed, :attr:`Comparison.recoverable`), each as a mean over seeds with
   its 95% interval, and how it compares with a reference method on the same seeds;
+- :meth:`Comparison.runs`: a method's runs, one per seed, at the study's own settings or at one of
+  the settings it varies for some methods (:data:`VARIED`, for instance FedIT at another learning
+  rate or number of local steps);
 - :meth:`Comparison.verdict`: whether methods are ahead of (or behind) a reference with the
   interval of the paired difference excluding zero: "agrees" with an expected side, "disagrees",
   or "not distinguishable here".
@@ -27,6 +30,10 @@ from fedlora_edu.studies import load_study
 
 ANCHORS = "probe and centralized"
 """The study's name for the per-seed anchor runs (the probe's accuracy and centralised LoRA's)."""
+
+VARIED = ("learning_rate", "local_steps")
+"""Settings a study may change for some runs of a method (``studies/part2.py``'s ``VARIANTS``); a run that sets
+none of them ran at the study's own settings, and only those enter the tables and verdicts."""
 
 Measure = Callable[[pd.DataFrame], pd.Series]
 
@@ -66,16 +73,29 @@ class Comparison:
         """How many stored rows measured code that has changed since."""
         return int(self.study.attrs["stale"])
 
-    def runs(self, method: str) -> pd.DataFrame:
-        """The method's runs, one row per seed of the anchors (a ValueError if a seed is missing)."""
-        rows = self.study[self.study["method"] == method].set_index("seed").reindex(self.seeds)
+    def runs(self, method: str, **varied: float) -> pd.DataFrame:
+        """The method's runs, one row per seed of the anchors (a ValueError if a seed is missing).
+
+        By default the runs at the study's own settings; ``varied`` (keywords of :data:`VARIED`, for
+        instance ``local_steps=1``) selects the runs that changed those settings, and only those.
+        """
+        unknown = sorted(set(varied) - set(VARIED))
+        if unknown:
+            raise ValueError(f"a study varies only {VARIED}, not {unknown}")
+        rows = self.study[self.study["method"] == method]
+        for setting in VARIED:
+            column = rows[setting] if setting in rows.columns else pd.Series(np.nan, index=rows.index)
+            rows = rows[column.isna()] if setting not in varied else rows[np.isclose(column, varied[setting])]
+        rows = rows.set_index("seed").reindex(self.seeds)
         if rows["final_accuracy"].isna().any():
-            raise ValueError(f"the stored study lacks runs of {method!r} for some of the seeds {self.seeds}")
+            at = f" at {varied}" if varied else ""
+            raise ValueError(f"the stored study lacks runs of {method!r}{at} for some of the seeds {self.seeds}")
         return rows
 
-    def over_probe(self, method: str) -> pd.Series:
-        """accuracy - probe, per seed: what the method's adapter added to the frozen features."""
-        return self.runs(method)["final_accuracy"] - self.anchors["probe_accuracy"]
+    def over_probe(self, method: str, **varied: float) -> pd.Series:
+        """accuracy - probe, per seed: what the method's adapter added to the frozen features (``varied``: as
+        in :meth:`runs`)."""
+        return self.runs(method, **varied)["final_accuracy"] - self.anchors["probe_accuracy"]
 
     @property
     def recoverable(self) -> bool:
