@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fedlora_edu import studies
@@ -95,3 +96,14 @@ def test_runs_at_varied_settings_are_kept_apart(stored, tmp_path):
         comparison.runs("FedIT", local_steps=1)
     with pytest.raises(ValueError, match="varies only"):
         comparison.runs("FedIT", rank=2)
+
+
+def test_a_reference_variant_is_paired_with_the_package_run_of_its_method(stored):
+    run_study("deviations", [{"variant": "FLoRA as its authors run it", "method": "FLoRA", "seed": seed}
+                             for seed in stored.seeds],
+              lambda settings: {"final_accuracy": 0.9 - 0.1 * settings["seed"]}, profile="smoke", progress=False)
+    difference = stored.reference_deviation("FLoRA as its authors run it")
+    flora = stored.runs("FLoRA")["final_accuracy"].to_numpy()
+    assert difference.mean == pytest.approx(float((0.9 - 0.1 * np.arange(3) - flora).mean()))
+    with pytest.raises(ValueError, match="has no variant 'FedIT reversed'"):
+        stored.reference_deviation("FedIT reversed")

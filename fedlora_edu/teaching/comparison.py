@@ -11,6 +11,8 @@ anchors: the probe (where every run starts) and centralised LoRA on the pooled d
 - :meth:`Comparison.runs`: a method's runs, one per seed, at the study's own settings or at one of
   the settings it varies for some methods (:data:`VARIED`, for instance FedIT at another learning
   rate or number of local steps);
+- :meth:`Comparison.reference_deviation`: what running a method as its authors' code does, where
+  the package departs from it (``studies/deviations.py``), changes against the package's run;
 - :meth:`Comparison.verdict`: whether methods are ahead of (or behind) a reference with the
   interval of the paired difference excluding zero: "agrees" with an expected side, "disagrees",
   or "not distinguishable here".
@@ -148,6 +150,19 @@ class Comparison:
                 row["gain recovered"] = str(interval(self.recovered(method)))
             rows.append({**row, f"vs {reference}": versus})
         return pd.DataFrame(rows).set_index("method")
+
+    def reference_deviation(self, variant: str, study: str = "deviations") -> Interval:
+        """Final accuracy of ``variant`` (a method run as its authors' code runs it, ``studies/deviations.py``)
+        minus the package's run of the same method, paired over this study's seeds."""
+        rows = load_study(study)
+        if "variant" not in rows.columns or variant not in set(rows["variant"]):
+            known = sorted(set(rows["variant"])) if "variant" in rows.columns else []
+            raise ValueError(f"study {study!r} has no variant {variant!r}; it has {known}")
+        rows = rows[rows["variant"] == variant].set_index("seed").reindex(self.seeds)
+        if rows["final_accuracy"].isna().any():
+            raise ValueError(f"study {study!r} lacks runs of {variant!r} for some of the seeds {self.seeds}")
+        method = rows["method"].iloc[0]
+        return paired_difference(rows["final_accuracy"], self.runs(method)["final_accuracy"])
 
     def provenance(self) -> str:
         """One line: how many runs, on which machine, at which commit and date, and how many are stale."""
