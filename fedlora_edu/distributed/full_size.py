@@ -278,7 +278,9 @@ class FlexLoRA(Strategy):
     updates; with equal ranks only the split differs. Why ours: eq. 6 as the survey writes it
     has no per-client constant, and symmetric factors have the same scale, so one learning rate
     suits A and B here as in every other method of the comparison. The effect of the difference
-    on accuracy is not yet measured; a study will measure it.
+    on accuracy is measured by ``studies/deviations.py`` (the authors' way, on the testbed, paired
+    over seeds with this class's runs in ``studies/part2.py``) and reported in
+    ``book/part2/full_size.ipynb``.
     """
 
     name = "FlexLoRA"

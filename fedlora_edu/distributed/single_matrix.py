@@ -386,8 +386,10 @@ class CoLR(Strategy):
     the constant sets how far a step on A moves the weight, CoLR's effective step size, so the
     two do not match at the same learning rate. Why ours: the survey does not say how the
     factor is drawn, and LoRA's usual scale and constant let one learning rate serve every
-    method, so that the comparison is fair. The effect of the difference on accuracy is not yet
-    measured; a study will measure it.
+    method, so that the comparison is fair. The effect of the difference
+    on accuracy is measured by ``studies/deviations.py`` (the authors' way, on the testbed, paired
+    over seeds with this class's runs in ``studies/part2.py``) and reported in
+    ``book/part2/single_matrix.ipynb``.
     Taught in ``book/part2/single_matrix.ipynb``.
     """
 
