@@ -97,3 +97,40 @@ def test_bad_arguments():
         check("fedavg_magic", SOLUTIONS.ideal_update)
     with pytest.raises(TypeError, match="callable"):
         check("ideal_update", 3)
+
+
+def test_an_answer_that_changes_its_inputs_in_place_is_judged_on_its_value():
+    """The reference runs first on its own copy: an in-place answer cannot corrupt it (issue 16)."""
+
+    def right_but_in_place(As, Bs, weights):
+        for A, p in zip(As, weights, strict=True):
+            A.mul_(p)  # scales the student's copy only
+        return sum(B @ A for A, B in zip(As, Bs, strict=True))
+
+    def wrong_and_in_place(As, Bs, weights):
+        for A in As:
+            A.mul_(1.0 / len(As))  # the plain mean, written in place
+        return sum(B @ A for A, B in zip(As, Bs, strict=True))
+
+    assert "passed" in check("ideal_update", right_but_in_place)
+    _fails("ideal_update", wrong_and_in_place, "plain mean")
+
+
+def test_an_error_in_the_answer_is_reported_with_its_case():
+    def broken(As, Bs, weights):
+        return As[0] @ Bs[0]  # r x n times m x r: the shapes do not chain
+
+    with pytest.raises(ExerciseFailed, match=r"ideal_update: case 1 of 4 \(inputs: .*\): your function raised "
+                                             r"RuntimeError") as failure:
+        check("ideal_update", broken)
+    assert isinstance(failure.value.__cause__, RuntimeError)
+
+
+def test_a_wrong_value_says_how_far_off_without_the_answer():
+    def off(As, Bs, weights):
+        return 1.01 * SOLUTIONS.ideal_update(As, Bs, weights)
+
+    with pytest.raises(ExerciseFailed, match=r"largest difference [0-9.e-]+ \(the expected values reach"):
+        check("ideal_update", off)
+    with pytest.raises(ExerciseFailed, match=r"off by [0-9.e-]+ \(relative 0\.01\)"):
+        check("discordance", lambda As, Bs, w: 1.01 * SOLUTIONS.discordance(As, Bs, w))

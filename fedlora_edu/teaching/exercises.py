@@ -15,6 +15,7 @@ weights ``p_k >= 0`` sum to 1.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -195,12 +196,45 @@ def _matches(answer: object, expected: object) -> bool:
     return _close(answer, expected)
 
 
+def _describe(value: object) -> str:
+    """A short description of an answer or an expected value: its type and shape, never its values."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, tuple):
+        return "a tuple of (" + ", ".join(_describe(v) for v in value) + ")"
+    if isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+        return f"a list of {len(value)} tensors of shapes " + ", ".join(str(tuple(v.shape)) for v in value)
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _how_far(answer: object, expected: object) -> str:
+    """How far a wrong answer is from the expected one, in numbers that do not give the answer away."""
+    if isinstance(expected, tuple) and isinstance(answer, tuple) and len(answer) == len(expected):
+        parts = [_how_far(a, e) for a, e in zip(answer, expected, strict=True)]
+        return "; ".join(f"item {i}: {part}" for i, part in enumerate(parts, start=1) if part)
+    if isinstance(expected, Tensor) and isinstance(answer, Tensor) and answer.shape == expected.shape:
+        gap = (answer.to(expected.dtype) - expected).abs()
+        scale = float(expected.abs().max()) or 1.0
+        return f"largest difference {float(gap.max()):.3g} (the expected values reach {scale:.3g})"
+    if isinstance(expected, float) and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        gap = abs(float(answer) - expected)
+        return f"off by {gap:.3g} (relative {gap / max(abs(expected), 1e-12):.2g})"
+    return f"expected {_describe(expected)}, got {_describe(answer)}"
+
+
 def check(name: str, function: Callable, *, seed: int = 0) -> str:
     """Check a student's ``function`` for exercise ``name``; return a line saying it passed.
 
-    Raises :class:`ExerciseFailed` naming the failing case and, where one applies, a hint. A
-    function that still raises ``NotImplementedError`` is reported as not attempted (no error),
-    so a starter notebook runs from top to bottom.
+    For each case the reference is computed first, on its own copy of the inputs, and the
+    student's function gets another copy, so an answer that changes its inputs in place
+    (``A.mul_(p)``) can neither corrupt the reference nor the hints. Raises
+    :class:`ExerciseFailed` naming the failing case, the shapes, how far off the answer is and,
+    where one applies, a hint; an exception raised by the student's function (other than
+    ``NotImplementedError``) becomes an :class:`ExerciseFailed` with the case and its message.
+    A function that still raises ``NotImplementedError`` is reported as not attempted (no
+    error), so a starter notebook runs from top to bottom.
     """
     if name not in EXERCISES:
         raise ValueError(f"unknown exercise {name!r}; choose one of {sorted(EXERCISES)}")
@@ -209,15 +243,18 @@ def check(name: str, function: Callable, *, seed: int = 0) -> str:
     exercise = EXERCISES[name]
     cases = exercise.cases(seed)
     for index, case in enumerate(cases, start=1):
+        where = f"{name}: case {index} of {len(cases)} (inputs: {_describe(case)[len('a tuple of '):]})"
+        expected = exercise.reference(*copy.deepcopy(case))
         try:
-            answer = function(*case)
+            answer = function(*copy.deepcopy(case))
         except NotImplementedError:
             return f"{name}: not attempted yet ({exercise.equation})"
-        expected = exercise.reference(*case)
+        except Exception as error:  # the student's code failed: say where and why, as a check failure
+            raise ExerciseFailed(f"{where}: your function raised {type(error).__name__}: {error}") from error
         if not _matches(answer, expected):
-            hint = exercise.hints(case, answer)
+            hint = exercise.hints(copy.deepcopy(case), answer)
             raise ExerciseFailed(
-                f"{name}: case {index} of {len(cases)} differs from {exercise.equation}"
+                f"{where} differs from {exercise.equation}: {_how_far(answer, expected)}"
                 + (f"; hint: {hint}" if hint else "")
             )
     return f"{name}: passed all {len(cases)} cases ({exercise.equation})"
