@@ -1,0 +1,186 @@
+"""Heterogeneous ranks (survey section 4.1, eq. 12): clients of different LoRA ranks r_k, one server adapter.
+
+Survey eq. 12 is the usual federated objective, min sum_k p_k f_k(A_k, B_k, W'; D_k), with one
+difference: client k's factors have its own rank r_k, ``A_k`` r_k x n and ``B_k`` m x r_k, chosen
+for its resources or its task. The server keeps one adapter of the largest rank r_max and must
+move between the two sizes in both directions:
+
+- **down**, to a client: truncation, the first r_k rows of A and columns of B
+  (:func:`truncate_factors`);
+- **up**, from the clients: HetLoRA (Cho et al. 2024, EMNLP, arXiv 2401.06432) pads every
+  client's factors with zeros to r_max (:func:`zero_pad_factors`) and averages them with
+  *sparsity weights* p_k proportional to ||B_k A_k||_F (:func:`sparsity_weights`,
+  :func:`zero_padding_average`); replication-based padding (Byun and Lee 2024, arXiv
+  2406.17477; RBLA, Chen et al. 2024a, arXiv 2408.08699) fills a low-rank client's missing rank
+  slots from the clients that hold them instead of with zeros, so that slot i is averaged over
+  its holders only (:func:`replication_padding_average`).
+
+HetLoRA's clients also keep their rank small themselves: the local loss carries a penalty on the
+tail of the rank, lambda ||B_k[:, t:]||_F ||A_k[t:, :]||_F with t = floor(gamma r_k)
+(:func:`rank_tail_penalty`), and a client whose tail shrank in its round prunes it,
+r_k <- max(r_min, floor(gamma r_k)) (:func:`pruned_rank`).
+
+Sources: HetLoRA has no official code; the rules above are those of the two re-implementations
+listed in ``METHOD_SOURCES.md`` (FlexLoRA's, alibaba/FederatedScope@4643e1a5,
+``fed_utils/client.py`` and ``fed_utils/model_aggregation.py``), which agree on them. For
+replication-based padding only the abstract and summaries are known; the exact replication rule
+is ours (see :func:`replication_padding_average`).
+
+Notation: ``As[k]`` is A_k (r_k x n), ``Bs[k]`` is B_k (m x r_k), ``weights[k]`` is p_k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora_edu.core.checks import check_factors, check_rank, check_weights
+
+Factors = tuple[Tensor, Tensor]
+
+
+def truncate_factors(A: Tensor, B: Tensor, rank: int) -> Factors:
+    """The first ``rank`` components of (A, B): A[:rank] (rank x n) and B[:, :rank] (m x rank), as copies.
+
+    What a client of rank r_k downloads from a server adapter of larger rank (HetLoRA's
+    distribution). ``rank`` may not exceed the adapter's rank.
+    """
+    check_factors([A], [B])
+    rank = check_rank(rank)
+    if rank > A.shape[0]:
+        raise ValueError(f"rank {rank} exceeds the adapter's rank {A.shape[0]}: truncation cannot add components")
+    return A[:rank].clone(), B[:, :rank].clone()
+
+
+def zero_pad_factors(A: Tensor, B: Tensor, rank: int) -> Factors:
+    """(A, B) padded with zeros to ``rank`` components: A gets zero rows, B zero columns; B A is unchanged."""
+    check_factors([A], [B])
+    rank = check_rank(rank)
+    if rank < A.shape[0]:
+        raise ValueError(f"rank {rank} is below the factors' rank {A.shape[0]}: padding cannot remove components")
+    extra = rank - A.shape[0]
+    return (torch.cat([A, A.new_zeros(extra, A.shape[1])], dim=0),
+            torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1))
+
+
+def _check_clients(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None,
+                   max_rank: int | None) -> tuple[list[float], int]:
+    check_factors(As, Bs)
+    ranks = [int(a.shape[0]) for a in As]
+    if max_rank is None:
+        max_rank = max(ranks)
+    max_rank = check_rank(max_rank)
+    if max_rank < max(ranks):
+        raise ValueError(f"max_rank {max_rank} is below the largest client rank {max(ranks)}")
+    p = check_weights(weights, len(As)) if weights is not None else [1.0 / len(As)] * len(As)
+    return p, max_rank
+
+
+def update_norm(A: Tensor, B: Tensor) -> float:
+    """||B A||_F without forming the m x n product: sqrt(trace((B^T B)(A A^T))), an r x r computation."""
+    check_factors([A], [B])
+    gram = (B.T @ B) * (A @ A.T)  # elementwise: trace(X Y) = sum_ij X_ij Y_ji, and A A^T is symmetric
+    return float(gram.sum().clamp(min=0.0).sqrt())
+
+
+def sparsity_weights(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[float]:
+    """HetLoRA's aggregation weights: p_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F.
+
+    A client whose update is larger (less sparse) counts more. If every update is zero the
+    weights are equal.
+    """
+    check_factors(As, Bs)
+    norms = [update_norm(a, b) for a, b in zip(As, Bs, strict=True)]
+    total = sum(norms)
+    if total == 0.0:
+        return [1.0 / len(norms)] * len(norms)
+    return [value / total for value in norms]
+
+
+def zero_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None,
+                         max_rank: int | None = None) -> Factors:
+    """HetLoRA's aggregation: pad every client to ``max_rank`` (default: the largest r_k) with zeros, then average.
+
+    Returns (A, B), ``max_rank x n`` and ``m x max_rank``: A = sum_k p_k pad(A_k), B = sum_k p_k
+    pad(B_k). ``weights`` are the p_k (default equal; pass :func:`sparsity_weights` for
+    HetLoRA's). Rank slot i is averaged over *all* clients, those that do not hold it
+    contributing zeros: the dilution that replication-based padding avoids.
+    """
+    p, max_rank = _check_clients(As, Bs, weights, max_rank)
+    padded = [zero_pad_factors(a, b, max_rank) for a, b in zip(As, Bs, strict=True)]
+    A = sum(w * a for w, (a, _) in zip(p, padded, strict=True))
+    B = sum(w * b for w, (_, b) in zip(p, padded, strict=True))
+    return A, B
+
+
+def slot_holders(ranks: Sequence[int], max_rank: int) -> Tensor:
+    """A ``len(ranks) x max_rank`` 0/1 matrix: entry (k, i) is 1 when client k holds rank slot i (i < r_k)."""
+    return (torch.arange(max_rank)[None, :] < torch.tensor(list(ranks))[:, None]).to(torch.float64)
+
+
+def replication_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None,
+                                max_rank: int | None = None) -> Factors:
+    """Replication-based padding: rank slot i is the p-weighted average over the clients that hold it.
+
+    A low-rank client's missing slot i is filled with the p-weighted average of slot i over the
+    clients that hold it (a replica of what they sent), then every client is averaged with its
+    weight p_k. Filling the gap this way and averaging over everyone is the same as averaging
+    slot i over its holders only, with weights p_k / sum_{j holds i} p_j: a slot that one
+    rank-8 client holds among rank-2 clients keeps its full size instead of shrinking by that
+    client's weight, as zero-padding makes it. With equal ranks this is the plain weighted
+    average (FedIT's). Our choice: the papers' exact replication rule is not known to us (only
+    their abstracts); this is the rule their description implies, with the weights given here.
+    """
+    p, max_rank = _check_clients(As, Bs, weights, max_rank)
+    ranks = [int(a.shape[0]) for a in As]
+    holders = slot_holders(ranks, max_rank)  # K x R
+    slot_weight = torch.tensor(p, dtype=torch.float64)[:, None] * holders
+    mass = slot_weight.sum(dim=0)  # per slot: the total weight of its holders
+    if bool((mass == 0).any()):
+        raise ValueError(f"rank slots {torch.nonzero(mass == 0).flatten().tolist()} are held by no client "
+                         "with a positive weight: there is nothing to replicate")
+    share = slot_weight / mass  # K x R, each column sums to 1 over the holders
+    padded = [zero_pad_factors(a, b, max_rank) for a, b in zip(As, Bs, strict=True)]
+    A = sum(share[k].to(a.dtype)[:, None] * a for k, (a, _) in enumerate(padded))
+    B = sum(share[k].to(b.dtype)[None, :] * b for k, (_, b) in enumerate(padded))
+    return A, B
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """Where HetLoRA's rank tail starts: t = floor(gamma r_k), at most r_k - 1 (the tail is never empty)."""
+    rank = check_rank(rank)
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
+    return min(math.floor(gamma * rank), rank - 1)
+
+
+def rank_tail_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:
+    """HetLoRA's regulariser for one layer: ||B[:, t:]||_F ||A[t:, :]||_F with t = :func:`tail_start`.
+
+    A differentiable scalar (a tensor): added, times lambda and summed over the adapted layers,
+    to the client's task loss, it pulls the last rank components toward zero, so that a
+    client can prune them (:func:`pruned_rank`). Its gradient reaches only the tail's rows of A
+    and columns of B.
+    """
+    check_factors([A], [B])
+    start = tail_start(int(A.shape[0]), gamma)
+    return torch.linalg.matrix_norm(B[:, start:]) * torch.linalg.matrix_norm(A[start:, :])
+
+
+def pruned_rank(rank: int, tail_before: float, tail_after: float, gamma: float, min_rank: int = 1) -> int:
+    """HetLoRA's self-pruning: r_k <- max(min_rank, floor(gamma r_k)) if the tail penalty fell in the round.
+
+    ``tail_before`` and ``tail_after`` are :func:`rank_tail_penalty` summed over the layers, at
+    the start and the end of the client's local training. A tail that did not shrink keeps the
+    rank.
+    """
+    rank = check_rank(rank)
+    min_rank = check_rank(min_rank)
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
+    if tail_after < tail_before:
+        return max(min_rank, min(rank, math.floor(gamma * rank)))
+    return rank
