@@ -211,6 +211,27 @@ def build_book(env: dict[str, str], output: Path, strict: bool, source: Path = R
     return run(cmd, env)
 
 
+MATHJAX = Path("_static") / "mathjax" / "tex-chtml.js"
+"""Where the built site keeps its own MathJax (_config.yml: sphinx-mathjax-offline)."""
+
+
+def offline_math_problems(html: Path) -> list[str]:
+    """Why the site at ``html`` would not typeset formulas without network; empty when it would."""
+    problems = [] if (html / MATHJAX).is_file() else [f"{MATHJAX} is missing from the site"]
+    for page in sorted(html.rglob("*.html")):
+        text = page.read_text(encoding="utf-8", errors="replace")
+        if re.search(r"<script[^>]+src=\"https?://[^\"]*mathjax", text, re.IGNORECASE):
+            problems.append(f"{page.relative_to(html)} loads MathJax from the network")
+    return problems
+
+
+def record_offline_math(html: Path) -> int:
+    problems = offline_math_problems(html)
+    for problem in problems[:10]:
+        say(f"offline math: {problem}")
+    return 1 if problems else 0
+
+
 def execute_notebooks(found: list[Path], output: Path, env: dict[str, str]) -> int:
     """Execute every notebook once, two at a time, keeping the executed copies under ``output``."""
     if output.exists():
@@ -247,6 +268,9 @@ def book() -> int:
     if code != 0:
         say(f"book build FAILED (exit code {code})")
         return code
+    if record_offline_math(ROOT / "_build" / "html"):
+        say("book built, but its formulas need the network (see above)")
+        return 1
     say(f"book built: open {ROOT / '_build' / 'html' / 'index.html'}")
     return 0
 
@@ -280,6 +304,7 @@ def test(fast: bool) -> int:
             stage_executed_book(executed, stage)
             record("book build -W", build_book(kernel_env, ROOT / "_build" / "smoke", strict=True, source=stage),
                    " (from the executed notebooks, no execution)")
+            record("offline MathJax", record_offline_math(ROOT / "_build" / "smoke" / "_build" / "html"))
         else:
             record("book build -W", 1, " (skipped: a notebook failed)")
 
