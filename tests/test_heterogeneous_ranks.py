@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_factors, random_weights
 
 from fedlora_edu.core.factors import fedit_average, ideal_update
 from fedlora_edu.core.svd import truncated_factors
@@ -19,7 +20,6 @@ from fedlora_edu.heterogeneity.ranks import (
     zero_pad_factors,
     zero_padding_average,
 )
-from tests.helpers import random_factors, random_weights
 
 RANK_MIXES = [[2, 4, 8], [8, 8, 8], [1, 8], [3, 1, 2, 5]]
 
