@@ -18,6 +18,7 @@ from fedlora_edu.core.strategy import Payload, Strategy
 from fedlora_edu.distributed.discordance import FedIT
 from fedlora_edu.distributed.full_size import FlexLoRA, FLoRA
 from fedlora_edu.distributed.single_matrix import FFALoRA
+from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.simulation.engine import (
     ClientJob,
     batched_linear,
@@ -213,6 +214,13 @@ def test_heterogeneous_ranks_match_the_sequential_loop(federation, cls, rounds):
     for (_, client_id), (_, _, got) in replayed.items():
         assert all(a.shape[0] == ranks[client_id] and b.shape[1] == ranks[client_id]
                    for a, b in got.adapters.values())
+
+
+def test_clients_with_their_own_b_match_the_sequential_loop(federation):
+    """FedSA-LoRA: every client starts from the shared A and its own B (zero before its first round)."""
+    replayed = replay(federation, helpers.recording(FedSALoRA)(), rounds=3)
+    assert_same_client_results(replayed)
+    assert any(start.adapters[name][1].any() for start, _, _ in replayed.values() for name in start.adapters)
 
 
 def test_whole_history_matches_the_sequential_loop(federation):
