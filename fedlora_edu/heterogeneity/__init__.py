@@ -2,7 +2,11 @@
 
 The leaves of the survey's taxonomy: heterogeneous rank (4.1, e.g. HetLoRA and
 replication-based padding), personalized LoRA (4.2, e.g. FedSA-LoRA, FedDPA, pFedLoRA) and
-clustering (4.3, e.g. FedLEASE), with the newer methods of the branch. No method lives here
-yet; Part III adds them. Modules here may import :mod:`fedlora_edu.core`,
+clustering (4.3, e.g. FedLEASE), with the newer methods of the branch. So far:
+:mod:`~fedlora_edu.heterogeneity.ranks` (eq. 12: truncation, zero and replication padding,
+HetLoRA's sparsity weights, rank-tail penalty and self-pruning),
+:mod:`~fedlora_edu.heterogeneity.personalized` (eq. 13: FedSA-LoRA) and
+:mod:`~fedlora_edu.heterogeneity.clustering` (eq. 16: FL-TAC's k-means and FedLEASE's B-cosine
+grouping of uploaded adapters). Their methods join the registry with Part III's chapters. Modules here may import :mod:`fedlora_edu.core`,
 :mod:`fedlora_edu.foundations` and :mod:`fedlora_edu.distributed`.
 """
