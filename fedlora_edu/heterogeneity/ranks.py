@@ -18,7 +18,8 @@ move between the two sizes in both directions:
 HetLoRA's clients also keep their rank small themselves: the local loss carries a penalty on the
 tail of the rank, lambda ||B_k[:, t:]||_F ||A_k[t:, :]||_F with t = floor(gamma r_k)
 (:func:`rank_tail_penalty`), and a client whose tail shrank in its round prunes it,
-r_k <- max(r_min, floor(gamma r_k)) (:func:`pruned_rank`).
+r_k <- max(r_min, floor(gamma r_k)) (:func:`pruned_rank`). :class:`HetLoRA` puts these together
+as a strategy of the simulator.
 
 Sources: HetLoRA has no official code; the rules above are those of the two re-implementations
 listed in ``METHOD_SOURCES.md`` (FlexLoRA's, alibaba/FederatedScope@4643e1a5,
@@ -31,15 +32,26 @@ Notation: ``As[k]`` is A_k (r_k x n), ``Bs[k]`` is B_k (m x r_k), ``weights[k]``
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedlora_edu.core.checks import check_factors, check_rank, check_weights
-
-Factors = tuple[Tensor, Tensor]
+from fedlora_edu.core.adapters import ADAPTER, Factors, lora_layers
+from fedlora_edu.core.checks import check_factors, check_rank, check_ranks, check_weights
+from fedlora_edu.core.strategy import (
+    ClientStart,
+    LocalResult,
+    Payload,
+    ServerState,
+    Strategy,
+    Upload,
+    normalized_weights,
+)
 
 
 def truncate_factors(A: Tensor, B: Tensor, rank: int) -> Factors:
@@ -184,3 +196,141 @@ def pruned_rank(rank: int, tail_before: float, tail_after: float, gamma: float, 
     if tail_after < tail_before:
         return max(min_rank, min(rank, math.floor(gamma * rank)))
     return rank
+
+
+# ----------------------------------------------------------------------------------------
+# HetLoRA as a strategy of the simulator
+# ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tail_penalty_added(model: torch.nn.Module, rank: int, weight: float, gamma: float) -> Iterator[None]:
+    """While active, every forward pass of ``model`` adds weight * sum_layers rank_tail_penalty to its loss."""
+    layers = lora_layers(model)
+
+    def add_penalty(module: torch.nn.Module, inputs: object, output: object) -> object:
+        if getattr(output, "loss", None) is None:
+            return output
+        penalty = sum(rank_tail_penalty(layer.lora_A[ADAPTER].weight[:rank], layer.lora_B[ADAPTER].weight[:, :rank],
+                                        gamma) for layer in layers.values())
+        output.loss = output.loss + weight * penalty
+        return output
+
+    handle = model.register_forward_hook(add_penalty)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _total_tail(adapters: Mapping[str, Factors], gamma: float) -> float:
+    with torch.no_grad():
+        return float(sum(rank_tail_penalty(a, b, gamma) for a, b in adapters.values()))
+
+
+class HetLoRA(Strategy):
+    """HetLoRA (Cho, Liu, Xu, Fahrezi, Joshi; EMNLP 2024, arXiv 2401.06432): heterogeneous ranks (eq. 12).
+
+    The server keeps one adapter of the largest rank r_max. Client k downloads its first r_k
+    components (truncation), trains them with the rank-tail penalty added to its loss,
+    ``penalty`` times sum over layers of ||B_k[:, t:]||_F ||A_k[t:, :]||_F, t = floor(gamma
+    r_k) (:func:`rank_tail_penalty`), and prunes itself after the round if the penalty fell,
+    r_k <- max(``min_rank``, floor(gamma r_k)) (:func:`pruned_rank`), uploading the kept
+    components only: the server learns the client's new rank from the shapes it receives. The
+    server pads every upload with zeros to r_max and averages with HetLoRA's sparsity weights,
+    p_k proportional to ||B_k A_k||_F (``weighting="sparsity"``, per layer) or with the clients'
+    data sizes (``weighting="samples"``), and keeps each client's current rank (``State.ranks``).
+
+    ``ranks`` gives every client its starting rank (one per client; default: all at the model's
+    rank). Defaults as in FlexLoRA's re-implementation (alibaba/FederatedScope@4643e1a5,
+    ``fed_utils/client.py``): gamma 0.99. Our choices, where the re-implementations are silent or
+    differ: the penalty weight lambda (default 1e-3; the sources we have give no value),
+    sparsity weights taken per layer, a pruned client uploading only its kept
+    components, and the penalty added to the training loss by a forward hook, so the reported
+    training loss includes it. The hook needs the sequential loop: the batched engine trains
+    the stacked factors itself, so ``batched_training`` is False.
+    """
+
+    name = "HetLoRA"
+    paper = "Cho et al. 2024, EMNLP, arXiv 2401.06432"
+    chapter = "book/part3/heterogeneous_ranks"
+    batched_training = False
+
+    @dataclass
+    class State:
+        """Each client's current rank (after self-pruning), and every pruning as (round, client, old, new)."""
+
+        ranks: dict[int, int] = field(default_factory=dict)
+        pruned: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @dataclass
+    class ClientState:
+        """The tail penalty of the client's start this round (what self-pruning compares with)."""
+
+        tail_before: float = 0.0
+
+    def __init__(self, ranks: Sequence[int] | None = None, *, penalty: float = 1e-3, gamma: float = 0.99,
+                 min_rank: int = 1, weighting: str = "sparsity") -> None:
+        super().__init__(None)
+        self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
+        if not (isinstance(penalty, (int, float)) and penalty >= 0):
+            raise ValueError(f"penalty must be a number >= 0, got {penalty!r}")
+        tail_start(2, gamma)  # checks gamma
+        if weighting not in ("sparsity", "samples"):
+            raise ValueError(f"weighting must be 'sparsity' (HetLoRA's) or 'samples', got {weighting!r}")
+        self.penalty = float(penalty)
+        self.gamma = gamma
+        self.min_rank = check_rank(min_rank)
+        self.weighting = weighting
+
+    def max_rank(self, num_clients: int) -> int | None:
+        if self.ranks is None:
+            return None
+        if len(self.ranks) != num_clients:
+            raise ValueError(f"ranks has {len(self.ranks)} entries for {num_clients} clients")
+        return max(self.ranks)
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        current = server.method_state.ranks.get(client_id)
+        if current is not None:
+            return current
+        return self.ranks[client_id] if self.ranks is not None else server.rank
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        start = super().client_start(server, client_id, client_state, round_index)
+        client_state.tail_before = _total_tail(start.adapters, self.gamma)
+        return start
+
+    def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: Any,
+                       round_index: int) -> contextlib.AbstractContextManager[None]:
+        rank = next(iter(start.adapters.values()))[0].shape[0]
+        if self.penalty == 0.0:
+            return contextlib.nullcontext()
+        return _tail_penalty_added(model, rank, self.penalty, self.gamma)
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        rank = next(iter(result.adapters.values()))[0].shape[0]
+        after = _total_tail(result.adapters, self.gamma)
+        kept = pruned_rank(rank, client_state.tail_before, after, self.gamma, self.min_rank)
+        tensors: dict[str, Tensor] = {}
+        for name, (a, b) in result.adapters.items():
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = truncate_factors(a, b, kept)
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        return Payload(tensors)
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        state = server.method_state
+        for upload in uploads:
+            name = next(iter(server.adapters))
+            new = int(upload.payload.tensors[f"{name}.A"].shape[0])
+            old = self.client_rank(upload.client_id, server)
+            if new != old:
+                state.pruned.append((round_index, upload.client_id, old, new))
+            state.ranks[upload.client_id] = new
+        samples = normalized_weights(uploads)
+        adapters = {}
+        for name, (a, b) in server.adapters.items():
+            As = [u.payload.tensors[f"{name}.A"].to(a) for u in uploads]
+            Bs = [u.payload.tensors[f"{name}.B"].to(b) for u in uploads]
+            weights = sparsity_weights(As, Bs) if self.weighting == "sparsity" else samples
+            adapters[name] = zero_padding_average(As, Bs, weights, max_rank=server.rank)
+        server.adapters = adapters
+        self.aggregate_head(server, uploads)
