@@ -7,7 +7,14 @@ import torch
 from helpers import TINY, recording
 
 from fedlora_edu.core.strategy import split_factors
-from fedlora_edu.heterogeneity.ranks import HetLoRA, rank_tail_penalty, sparsity_weights, zero_padding_average
+from fedlora_edu.heterogeneity.ranks import (
+    HetLoRA,
+    ReplicationPadding,
+    rank_tail_penalty,
+    replication_padding_average,
+    sparsity_weights,
+    zero_padding_average,
+)
 
 RANKS = [1, 2, 4]
 
@@ -72,3 +79,17 @@ def test_bad_arguments_are_named():
         HetLoRA(penalty=-1.0)
     with pytest.raises(ValueError, match="ranks has 2 entries for 3 clients"):
         HetLoRA([2, 4]).max_rank(TINY.num_clients)
+
+
+def test_replication_padding_averages_each_slot_over_its_holders(federation):
+    strategy = recording(ReplicationPadding)(RANKS, penalty=0.0)
+    federation.run(strategy, rounds=2, progress=False)
+    server = federation.last_server
+    for name in server.adapters:
+        As = [split_factors(u.payload, [name])[0][name] for u in strategy.uploads]
+        Bs = [split_factors(u.payload, [name])[1][name] for u in strategy.uploads]
+        expected = replication_padding_average(As, Bs, sparsity_weights(As, Bs), max_rank=max(RANKS))
+        zero = zero_padding_average(As, Bs, sparsity_weights(As, Bs), max_rank=max(RANKS))
+        a, b = server.adapters[name]
+        assert torch.allclose(a, expected[0]) and torch.allclose(b, expected[1])
+        assert not torch.allclose(b, zero[1])  # the slots only the rank-4 client holds keep their size

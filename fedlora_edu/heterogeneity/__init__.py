@@ -3,7 +3,7 @@
 The leaves of the survey's taxonomy: heterogeneous rank (4.1, e.g. HetLoRA and
 replication-based padding), personalized LoRA (4.2, e.g. FedSA-LoRA, FedDPA, pFedLoRA) and
 clustering (4.3, e.g. FedLEASE), with the newer methods of the branch. So far:
-:mod:`~fedlora_edu.heterogeneity.ranks` (eq. 12: truncation, zero and replication padding,
+:mod:`~fedlora_edu.heterogeneity.ranks` (eq. 12: HetLoRA and replication padding; truncation, padding,
 HetLoRA's sparsity weights, rank-tail penalty and self-pruning),
 :mod:`~fedlora_edu.heterogeneity.personalized` (eq. 13: FedSA-LoRA),
 :mod:`~fedlora_edu.heterogeneity.clustering` (eq. 16: FL-TAC's k-means and FedLEASE's B-cosine

@@ -267,6 +267,9 @@ class HetLoRA(Strategy):
 
         tail_before: float = 0.0
 
+    padding: str = "zeros"
+    """How the server fills a low-rank client's missing rank slots: "zeros" (HetLoRA) or "replication"."""
+
     def __init__(self, ranks: Sequence[int] | None = None, *, penalty: float = 1e-3, gamma: float = 0.99,
                  min_rank: int = 1, weighting: str = "sparsity") -> None:
         super().__init__(None)
@@ -331,6 +334,23 @@ class HetLoRA(Strategy):
             As = [u.payload.tensors[f"{name}.A"].to(a) for u in uploads]
             Bs = [u.payload.tensors[f"{name}.B"].to(b) for u in uploads]
             weights = sparsity_weights(As, Bs) if self.weighting == "sparsity" else samples
-            adapters[name] = zero_padding_average(As, Bs, weights, max_rank=server.rank)
+            average = replication_padding_average if self.padding == "replication" else zero_padding_average
+            adapters[name] = average(As, Bs, weights, max_rank=server.rank)
         server.adapters = adapters
         self.aggregate_head(server, uploads)
+
+
+class ReplicationPadding(HetLoRA):
+    """Replication-based padding (Byun and Lee 2024, arXiv 2406.17477; RBLA, Chen et al. 2024a, arXiv 2408.08699).
+
+    HetLoRA with one change at the server, the one the survey names: a low-rank client's missing
+    rank slots are filled from the clients that hold them, not with zeros, so each slot is
+    averaged over its holders (:func:`replication_padding_average`) and the components only
+    high-rank clients learn keep their size. Everything else is :class:`HetLoRA`'s (truncated
+    download, tail penalty, self-pruning). Not implemented: Byun and Lee's rule that gives high
+    ranks to clients with high-quality data; a chapter sets the ranks itself (``ranks``).
+    """
+
+    name = "replication padding"
+    paper = "Byun and Lee 2024, arXiv 2406.17477; Chen et al. 2024a, arXiv 2408.08699"
+    padding = "replication"
