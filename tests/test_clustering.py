@@ -88,3 +88,36 @@ def test_bad_arguments_are_named():
         choose_num_clusters(b_cosine_distances(adapters))
     with pytest.raises(ValueError, match="adapts layers"):
         flatten_adapters([adapters[0], {"other": adapters[1][LAYERS[0]]}])
+
+
+def test_fl_tac_sends_each_client_its_clusters_average(shards_federation):
+    from helpers import recording
+
+    from fedlora_edu.core.seeds import derive_seed
+    from fedlora_edu.core.strategy import normalized_weights, split_factors
+    from fedlora_edu.heterogeneity.clustering import FLTAC
+
+    strategy = recording(FLTAC)(num_clusters=2)
+    history = shards_federation.run(strategy, rounds=2, progress=False, evaluate_clients=True)
+    names = list(shards_federation.last_server.adapters)
+    first_uploads = strategy.rounds[0][1]
+    uploaded = []
+    for upload in first_uploads:
+        a, b = split_factors(upload.payload, names)
+        uploaded.append({n: (a[n], b[n]) for n in names})
+    labels = kmeans(flatten_adapters(uploaded), 2, seed=derive_seed(0, "fl-tac k-means", 0))
+    averages = cluster_averages(uploaded, normalized_weights(first_uploads), labels)
+    assert len(set(labels.tolist())) == 2
+    for upload, label in zip(first_uploads, labels.tolist(), strict=True):
+        start = strategy.starts[1][upload.client_id]  # round 2 starts from the client's cluster adapter
+        for n in names:
+            assert torch.allclose(start.adapters[n][0], averages[label][n][0].to(start.adapters[n][0]))
+            assert torch.allclose(start.adapters[n][1], averages[label][n][1].to(start.adapters[n][1]))
+    state = shards_federation.last_server.method_state
+    assert len(state.history) == 2 and set(state.history[0]) == {u.client_id for u in first_uploads}
+    client = first_uploads[0].client_id
+    personal, _ = strategy.personal_model(shards_federation.last_server, client, None)
+    assert all(torch.equal(personal[n][0], state.assigned[client][n][0]) for n in names)
+    assert history["client_accuracy"].notna().all()
+    with pytest.raises(ValueError, match="num_clusters must be an integer >= 1"):
+        FLTAC(num_clusters=0)

@@ -20,19 +20,31 @@ adapters themselves:
 
 :func:`matched_accuracy` scores a clustering against planted groups (the best one-to-one
 matching of clusters to groups), which is how a chapter asks whether clustering recovered the
-tasks it was built to have.
+tasks it was built to have. :class:`FLTAC` runs FL-TAC in the simulator.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_weights
+from fedlora_edu.core.seeds import derive_seed
+from fedlora_edu.core.strategy import (
+    ClientStart,
+    Payload,
+    ServerState,
+    Strategy,
+    Upload,
+    normalized_weights,
+    split_factors,
+)
 
 
 def _check_count(value: object, name: str, most: int) -> int:
@@ -212,3 +224,89 @@ def matched_accuracy(labels: Sequence[int] | Tensor, groups: Sequence[int] | Ten
         mapping = dict(zip(clusters, assignment, strict=True))
         best = max(best, sum(mapping[label] == group for label, group in zip(labels, groups, strict=True)))
     return best / len(labels)
+
+
+# ----------------------------------------------------------------------------------------
+# FL-TAC as a strategy of the simulator
+# ----------------------------------------------------------------------------------------
+class FLTAC(Strategy):
+    """FL-TAC (Ping, Mao, Liu, Zhang, Ding 2024, arXiv 2404.15384): one adapter per task, found by k-means.
+
+    Every round the server flattens the uploaded adapters (:func:`flatten_adapters`), groups
+    them by k-means with ``num_clusters`` clusters (the number of tasks; the best of ten
+    k-means++ starts, seeded from the run's seed and the round), averages each cluster with the
+    clients' weights renormalised within it (:func:`cluster_averages`), and sends each client
+    of the round its cluster's adapter back: that is where the client starts its next round,
+    and its personal model (:meth:`personal_model`). The server never sees task labels.
+
+    As in the authors' code (siqi2000/FL-TAC@5c0e1949, ``fltac/server.py``), clustering is over
+    the adapters received in the round. Our choices: a round with fewer uploads than clusters
+    uses as many clusters as uploads; a client that has not taken part yet starts from the
+    server's adapter; and the server's own adapter, which the shared test set evaluates, is
+    the weighted average of all the round's uploads (FedIT's), since FL-TAC's clients each
+    hold their own task and the paper serves no single global model.
+    """
+
+    name = "FL-TAC"
+    paper = "Ping et al. 2024, arXiv 2404.15384"
+    chapter = "book/part3/clustering"
+
+    @dataclass
+    class State:
+        """Each client's cluster adapter and cluster label from its last round, and every round's labels."""
+
+        assigned: dict[int, dict[str, Factors]] = field(default_factory=dict)
+        cluster_of: dict[int, int] = field(default_factory=dict)
+        history: list[dict[int, int]] = field(default_factory=list)
+
+    def __init__(self, num_clusters: int = 2, *, starts: int = 10) -> None:
+        super().__init__(None)
+        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+            raise ValueError(f"num_clusters must be an integer >= 1, got {num_clusters!r}")
+        self.num_clusters = num_clusters
+        self.kmeans_starts = _check_count(starts, "starts", 10_000)
+
+    def _start_adapters(self, server: ServerState, client_id: int) -> dict[str, Factors]:
+        own = server.method_state.assigned.get(client_id)
+        source = own if own is not None else server.adapters
+        return {name: (a.clone(), b.clone()) for name, (a, b) in source.items()}
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        start = super().client_start(server, client_id, client_state, round_index)
+        start.adapters = self._start_adapters(server, client_id)
+        tensors = {f"{n}.A": a for n, (a, _) in start.adapters.items()}
+        tensors.update({f"{n}.B": b for n, (_, b) in start.adapters.items()})
+        tensors.update({f"head.{k}": v for k, v in server.head.items()})
+        start.download = Payload(tensors)
+        return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        names = list(server.adapters)
+        uploaded = []
+        for upload in uploads:
+            a, b = split_factors(upload.payload, names)
+            uploaded.append({n: (a[n], b[n]) for n in names})
+        weights = normalized_weights(uploads)
+        k = min(self.num_clusters, len(uploads))
+        labels = kmeans(flatten_adapters(uploaded), k, seed=derive_seed(server.seed, "fl-tac k-means", round_index),
+                        starts=self.kmeans_starts)
+        averages = cluster_averages(uploaded, weights, labels)
+        state = server.method_state
+        round_labels = {}
+        for upload, label in zip(uploads, labels.tolist(), strict=True):
+            state.assigned[upload.client_id] = {n: (a.to(server.adapters[n][0]), b.to(server.adapters[n][1]))
+                                                for n, (a, b) in averages[label].items()}
+            state.cluster_of[upload.client_id] = label
+            round_labels[upload.client_id] = label
+        state.history.append(round_labels)
+        server.adapters = {n: (sum(w * ad[n][0] for w, ad in zip(weights, uploaded, strict=True)).to(a),
+                               sum(w * ad[n][1] for w, ad in zip(weights, uploaded, strict=True)).to(b))
+                           for n, (a, b) in server.adapters.items()}
+        self.aggregate_head(server, uploads)
+
+    def personal_model(self, server: ServerState, client_id: int,
+                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        """The client's cluster adapter (None, the server's adapter, before it ever took part)."""
+        if client_id not in server.method_state.assigned:
+            return None
+        return self._start_adapters(server, client_id), {k: v.clone() for k, v in server.head.items()}
