@@ -40,6 +40,8 @@ ANCHORS = ("probe and centralized",)
 VARIANTS: tuple[dict, ...] = ({"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"local_steps": 1}, {"local_steps": 10})
 """FedIT's runs with one setting changed from the testbed's (learning rate 1e-2, 5 local steps under cpu)."""
 VARIED_METHOD = "FedIT"
+PART2_METHODS = [name for name, cls in METHODS.items() if cls.__module__.startswith("fedlora_edu.distributed.")]
+"""Part II's methods: those of the survey's section 3 (the distributed branch of the package)."""
 
 
 def grid(seeds: list[int], methods: list[str], profile: str, anchors: bool = True,
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=PART2_METHODS)
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip the probe and centralised runs (for a second process that runs other methods)")
     parser.add_argument("--no-variants", action="store_true", help=f"skip {VARIED_METHOD}'s runs at {VARIANTS}")

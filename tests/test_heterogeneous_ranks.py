@@ -101,6 +101,11 @@ def test_replication_averages_a_slot_over_its_holders_only():
     assert torch.allclose(A[0], expected_row_0)
     with pytest.raises(ValueError, match=r"rank slots \[1, 2\] are held by no client"):
         replication_padding_average([a for a, _ in clients], [b for _, b in clients], [1.0, 0.0, 0.0])
+    previous = random_factors(g, 4, 6, 3)
+    A_kept, B_kept = replication_padding_average([a for a, _ in clients], [b for _, b in clients], [1.0, 0.0, 0.0],
+                                                 previous=previous)
+    assert torch.equal(A_kept[1:], previous[0][1:]) and torch.equal(B_kept[:, 1:], previous[1][:, 1:])
+    assert torch.allclose(A_kept[0], clients[0][0][0])  # the held slot: its one holder with weight
 
 
 def test_on_a_real_layer_replication_rebuilds_the_layer_update_and_zero_padding_does_not():

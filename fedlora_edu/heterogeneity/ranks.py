@@ -134,7 +134,7 @@ def slot_holders(ranks: Sequence[int], max_rank: int) -> Tensor:
 
 
 def replication_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None,
-                                max_rank: int | None = None) -> Factors:
+                                max_rank: int | None = None, previous: Factors | None = None) -> Factors:
     """Replication-based padding: rank slot i is the p-weighted average over the clients that hold it.
 
     A low-rank client's missing slot i is filled with the p-weighted average of slot i over the
@@ -143,21 +143,32 @@ def replication_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weig
     slot i over its holders only, with weights p_k / sum_{j holds i} p_j: a slot that one
     rank-8 client holds among rank-2 clients keeps its full size instead of shrinking by that
     client's weight, as zero-padding makes it. With equal ranks this is the plain weighted
-    average (FedIT's). Our choice: the papers' exact replication rule is not known to us (only
-    their abstracts); this is the rule their description implies, with the weights given here.
+    average (FedIT's). A slot that no client with a positive weight holds has nothing to
+    replicate: it keeps its value in ``previous`` (the server's adapter before the round, A
+    ``max_rank x n`` and B ``m x max_rank``), or raises a ValueError when ``previous`` is None.
+    Our choice: the papers' exact replication rule is not known to us (only their abstracts);
+    this is the rule their description implies, with the weights given here.
     """
     p, max_rank = _check_clients(As, Bs, weights, max_rank)
     ranks = [int(a.shape[0]) for a in As]
     holders = slot_holders(ranks, max_rank)  # K x R
     slot_weight = torch.tensor(p, dtype=torch.float64)[:, None] * holders
     mass = slot_weight.sum(dim=0)  # per slot: the total weight of its holders
-    if bool((mass == 0).any()):
-        raise ValueError(f"rank slots {torch.nonzero(mass == 0).flatten().tolist()} are held by no client "
-                         "with a positive weight: there is nothing to replicate")
-    share = slot_weight / mass  # K x R, each column sums to 1 over the holders
+    empty = mass == 0
+    if bool(empty.any()) and previous is None:
+        raise ValueError(f"rank slots {torch.nonzero(empty).flatten().tolist()} are held by no client "
+                         "with a positive weight: there is nothing to replicate (pass previous to keep them)")
+    share = slot_weight / torch.where(empty, torch.ones_like(mass), mass)  # K x R, columns sum to 1 over holders
     padded = [zero_pad_factors(a, b, max_rank) for a, b in zip(As, Bs, strict=True)]
     A = sum(share[k].to(a.dtype)[:, None] * a for k, (a, _) in enumerate(padded))
     B = sum(share[k].to(b.dtype)[None, :] * b for k, (_, b) in enumerate(padded))
+    if bool(empty.any()):
+        previous_A, previous_B = previous
+        if previous_A.shape != A.shape or previous_B.shape != B.shape:
+            raise ValueError(f"previous must be A {tuple(A.shape)} and B {tuple(B.shape)}, got "
+                             f"{tuple(previous_A.shape)} and {tuple(previous_B.shape)}")
+        A[empty] = previous_A.to(A)[empty]
+        B[:, empty] = previous_B.to(B)[:, empty]
     return A, B
 
 
@@ -334,8 +345,10 @@ class HetLoRA(Strategy):
             As = [u.payload.tensors[f"{name}.A"].to(a) for u in uploads]
             Bs = [u.payload.tensors[f"{name}.B"].to(b) for u in uploads]
             weights = sparsity_weights(As, Bs) if self.weighting == "sparsity" else samples
-            average = replication_padding_average if self.padding == "replication" else zero_padding_average
-            adapters[name] = average(As, Bs, weights, max_rank=server.rank)
+            if self.padding == "replication":  # a slot no client of the round holds keeps the server's value
+                adapters[name] = replication_padding_average(As, Bs, weights, max_rank=server.rank, previous=(a, b))
+            else:
+                adapters[name] = zero_padding_average(As, Bs, weights, max_rank=server.rank)
         server.adapters = adapters
         self.aggregate_head(server, uploads)
 
