@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.checks import check_weights
+from fedlora_edu.core.factors import fedit_average
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
@@ -42,8 +43,7 @@ from fedlora_edu.core.strategy import (
     ServerState,
     Strategy,
     Upload,
-    normalized_weights,
-    split_factors,
+    collect_factors,
 )
 
 
@@ -133,8 +133,7 @@ def cluster_averages(adapters: Sequence[Mapping[str, Factors]], weights: Sequenc
         mass = sum(p[k] for k in members)
         share = [p[k] / mass if mass > 0 else 1.0 / len(members) for k in members]
         out[cluster] = {
-            name: (sum(w * adapters[k][name][0] for w, k in zip(share, members, strict=True)),
-                   sum(w * adapters[k][name][1] for w, k in zip(share, members, strict=True)))
+            name: fedit_average([adapters[k][name][0] for k in members], [adapters[k][name][1] for k in members], share)
             for name in adapters[members[0]]
         }
     return out
@@ -229,6 +228,11 @@ def matched_accuracy(labels: Sequence[int] | Tensor, groups: Sequence[int] | Ten
 # ----------------------------------------------------------------------------------------
 # FL-TAC as a strategy of the simulator
 # ----------------------------------------------------------------------------------------
+def _like_server(adapter: Mapping[str, Factors], server: ServerState) -> dict[str, Factors]:
+    """``adapter`` on the device and in the dtype of the server's adapter, layer by layer."""
+    return {n: (a.to(server.adapters[n][0]), b.to(server.adapters[n][1])) for n, (a, b) in adapter.items()}
+
+
 class FLTAC(Strategy):
     """FL-TAC (Ping, Mao, Liu, Zhang, Ding 2024, arXiv 2404.15384): one adapter per task, found by k-means.
 
@@ -281,27 +285,19 @@ class FLTAC(Strategy):
         return start
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
-        names = list(server.adapters)
-        uploaded = []
-        for upload in uploads:
-            a, b = split_factors(upload.payload, names)
-            uploaded.append({n: (a[n], b[n]) for n in names})
-        weights = normalized_weights(uploads)
+        weights, per_layer = collect_factors(server, uploads, require_both=True)
+        uploaded = [{n: (As[k], Bs[k]) for n, (As, Bs) in per_layer.items()} for k in range(len(uploads))]
         k = min(self.num_clusters, len(uploads))
         labels = kmeans(flatten_adapters(uploaded), k, seed=derive_seed(server.seed, "fl-tac k-means", round_index),
-                        starts=self.kmeans_starts)
+                        starts=self.kmeans_starts).tolist()
         averages = cluster_averages(uploaded, weights, labels)
         state = server.method_state
-        round_labels = {}
-        for upload, label in zip(uploads, labels.tolist(), strict=True):
-            state.assigned[upload.client_id] = {n: (a.to(server.adapters[n][0]), b.to(server.adapters[n][1]))
-                                                for n, (a, b) in averages[label].items()}
+        for upload, label in zip(uploads, labels, strict=True):
+            state.assigned[upload.client_id] = _like_server(averages[label], server)
             state.cluster_of[upload.client_id] = label
-            round_labels[upload.client_id] = label
-        state.history.append(round_labels)
-        server.adapters = {n: (sum(w * ad[n][0] for w, ad in zip(weights, uploaded, strict=True)).to(a),
-                               sum(w * ad[n][1] for w, ad in zip(weights, uploaded, strict=True)).to(b))
-                           for n, (a, b) in server.adapters.items()}
+        state.history.append({upload.client_id: label for upload, label in zip(uploads, labels, strict=True)})
+        # the server's own adapter: every upload in one cluster, which is FedIT's average
+        server.adapters = _like_server(cluster_averages(uploaded, weights, [0] * len(uploads))[0], server)
         self.aggregate_head(server, uploads)
 
     def personal_model(self, server: ServerState, client_id: int,

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from fedlora_edu.core.adapters import ADAPTER, Factors, lora_layers
 from fedlora_edu.core.checks import check_factors, check_rank, check_ranks, check_weights
+from fedlora_edu.core.factors import fedit_average
 from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
@@ -123,9 +124,7 @@ def zero_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Se
     """
     p, max_rank = _check_clients(As, Bs, weights, max_rank)
     padded = [zero_pad_factors(a, b, max_rank) for a, b in zip(As, Bs, strict=True)]
-    A = sum(w * a for w, (a, _) in zip(p, padded, strict=True))
-    B = sum(w * b for w, (_, b) in zip(p, padded, strict=True))
-    return A, B
+    return fedit_average([a for a, _ in padded], [b for _, b in padded], p)
 
 
 def slot_holders(ranks: Sequence[int], max_rank: int) -> Tensor:
@@ -172,12 +171,17 @@ def replication_padding_average(As: Sequence[Tensor], Bs: Sequence[Tensor], weig
     return A, B
 
 
+def _check_gamma(gamma: object) -> float:
+    """HetLoRA's tail fraction gamma: a number strictly between 0 and 1."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
+    return float(gamma)
+
+
 def tail_start(rank: int, gamma: float) -> int:
     """Where HetLoRA's rank tail starts: t = floor(gamma r_k), at most r_k - 1 (the tail is never empty)."""
     rank = check_rank(rank)
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
-    return min(math.floor(gamma * rank), rank - 1)
+    return min(math.floor(_check_gamma(gamma) * rank), rank - 1)
 
 
 def rank_tail_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:
@@ -202,8 +206,7 @@ def pruned_rank(rank: int, tail_before: float, tail_after: float, gamma: float, 
     """
     rank = check_rank(rank)
     min_rank = check_rank(min_rank)
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
+    _check_gamma(gamma)
     if tail_after < tail_before:
         return max(min_rank, min(rank, math.floor(gamma * rank)))
     return rank
@@ -287,11 +290,10 @@ class HetLoRA(Strategy):
         self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
         if not (isinstance(penalty, (int, float)) and penalty >= 0):
             raise ValueError(f"penalty must be a number >= 0, got {penalty!r}")
-        tail_start(2, gamma)  # checks gamma
         if weighting not in ("sparsity", "samples"):
             raise ValueError(f"weighting must be 'sparsity' (HetLoRA's) or 'samples', got {weighting!r}")
         self.penalty = float(penalty)
-        self.gamma = gamma
+        self.gamma = _check_gamma(gamma)
         self.min_rank = check_rank(min_rank)
         self.weighting = weighting
 
