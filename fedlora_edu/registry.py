@@ -53,6 +53,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}
+BRANCHES = ("distributed", "heterogeneity", "efficiency")
+"""The survey's three branches (sections 3, 4 and 5), one subpackage each."""
 
 
 def make_strategy(name: str, **kwargs: object) -> Strategy:
@@ -66,6 +68,14 @@ def methods_in(module: ModuleType | str) -> dict[str, type[Strategy]]:
     """The registered methods defined in ``module`` (a module or its dotted name), by name."""
     module_name = module if isinstance(module, str) else module.__name__
     return {name: cls for name, cls in METHODS.items() if cls.__module__ == module_name}
+
+
+def methods_in_branch(branch: str) -> dict[str, type[Strategy]]:
+    """The registered methods of one branch of the taxonomy (``"distributed"``, ``"heterogeneity"``,
+    ``"efficiency"``: the subpackage their modules live in), by name, in registry order."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    return {name: cls for name, cls in METHODS.items() if cls.__module__.startswith(f"fedlora_edu.{branch}.")}
 
 
 def method_map() -> list[dict[str, str]]:

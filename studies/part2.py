@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora_edu import METHODS, build_testbed, make_strategy, testbed_profile  # noqa: E402
 from fedlora_edu.foundations.training import evaluate  # noqa: E402
+from fedlora_edu.registry import methods_in_branch  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 
 # The arguments a method runs with here (everything else is its default), as in Part II at a glance.
@@ -40,7 +41,7 @@ ANCHORS = ("probe and centralized",)
 VARIANTS: tuple[dict, ...] = ({"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"local_steps": 1}, {"local_steps": 10})
 """FedIT's runs with one setting changed from the testbed's (learning rate 1e-2, 5 local steps under cpu)."""
 VARIED_METHOD = "FedIT"
-PART2_METHODS = [name for name, cls in METHODS.items() if cls.__module__.startswith("fedlora_edu.distributed.")]
+PART2_METHODS = list(methods_in_branch("distributed"))
 """Part II's methods: those of the survey's section 3 (the distributed branch of the package)."""
 
 

@@ -17,7 +17,9 @@ import ast
 import re
 from pathlib import Path
 
-from fedlora_edu.registry import METHOD_CLASSES, METHODS, method_map, method_map_markdown
+import pytest
+
+from fedlora_edu.registry import METHOD_CLASSES, METHODS, method_map, method_map_markdown, methods_in_branch
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fedlora_edu"
@@ -186,6 +188,15 @@ def test_one_registry_holds_every_method_once():
         assert part in BRANCHES, f"{cls.name} lives in {cls.__module__}, outside the method branches"
         assert cls.paper and cls.chapter, f"{cls.name} must declare its paper and chapter"
         assert (ROOT / f"{cls.chapter}.ipynb").exists(), f"{cls.name}'s chapter {cls.chapter} does not exist"
+
+
+def test_the_branches_partition_the_registry():
+    found = [name for branch in BRANCHES for name in methods_in_branch(branch)]
+    assert sorted(found) == sorted(METHODS) and len(found) == len(set(found))
+    distributed = methods_in_branch("distributed")
+    assert all(cls.__module__.startswith("fedlora_edu.distributed.") for cls in distributed.values())
+    with pytest.raises(ValueError, match="branch must be one of"):
+        methods_in_branch("hardware")
 
 
 def readme_map_rows() -> list[dict[str, str]]:
