@@ -4,11 +4,26 @@ what a strategy sees in a run, and random factors in the survey's shapes (A r x 
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from fedlora_edu.simulation.federation import Federation, build_federation
 from fedlora_edu.simulation.profiles import get_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative: str) -> ModuleType:
+    """A Python file of the repository that is not in the package (tasks.py, a study, a solution), as a module."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = get_profile("smoke").with_overrides(
     num_clients=3, clients_per_round=3, rounds=1, local_steps=2, batch_size=4, max_length=16,

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
+from helpers import load_script
 
 from fedlora_edu.core.svd import truncated_factors
 
-SCRIPT = Path(__file__).resolve().parent.parent / "studies" / "deviations.py"
-_spec = importlib.util.spec_from_file_location("deviations", SCRIPT)
-deviations = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(deviations)
+deviations = load_script("studies/deviations.py")
 
 
 def test_singular_values_move_into_b_and_the_product_stays():

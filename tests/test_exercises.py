@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_script
 
 from fedlora_edu.teaching.exercises import EXERCISES, ExerciseFailed, check
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _solutions():
-    path = ROOT / "exercises" / "solutions" / "aggregation_basics.py"
-    spec = importlib.util.spec_from_file_location("aggregation_basics_solutions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SOLUTIONS = _solutions()
+SOLUTIONS = load_script("exercises/solutions/aggregation_basics.py")
 
 
 @pytest.mark.parametrize("name", sorted(EXERCISES))

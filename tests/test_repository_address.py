@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("tasks", ROOT / "tasks.py")
-tasks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tasks)
+tasks = load_script("tasks.py")
 
 
 def test_every_named_address_is_the_configured_one():
