@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 
 from fedlora_edu import build_testbed, get_profile, testbed_profile
-from fedlora_edu.simulation.metrics import paired_difference
-from fedlora_edu.studies import load_study
-from fedlora_edu.testbed import ADAPTED_LAYERS, DATA, HEAD, LEARNING_RATE, ROUNDS
+from fedlora_edu.teaching.comparison import Comparison
+from fedlora_edu.testbed import ADAPTED_LAYERS, DATA, LEARNING_RATE, ROUNDS, SCHEDULE, TRAIN_EXAMPLES
 
 
 @pytest.mark.parametrize("name", sorted(ROUNDS))
 def test_a_named_profile_takes_the_testbed_schedule(name):
-    bed = testbed_profile(name)
+    bed, named = testbed_profile(name), get_profile(name)
     assert bed.rounds == ROUNDS[name] and bed.adapted_layers == ADAPTED_LAYERS[name]
-    assert bed.name == name and bed.learning_rate == LEARNING_RATE.get(name, get_profile(name).learning_rate)
+    assert bed.name == name and bed.learning_rate == LEARNING_RATE.get(name, named.learning_rate)
+    assert bed.train_examples == TRAIN_EXAMPLES.get(name, named.train_examples)
     assert testbed_profile(bed) == bed  # applying it twice changes nothing
+    untouched = set(vars(named)) - set(SCHEDULE) - {"description"}
+    assert all(getattr(bed, field) == getattr(named, field) for field in untouched)
 
 
 def test_what_a_chapter_cut_is_kept_before_or_after():
@@ -25,8 +27,10 @@ def test_what_a_chapter_cut_is_kept_before_or_after():
     assert testbed_profile(cut_after) == cut_after
     every_layer = testbed_profile(get_profile("cpu").with_overrides(adapted_layers=4))
     assert every_layer.adapted_layers == 4 and every_layer.rounds == ROUNDS["cpu"]
-    slower = testbed_profile(get_profile("cpu").with_overrides(learning_rate=3e-3))
-    assert slower.learning_rate == 3e-3 and testbed_profile("cpu").learning_rate == LEARNING_RATE["cpu"]
+    slower = testbed_profile(get_profile("cpu").with_overrides(learning_rate=5e-4))
+    assert slower.learning_rate == 5e-4 and testbed_profile("cpu").learning_rate == LEARNING_RATE["cpu"]
+    smaller = testbed_profile(get_profile("cpu").with_overrides(train_examples=400))
+    assert smaller.train_examples == 400 and smaller.rounds == ROUNDS["cpu"]
 
 
 def test_an_unknown_profile_name_is_refused():
@@ -44,12 +48,11 @@ def test_the_testbed_federation():
 
 
 def test_the_stored_study_shows_lora_beating_the_probe_on_the_testbed():
-    """The testbed's premise, from the stored study (which test_studies keeps current): centralised LoRA,
-    as the cpu testbed runs it, ends above the probe on the same seeds, the interval excluding zero."""
-    study = load_study("testbed")
-    cpu = testbed_profile("cpu")
-    runs = study[(study["data"] == DATA) & (study["head"] == HEAD) & (study["adapted"] == cpu.adapted_layers)
-                 & (study["lr"] == cpu.learning_rate)].sort_values("seed")
-    assert len(runs) >= 3, "the stored testbed study lacks the testbed's own setting over three seeds"
-    gain = paired_difference(runs["final_accuracy"], runs["start_accuracy"])
+    """The testbed's premise, from Part II's stored study (which test_studies keeps current): centralised LoRA,
+    on the cpu testbed with as many steps as a federated run, ends above the probe on every seed, the
+    interval over seeds excluding zero."""
+    stored = Comparison("part2")
+    assert stored.study["profile"].iloc[0] == "cpu" and len(stored.seeds) >= 3
+    gain = stored.gain()
     assert gain.excludes(0) and gain.mean > 0, f"centralised LoRA does not beat the probe on the testbed: {gain}"
+    assert stored.recoverable, "centralised LoRA ends at or below the probe on some seed"
