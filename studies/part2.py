@@ -12,7 +12,7 @@ with them). One JSON line per run in ``fedlora_edu/results/part2.jsonl``; interr
 continue (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
 ``book/part2/at_a_glance.ipynb`` and the method chapters.
 
-    python studies/part2.py                          # the cpu profile, seeds 0 to 4
+    python studies/part2.py                          # the cpu profile, seeds 0 to 3
     python studies/part2.py --methods FedIT FLoRA    # some methods only
     FEDLORA_RESULTS=/tmp/second python studies/part2.py --no-anchors --methods ...   # a second process
 """
@@ -87,7 +87,7 @@ def run_one(settings: dict, profile: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=PART2_METHODS)
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip the probe and centralised runs (for a second process that runs other methods)")
