@@ -28,6 +28,7 @@ by seed, with the package's run of the same method in that study. One JSON line 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -88,9 +89,15 @@ VARIANTS = {"FlexLoRA, singular values in B": (FlexLoRA.name, FlexLoRASingularVa
 """Each variant: the registry name of the method it departs from, and the class that runs it."""
 
 
+@functools.lru_cache(maxsize=1)
+def testbed(profile: str, seed: int):
+    """The seed's federation, built once for the consecutive runs of that seed (a run never changes it)."""
+    return build_testbed(profile=profile, seed=seed)
+
+
 def run_one(settings: dict) -> dict:
     method, variant = VARIANTS[settings["variant"]]
-    federation = build_testbed(profile=settings["profile"], seed=settings["seed"])
+    federation = testbed(settings["profile"], settings["seed"])
     history = federation.run(variant(), seed=settings["seed"], progress=False)
     measured = {column: history[column].tolist() for column in ("accuracy", "bytes_up", "bytes_down")}
     measured["final_accuracy"] = float(history["accuracy"].iloc[-1])
