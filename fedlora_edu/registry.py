@@ -34,6 +34,7 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
+from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 
 # One entry per method class, in the order of the survey's sections; add a new method's class
@@ -50,6 +51,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
+    # 4.2 personalized LoRA
+    FedSALoRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

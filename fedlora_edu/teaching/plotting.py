@@ -34,6 +34,10 @@ METHOD_COLORS: dict[str, str] = {
     "pFedLoRU": "#637939",
     "mFedLoRU": "#8c6d31",
     "FRLoRA": "#843c39",
+    # Part III, heterogeneous ranks and personalized LoRA
+    "HetLoRA": "#5254a3",
+    "replication padding": "#9c9ede",
+    "FedSA-LoRA": "#7b4173",
 }
 
 METRIC_LABELS: dict[str, str] = {
