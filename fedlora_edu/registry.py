@@ -34,6 +34,7 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
+from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 
@@ -53,6 +54,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     HetLoRA, ReplicationPadding,
     # 4.2 personalized LoRA
     FedSALoRA,
+    # 4.3 clustering
+    FLTAC,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}
