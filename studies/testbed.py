@@ -94,7 +94,8 @@ def run_one(settings: dict, profile: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the data-set runs (none: skip them)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="seeds of the data-set runs (none: skip them)")
     parser.add_argument("--size-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                         help="seeds of the size runs (none: skip them)")
     args = parser.parse_args(argv)
