@@ -35,6 +35,7 @@ from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
+from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
 from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 
@@ -52,8 +53,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
-    # 4.2 personalized LoRA
-    FedSALoRA,
+    # 4.2 personalized LoRA (and the hypernetwork, eq. 15)
+    FedSALoRA, HyperFloRA,
     # 4.3 clustering
     FLTAC,
 )

@@ -39,6 +39,7 @@ METHOD_COLORS: dict[str, str] = {
     "replication padding": "#9c9ede",
     "FedSA-LoRA": "#7b4173",
     "FL-TAC": "#31a354",
+    "HyperFloRA": "#e6550d",
 }
 
 METRIC_LABELS: dict[str, str] = {
