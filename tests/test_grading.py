@@ -26,7 +26,8 @@ def notebook(*cells: str, markdown: str = "# Exercises") -> str:
     return json.dumps({"cells": [{"cell_type": "markdown", "metadata": {}, "source": markdown}]
                        + [{"cell_type": "code", "metadata": {}, "source": source, "outputs": [],
                            "execution_count": None} for source in cells],
-                       "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                       "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                   "language": "python"}},
                        "nbformat": 4, "nbformat_minor": 5})
 
 
