@@ -20,8 +20,7 @@ simulator's (AdamW, like every method here; the authors use SGD with momentum); 
 is counted as 4 bytes of value and 4 of index per kept entry, or as the dense tensors when that
 is smaller (:func:`sparse_bytes`). With both densities 1 and SGD at rate 1 on the server, FLASC is
 FedIT (tests/test_sparse.py checks it).
-
-Not registered yet: a method joins the registry with the Part IV chapter that teaches it.
+Taught in ``book/part4/sparse.ipynb``.
 """
 
 from __future__ import annotations

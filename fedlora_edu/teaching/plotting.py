@@ -40,6 +40,8 @@ METHOD_COLORS: dict[str, str] = {
     "FedSA-LoRA": "#7b4173",
     "FL-TAC": "#31a354",
     "HyperFloRA": "#e6550d",
+    # Part IV, sparse learning
+    "FLASC": "#756bb1",
 }
 
 METRIC_LABELS: dict[str, str] = {
