@@ -34,7 +34,7 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
-from fedlora_edu.efficiency.sparse import FLASC
+from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
 from fedlora_edu.heterogeneity.personalized import FedSALoRA
@@ -58,8 +58,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FedSALoRA, HyperFloRA,
     # 4.3 clustering
     FLTAC,
-    # 5 efficiency: sparse learning
-    FLASC,
+    # 5 efficiency: sparse learning (and FSLoRA's sketches)
+    FLASC, FSLoRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

@@ -74,3 +74,60 @@ def test_flasc_names_bad_arguments():
         FLASC(server_optimizer="adam")
     with pytest.raises(ValueError, match="server_learning_rate"):
         FLASC(server_learning_rate=-1)
+
+
+def test_a_sketch_keeps_m_of_r_components_each_as_often_as_the_others():
+    from fedlora_edu.efficiency.sparse import sketch_indices
+
+    draws = [sketch_indices(8, 3, seed) for seed in range(3000)]
+    assert all(len(d) == 3 and d == sorted(set(d)) for d in draws) and sketch_indices(8, 3, 5) == draws[5]
+    frequency = torch.bincount(torch.tensor([i for d in draws for i in d]), minlength=8) / len(draws)
+    assert torch.allclose(frequency, torch.full((8,), 3 / 8), atol=0.04)  # so E[S] = (r / m) (m / r) I = I
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        sketch_indices(8, 9, 0)
+
+
+def test_fslora_with_the_whole_rank_is_fedit(federation):
+    from fedlora_edu.efficiency.sparse import FSLoRA
+
+    federation.run(FSLoRA(1.0), rounds=1, progress=False, seed=2)
+    sketched = federation.last_server
+    federation.run(FedIT(), rounds=1, progress=False, seed=2)
+    for name, (a, b) in federation.last_server.adapters.items():
+        assert torch.allclose(sketched.adapters[name][0], a, atol=1e-6)
+        assert torch.allclose(sketched.adapters[name][1], b, atol=1e-6)
+
+
+def test_fslora_trains_the_sketch_and_adds_each_change_at_its_components(federation):
+    from fedlora_edu.efficiency.sparse import FSLoRA
+
+    strategy = recording(FSLoRA)([0.5, 0.25, 0.5, 0.75, 0.5, 0.25, 0.5, 1.0][:federation.num_clients])
+    history = federation.run(strategy, rounds=2, progress=False, seed=3)
+    server = federation.last_server
+    rank = server.rank
+    before, uploads = strategy.rounds[-1]
+    for t, starts in strategy.starts.items():
+        global_before = strategy.rounds[t][0]
+        for k, start in starts.items():
+            kept = max(1, round(strategy.share(k) * rank))
+            sketch = start.download.tensors["sketch"].long().tolist()
+            assert len(sketch) == kept
+            for name, (a, b) in start.adapters.items():
+                assert a.shape[0] == kept  # a rank-m_k adapter: m_k rows of A, m_k columns of B scaled by r / m_k
+                assert torch.allclose(a, global_before[name][0][sketch])
+                assert torch.allclose(b, global_before[name][1][:, sketch] * (rank / kept))
+    weights = [u.num_examples / sum(v.num_examples for v in uploads) for u in uploads]
+    for name, (a, b) in server.adapters.items():
+        expected_a, expected_b = before[name][0].clone(), before[name][1].clone()
+        for p, upload in zip(weights, uploads, strict=True):
+            sketch = upload.payload.tensors["sketch"].long().tolist()
+            expected_a[sketch] += p * upload.payload.tensors[f"{name}.dA"]
+            expected_b[:, sketch] += p * upload.payload.tensors[f"{name}.dB"]
+        assert torch.allclose(a, expected_a, atol=1e-6) and torch.allclose(b, expected_b, atol=1e-6)
+    head = sum(v.numel() for v in server.head.values()) * 4
+    for _, result, payload, _ in strategy.sent:  # up: the chosen rows and columns, dense; the indices are the server's
+        kept = max(1, round(strategy.share(result.client_id) * rank))
+        assert payload.nbytes == 4 * kept * sum(a.shape[1] + b.shape[0] for a, b in server.adapters.values()) + head
+    assert history["bytes_up"].notna().all()
+    with pytest.raises(ValueError, match="sketch"):
+        FSLoRA(0.0)

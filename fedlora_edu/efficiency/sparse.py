@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
@@ -172,4 +173,106 @@ class FLASC(Strategy):
         server.adapters = {name: (state.parameters[f"{name}.A"].detach().clone().to(a),
                                   state.parameters[f"{name}.B"].detach().clone().to(b))
                            for name, (a, b) in server.adapters.items()}
+        self.aggregate_head(server, uploads)
+
+
+def sketch_indices(rank: int, kept: int, seed: int) -> list[int]:
+    """The rank components a sketch keeps: ``kept`` of ``range(rank)``, uniformly without replacement, sorted."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= rank:
+        raise ValueError(f"a sketch keeps between 1 and {rank} components, got {kept!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(rank, generator=generator)[:kept].tolist())
+
+
+class FSLoRA(Strategy):
+    """FSLoRA (Fang et al. 2025, arXiv 2501.19389): each client trains a sketch of a larger global adapter.
+
+    The server keeps a global adapter of rank r. Each round it samples, for client k, a sketch
+    S_k: a diagonal r x r matrix with the value r / m_k on m_k rank components chosen uniformly
+    (:func:`sketch_indices`) and 0 elsewhere, so that E[S_k] = I. Client k trains B S_k A from
+    the global A and B (Algorithm 1, eq. 4): only the chosen columns of B and rows of A move.
+    It uploads those columns of B's change and rows of A's change; the server adds the
+    p_k-weighted sum of the clients' changes, each placed at its components and zero elsewhere,
+    to the global adapter (eq. 5). A client's memory and compute are those of rank m_k, and the
+    global rank can exceed what any client could train.
+
+    ``sketch`` is every client's share m_k / r (a number in (0, 1]) or a sequence of shares, one
+    per client (heterogeneous resources). As in the authors' code
+    (wenzhifang/Federated-Sketching-LoRA-Implementation@2d4d7ac6, ``src/LoRA_Sketching.py``), the
+    sketched model scales B's chosen columns by r / m_k; the simulator trains that scaled copy
+    with AdamW (the authors rescale B's gradient so that their optimiser steps the unscaled B),
+    and the change of B is scaled back by m_k / r before it is sent. Our choices: the download
+    is the whole global adapter (Algorithm 1, step 3) plus the sketch's component indices; the
+    upload is the dense chosen rows and columns (the server knows the indices). The head, when it
+    trains, is averaged as FedAvg does.
+    """
+
+    name = "FSLoRA"
+    paper = "Fang et al. 2025, arXiv 2501.19389"
+    chapter = "book/part4/sparse"
+
+    @dataclass
+    class ClientState:
+        """The components the client's sketch chose this round, their scale r / m_k, and where it started."""
+
+        indices: list[int] | None = None
+        scale: float = 1.0
+        start: dict[str, Factors] | None = None
+
+    def __init__(self, sketch: float | list[float] = 0.5) -> None:
+        super().__init__(None)
+        shares = list(sketch) if isinstance(sketch, (list, tuple)) else [sketch]
+        for share in shares:
+            _check_density(share, "sketch")
+        self.sketch = [float(share) for share in shares]
+
+    def share(self, client_id: int) -> float:
+        """Client k's m_k / r."""
+        if len(self.sketch) == 1:
+            return self.sketch[0]
+        if client_id >= len(self.sketch):
+            raise ValueError(f"sketch names {len(self.sketch)} clients' shares; client {client_id} has none")
+        return self.sketch[client_id]
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        rank = server.rank
+        kept = max(1, int(round(self.share(client_id) * rank)))
+        indices = sketch_indices(rank, kept, derive_seed(server.seed, "fslora sketch", round_index, client_id))
+        scale = rank / kept
+        adapters = {name: (a[indices].clone(), b[:, indices].clone() * scale)
+                    for name, (a, b) in server.adapters.items()}
+        client_state.indices, client_state.scale = indices, scale
+        client_state.start = {name: (a.clone(), b.clone()) for name, (a, b) in adapters.items()}
+        tensors = _flatten(server.adapters)
+        head = {key: value.clone() for key, value in server.head.items()}
+        tensors.update({f"head.{key}": value for key, value in head.items()})
+        tensors["sketch"] = torch.tensor(indices, dtype=torch.int32)
+        return ClientStart(adapters, head, Payload(tensors))
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        """The chosen rows of A's change and columns of B's change (unscaled), and the head."""
+        if client_state.start is None:
+            raise ValueError(f"client {result.client_id} uploads without having started a round")
+        tensors = {}
+        for name, (a, b) in result.adapters.items():
+            start_a, start_b = client_state.start[name]
+            tensors[f"{name}.dA"] = a - start_a.to(a)
+            tensors[f"{name}.dB"] = (b - start_b.to(b)) / client_state.scale
+        tensors["sketch"] = torch.tensor(client_state.indices, dtype=torch.int32)
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        payload = Payload(tensors)
+        return Payload(tensors, payload.nbytes - tensors["sketch"].numel() * 4)  # the server chose the indices
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """Eq. 5: the global A and B plus the p_k-weighted sum of the changes, each at its client's components."""
+        weights, _ = collect_factors(server, uploads)
+        adapters = {}
+        for name, (a, b) in server.adapters.items():
+            new_a, new_b = a.clone(), b.clone()
+            for p, upload in zip(weights, uploads, strict=True):
+                indices = upload.payload.tensors["sketch"].long().tolist()
+                new_a[indices] += p * upload.payload.tensors[f"{name}.dA"].to(a)
+                new_b[:, indices] += p * upload.payload.tensors[f"{name}.dB"].to(b)
+            adapters[name] = (new_a, new_b)
+        server.adapters = adapters
         self.aggregate_head(server, uploads)

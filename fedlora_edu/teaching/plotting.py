@@ -42,6 +42,7 @@ METHOD_COLORS: dict[str, str] = {
     "HyperFloRA": "#e6550d",
     # Part IV, sparse learning
     "FLASC": "#756bb1",
+    "FSLoRA": "#636363",
 }
 
 METRIC_LABELS: dict[str, str] = {
