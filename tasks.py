@@ -5,6 +5,7 @@
     python3 tasks.py test         ruff, unit tests, every notebook executed once, book build with -W
     python3 tasks.py test --fast  unit tests only
     python3 tasks.py repository   write _config.yml's repository address into every place that names it
+    python3 tasks.py site         build the book (cpu profile) into site/, ready for any static host
 
 Each command first makes sure `.venv/` exists and holds the pinned toolchain. The pip steps run
 only when the stamp file `.venv/fedlora-install.stamp` does not hold the current hash of
@@ -275,6 +276,51 @@ def book() -> int:
     return 0
 
 
+SITE = ROOT / "site"
+"""Where ``python3 tasks.py site`` puts the site (``.github/workflows/publish.yml`` deploys this folder)."""
+
+
+def site_problems(html: Path) -> list[str]:
+    """Why the built book at ``html`` is not a site to publish; empty when it is."""
+    if not (html / "index.html").is_file():
+        return [f"no index.html in {html}: the book did not build"]
+    return offline_math_problems(html)
+
+
+def stage_site(html: Path, output: Path) -> None:
+    """Copy the built book at ``html`` to ``output`` as a self-contained static site.
+
+    ``output`` is replaced whole, and only once the copy is complete (a failed copy leaves the
+    previous site in place). A ``.nojekyll`` file tells GitHub Pages to serve the folders whose
+    names start with an underscore (``_static``, ``_images``) as they are.
+    """
+    problems = site_problems(html)
+    if problems:
+        raise StepFailed("; ".join(problems[:5]))
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(html, partial, ignore=shutil.ignore_patterns(".buildinfo", ".doctrees"))
+    (partial / ".nojekyll").write_text("")
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
+
+
+def site(output: Path) -> int:
+    """Build the book with every chapter executed (the ``cpu`` profile unless FEDLORA_PROFILE says otherwise)
+    and stage it in ``output`` for a static host."""
+    os.environ.setdefault("FEDLORA_PROFILE", "cpu")
+    code = book()
+    if code != 0:
+        return code
+    try:
+        stage_site(ROOT / "_build" / "html", output)
+    except StepFailed as error:
+        say(f"site FAILED: {error}")
+        return 1
+    say(f"site ready in {output}: serve it with `python3 -m http.server --directory {output}`")
+    return 0
+
+
 def test(fast: bool) -> int:
     env = {**os.environ, **OFFLINE_ENV, "FEDLORA_PROFILE": "smoke"}
     # Two pytest workers share the 2-core CI machine: one thread each, not two (oversubscribed
@@ -330,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     test_parser = commands.add_parser("test", help="run every check (smoke profile)")
     test_parser.add_argument("--fast", action="store_true", help="unit tests only")
     commands.add_parser("repository", help="write _config.yml's repository address into the chapters and READMEs")
+    site_parser = commands.add_parser("site", help="build the book (cpu profile) into a folder for any static host")
+    site_parser.add_argument("--output", type=Path, default=SITE, help=f"where the site goes (default {SITE.name}/)")
     args = parser.parse_args(argv)
     if args.command == "repository":
         changed = sync_repository()
@@ -344,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "book":
         return book()
+    if args.command == "site":
+        return site(args.output.resolve())
     return test(args.fast)
 
 

@@ -34,6 +34,10 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
+from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
+from fedlora_edu.heterogeneity.clustering import FLTAC
+from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
+from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 
 # One entry per method class, in the order of the survey's sections; add a new method's class
@@ -50,6 +54,12 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
+    # 4.2 personalized LoRA (and the hypernetwork, eq. 15)
+    FedSALoRA, HyperFloRA,
+    # 4.3 clustering
+    FLTAC,
+    # 5 efficiency: sparse learning (and FSLoRA's sketches)
+    FLASC, FSLoRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -121,3 +122,30 @@ def test_fl_tac_sends_each_client_its_clusters_average(shards_federation):
     assert history["client_accuracy"].notna().all()
     with pytest.raises(ValueError, match="num_clusters must be an integer >= 1"):
         FLTAC(num_clusters=0)
+
+
+def test_fl_tac_with_one_cluster_is_fedit_and_a_variant_may_assign_the_clusters(shards_federation):
+    from fedlora_edu.distributed.discordance import FedIT
+    from fedlora_edu.heterogeneity.clustering import FLTAC
+
+    one = shards_federation.run(FLTAC(num_clusters=1), rounds=2, progress=False, seed=2, evaluate_clients=True)
+    fedit = shards_federation.run(FedIT(), rounds=2, progress=False, seed=2, evaluate_clients=True)
+    columns = ["accuracy", "client_accuracy", "bytes_up", "bytes_down", "train_loss"]
+    pd.testing.assert_frame_equal(one[columns], fedit[columns])
+
+    class ByParity(FLTAC):
+        """Clusters by the parity of the client's id, whatever the adapters say."""
+
+        def assign(self, uploads, adapters, server, round_index):
+            return [upload.client_id % 2 for upload in uploads]
+
+    shards_federation.run(ByParity(num_clusters=2), rounds=2, progress=False, seed=2)
+    for labels in shards_federation.last_server.method_state.history:
+        assert all(label == client % 2 for client, label in labels.items())
+
+    class Short(FLTAC):
+        def assign(self, uploads, adapters, server, round_index):
+            return [0]
+
+    with pytest.raises(ValueError, match="assign gave 1 labels"):
+        shards_federation.run(Short(num_clusters=2), rounds=1, progress=False)

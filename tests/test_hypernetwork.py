@@ -75,3 +75,82 @@ def test_an_unseen_client_gets_the_adapter_its_descriptor_calls_for():
     error = sum(float((generated[n][j] - goal[n][j]).square().sum()) for n in SHAPES for j in (0, 1)) ** 0.5
     size = sum(float(goal[n][j].square().sum()) for n in SHAPES for j in (0, 1)) ** 0.5
     assert error < 0.15 * size, error / size
+
+
+def test_hyperflora_generates_every_clients_adapter_from_its_descriptor_and_steps_psi_per_upload(federation):
+    import copy
+
+    from helpers import recording
+
+    from fedlora_edu.core.strategy import split_factors
+    from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA, mean_feature_descriptor
+
+    class Snapshots(HyperFloRA):
+        """Keeps psi before and after each round's aggregation."""
+
+        def aggregate(self, server, uploads, round_index):
+            before = copy.deepcopy(server.method_state.hypernetwork)
+            super().aggregate(server, uploads, round_index)
+            self.__dict__.setdefault("psi", []).append((before, copy.deepcopy(server.method_state.hypernetwork)))
+
+    strategy = recording(Snapshots)(held_out=[0])
+    history = federation.run(strategy, rounds=2, progress=False, seed=1, evaluate_clients=True)
+    server = federation.last_server
+    state = server.method_state
+    names = list(server.adapters)
+    assert sorted(state.descriptors) == list(range(federation.num_clients))
+    last = federation.num_clients - 1
+    descriptor = mean_feature_descriptor(federation.fresh_model(seed=1), federation.clients[last])
+    assert torch.allclose(descriptor, state.descriptors[last], atol=1e-5)  # the mean of the frozen features
+    assert all(0 not in starts for starts in strategy.starts.values())  # the held-out client never trains
+    for t, starts in strategy.starts.items():
+        psi = strategy.psi[t][0]  # psi as the round began
+        for k, start in starts.items():
+            expected = psi(state.descriptors[k].double())
+            for n in names:  # client k starts from h(psi; r_k)
+                assert torch.allclose(start.adapters[n][0], expected[n][0].float(), atol=1e-6)
+                assert torch.allclose(start.adapters[n][1], expected[n][1].float(), atol=1e-6)
+    assert all(not b.any() for start in strategy.starts[0].values() for _, b in start.adapters.values())
+    # round 1's server steps, replayed from psi_0 with a fresh Adam: one hypernetwork_update per upload
+    replay = copy.deepcopy(strategy.psi[0][0])
+    optimizer = torch.optim.Adam(replay.parameters(), lr=strategy.server_learning_rate)
+    for upload in strategy.rounds[0][1]:
+        a, b = split_factors(upload.payload, names)
+        hypernetwork_update(replay, optimizer, state.descriptors[upload.client_id].double(),
+                            {n: (a[n], b[n]) for n in names})
+    for got, want in zip(strategy.psi[0][1].parameters(), replay.parameters(), strict=True):
+        assert torch.allclose(got, want)
+    assert len(state.moved) == 2 and all(m > 0 for m in state.moved)
+    # every client, trained or held out, has a personal model, h(psi; r_k); they differ between clients
+    personal = {k: strategy.personal_model(server, k, None)[0] for k in range(federation.num_clients)}
+    assert not torch.allclose(personal[0][names[0]][1], personal[1][names[0]][1])
+    assert history["client_accuracy"].notna().all()
+    # bytes: A, B and the head up, and each client's descriptor once, in its first upload
+    adapter_bytes = 4 * (sum(a.numel() + b.numel() for a, b in server.adapters.values())
+                         + sum(t.numel() for t in server.head.values()))
+    first = {}
+    for round_index, result, payload, _ in strategy.sent:
+        first.setdefault(result.client_id, round_index)
+        extra = payload.nbytes - adapter_bytes
+        assert extra == (strategy.descriptor_bytes if first[result.client_id] == round_index else 0)
+    assert strategy.descriptor_bytes == 4 * state.descriptors[1].numel()
+
+
+def test_hyperflora_serves_a_descriptor_it_never_saw_and_names_bad_arguments(federation):
+    from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
+
+    strategy = HyperFloRA()
+    federation.run(strategy, rounds=1, progress=False)
+    server = federation.last_server
+    unseen = torch.randn_like(server.method_state.descriptors[0])
+    adapter = strategy.generate(server, unseen)
+    assert {name: (a.shape, b.shape) for name, (a, b) in adapter.items()} == {
+        name: (a.shape, b.shape) for name, (a, b) in server.adapters.items()}
+    for bad, match in (({"hidden": 0}, "hidden"), ({"server_learning_rate": 0}, "server_learning_rate")):
+        with pytest.raises(ValueError, match=match):
+            HyperFloRA(**bad)
+    with pytest.raises(ValueError, match="held_out"):
+        federation.run(HyperFloRA(held_out=range(federation.num_clients)), rounds=1, progress=False)
+    with pytest.raises(ValueError, match="before prepare"):
+        HyperFloRA().generate(server.__class__(adapters={}, head={}, scaling=1.0, rank=1, seed=0,
+                                               method_state=HyperFloRA.State()), unseen)

@@ -1,8 +1,10 @@
 """Survey section 5, efficiency: where Part IV's methods go, one module per leaf.
 
 The leaves of the survey's taxonomy: sparse learning at parameter and layer level (e.g.
-FLASC, FSLoRA, FedRA), split learning (e.g. SplitLoRA) and compressed learning. No method
-lives here yet; Part IV adds them. Modules here may import :mod:`fedlora_edu.core`,
+FLASC, FSLoRA, FedRA), split learning (e.g. SplitLoRA) and compressed learning, one module per
+leaf: :mod:`~fedlora_edu.efficiency.sparse` (parameter-level sparsity: FLASC's top-k payloads,
+FSLoRA's sketches).
+Modules here may import :mod:`fedlora_edu.core`,
 :mod:`fedlora_edu.foundations`, :mod:`fedlora_edu.distributed` and
 :mod:`fedlora_edu.heterogeneity`.
 """

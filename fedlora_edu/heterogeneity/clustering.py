@@ -284,12 +284,21 @@ class FLTAC(Strategy):
         start.download = Payload(tensors)
         return start
 
+    def assign(self, uploads: list[Upload], adapters: list[dict[str, Factors]], server: ServerState,
+               round_index: int) -> list[int]:
+        """The cluster of each of the round's uploads (``adapters[i]`` is upload i's, layer by layer): k-means
+        over the flattened adapters with ``num_clusters`` clusters, or as many as there are uploads if fewer.
+        The one step a variant changes (a chapter's oracle assigns the planted groups instead)."""
+        k = min(self.num_clusters, len(uploads))
+        return kmeans(flatten_adapters(adapters), k, seed=derive_seed(server.seed, "fl-tac k-means", round_index),
+                      starts=self.kmeans_starts).tolist()
+
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         weights, per_layer = collect_factors(server, uploads, require_both=True)
         uploaded = [{n: (As[k], Bs[k]) for n, (As, Bs) in per_layer.items()} for k in range(len(uploads))]
-        k = min(self.num_clusters, len(uploads))
-        labels = kmeans(flatten_adapters(uploaded), k, seed=derive_seed(server.seed, "fl-tac k-means", round_index),
-                        starts=self.kmeans_starts).tolist()
+        labels = [int(label) for label in self.assign(uploads, uploaded, server, round_index)]
+        if len(labels) != len(uploads):
+            raise ValueError(f"assign gave {len(labels)} labels for {len(uploads)} uploads")
         averages = cluster_averages(uploaded, weights, labels)
         state = server.method_state
         for upload, label in zip(uploads, labels, strict=True):

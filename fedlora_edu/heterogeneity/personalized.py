@@ -4,10 +4,7 @@ The survey's Dual-LoRA family learns, for each client k, a global model theta sh
 a personal theta_k fitted to the client's own data (eq. 13). The methods differ in what is
 shared and what stays. :class:`FedSALoRA` splits one LoRA adapter: A, which its authors find
 to learn what the clients have in common, is shared; B, which learns what is client-specific,
-never leaves the client.
-
-Not registered yet: a method joins the registry with the Part III chapter that teaches it
-(``tests/test_layout.py`` checks that every registered method's chapter exists).
+never leaves the client. Taught, and measured client by client, in ``book/part3/personalized.ipynb``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ weights ``p_k >= 0`` sum to 1.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,19 @@ from fedlora_edu.foundations.lora import LoRALinear
 
 class ExerciseFailed(AssertionError):
     """A student's answer differs from the reference; the message says how."""
+
+
+GRADE_REPORT_ENV = "FEDLORA_GRADE_REPORT"
+"""When this environment variable names a file, :func:`check` appends each outcome to it as a JSON line
+(``{"exercise": ..., "outcome": "passed" | "failed" | "not attempted"}``): how
+:mod:`fedlora_edu.teaching.grading` learns what a submission's checks said."""
+
+
+def _record(name: str, outcome: str) -> None:
+    report = os.environ.get(GRADE_REPORT_ENV)
+    if report:
+        with open(report, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"exercise": name, "outcome": outcome}) + "\n")
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,17 @@ def check(name: str, function: Callable, *, seed: int = 0) -> str:
         raise ValueError(f"unknown exercise {name!r}; choose one of {sorted(EXERCISES)}")
     if not callable(function):
         raise TypeError(f"function must be callable, got {type(function).__name__}")
+    try:
+        outcome, message = _check(name, function, seed)
+    except ExerciseFailed:
+        _record(name, "failed")
+        raise
+    _record(name, outcome)
+    return message
+
+
+def _check(name: str, function: Callable, seed: int) -> tuple[str, str]:
+    """(outcome, the line :func:`check` returns); raises :class:`ExerciseFailed` for a wrong answer."""
     exercise = EXERCISES[name]
     cases = exercise.cases(seed)
     for index, case in enumerate(cases, start=1):
@@ -248,7 +274,7 @@ def check(name: str, function: Callable, *, seed: int = 0) -> str:
         try:
             answer = function(*copy.deepcopy(case))
         except NotImplementedError:
-            return f"{name}: not attempted yet ({exercise.equation})"
+            return "not attempted", f"{name}: not attempted yet ({exercise.equation})"
         except Exception as error:  # the student's code failed: say where and why, as a check failure
             raise ExerciseFailed(f"{where}: your function raised {type(error).__name__}: {error}") from error
         if not _matches(answer, expected):
@@ -257,4 +283,4 @@ def check(name: str, function: Callable, *, seed: int = 0) -> str:
                 f"{where} differs from {exercise.equation}: {_how_far(answer, expected)}"
                 + (f"; hint: {hint}" if hint else "")
             )
-    return f"{name}: passed all {len(cases)} cases ({exercise.equation})"
+    return "passed", f"{name}: passed all {len(cases)} cases ({exercise.equation})"

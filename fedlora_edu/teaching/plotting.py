@@ -34,6 +34,15 @@ METHOD_COLORS: dict[str, str] = {
     "pFedLoRU": "#637939",
     "mFedLoRU": "#8c6d31",
     "FRLoRA": "#843c39",
+    # Part III, heterogeneous ranks and personalized LoRA
+    "HetLoRA": "#5254a3",
+    "replication padding": "#9c9ede",
+    "FedSA-LoRA": "#7b4173",
+    "FL-TAC": "#31a354",
+    "HyperFloRA": "#e6550d",
+    # Part IV, sparse learning
+    "FLASC": "#756bb1",
+    "FSLoRA": "#636363",
 }
 
 METRIC_LABELS: dict[str, str] = {

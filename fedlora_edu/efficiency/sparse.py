@@ -1,0 +1,278 @@
+"""Sparse learning at the parameter level (survey section 5.1): send only the largest entries of the adapter.
+
+FLASC (Kuo, Raje, Rajesh, Smith; arXiv 2406.05233) keeps LoRA's factors but sparsifies what
+crosses the network in both directions:
+
+- **down**: the server keeps the global top-k entries, by magnitude over *all* LoRA factors of
+  the model together, at a download density ``d_down`` (:func:`top_k_mask`); the client starts
+  from the adapter with every other entry set to zero;
+- **local**: the client trains the whole adapter, dense;
+- **up**: the client's change ``delta = start - trained`` is sparsified the same way at an upload
+  density ``d_up``;
+- **server**: the weighted mean of the clients' deltas is a gradient for a server optimiser
+  (AdamW at 1e-3 by default, as in the authors' code, or SGD), which steps the global adapter.
+
+As in the authors' code (imkevinkuo/flasc, commit 17c70635, ``train_sparse_lora_dp.py::fl_train``):
+one global top-k over all LoRA parameters, the download mask recomputed every round, the delta
+taken as server-masked start minus client, the mean delta as the server optimiser's gradient.
+Our choices: the mean is weighted by the clients' p_k (survey eq. 1); local training is the
+simulator's (AdamW, like every method here; the authors use SGD with momentum); a sparse payload
+is counted as 4 bytes of value and 4 of index per kept entry, or as the dense tensors when that
+is smaller (:func:`sparse_bytes`). With both densities 1 and SGD at rate 1 on the server, FLASC is
+FedIT (tests/test_sparse.py checks it).
+Taught in ``book/part4/sparse.ipynb``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.seeds import derive_seed
+from fedlora_edu.core.strategy import (
+    ClientStart,
+    LocalResult,
+    Payload,
+    ServerState,
+    Strategy,
+    Upload,
+    collect_factors,
+)
+
+VALUE_BYTES = 4
+INDEX_BYTES = 4
+
+
+def _check_density(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def top_k_mask(tensors: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
+    """Boolean masks keeping the ``ceil(density * total)`` entries of largest magnitude over all ``tensors`` together.
+
+    One threshold for every tensor (FLASC's global top-k); ties at the threshold are broken by
+    position, so exactly k entries are kept.
+    """
+    density = _check_density(density, "density")
+    if not tensors:
+        raise ValueError("tensors is empty: nothing to sparsify")
+    names = list(tensors)
+    flat = torch.cat([tensors[name].detach().reshape(-1).abs().float() for name in names])
+    k = max(1, int(torch.ceil(torch.tensor(density * flat.numel())).item()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    masks, start = {}, 0
+    for name in names:
+        size = tensors[name].numel()
+        masks[name] = keep[start:start + size].reshape(tensors[name].shape)
+        start += size
+    return masks
+
+
+def sparse_bytes(tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> int:
+    """What sending the masked entries costs: value and index per kept entry, or the dense tensors if fewer bytes."""
+    kept = sum(int(masks[name].sum()) for name in tensors)
+    dense = sum(t.numel() for t in tensors.values()) * VALUE_BYTES
+    return min(kept * (VALUE_BYTES + INDEX_BYTES), dense)
+
+
+def _flatten(adapters: Mapping[str, Factors]) -> dict[str, Tensor]:
+    out = {}
+    for name, (a, b) in adapters.items():
+        out[f"{name}.A"], out[f"{name}.B"] = a, b
+    return out
+
+
+class FLASC(Strategy):
+    """FLASC (Kuo et al. 2024, arXiv 2406.05233): top-k sparse download and upload, dense local training.
+
+    ``density_down`` and ``density_up`` are the shares of all LoRA entries sent each way;
+    ``server_optimizer`` is ``"adamw"`` (default, learning rate ``server_learning_rate`` 1e-3 as
+    in the authors' code) or ``"sgd"``. See the module docstring for what follows the authors'
+    code and what is our choice. The task head, when it trains, is averaged as FedAvg does.
+    """
+
+    name = "FLASC"
+    paper = "Kuo et al. 2024, arXiv 2406.05233"
+    chapter = "book/part4/sparse"
+
+    @dataclass
+    class State:
+        """The server optimiser over the global adapter, built in :meth:`prepare`."""
+
+        parameters: dict[str, Tensor] | None = None
+        optimizer: torch.optim.Optimizer | None = None
+
+    @dataclass
+    class ClientState:
+        """The (masked) adapter the client started its current round from."""
+
+        start: dict[str, Factors] | None = None
+
+    def __init__(self, density_down: float = 0.25, density_up: float = 0.25, *, server_optimizer: str = "adamw",
+                 server_learning_rate: float = 1e-3) -> None:
+        super().__init__(None)
+        self.density_down = _check_density(density_down, "density_down")
+        self.density_up = _check_density(density_up, "density_up")
+        if server_optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"server_optimizer must be 'adamw' or 'sgd', got {server_optimizer!r}")
+        if not (isinstance(server_learning_rate, (int, float)) and server_learning_rate > 0):
+            raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate!r}")
+        self.server_optimizer = server_optimizer
+        self.server_learning_rate = float(server_learning_rate)
+
+    def prepare(self, federation: Any, model: torch.nn.Module, server: ServerState, seed: int) -> None:
+        state = server.method_state
+        state.parameters = {key: value.detach().clone().requires_grad_(True)
+                            for key, value in _flatten(server.adapters).items()}
+        optimizer = torch.optim.AdamW if self.server_optimizer == "adamw" else torch.optim.SGD
+        options = {"weight_decay": 0.0} if self.server_optimizer == "adamw" else {}
+        state.optimizer = optimizer(list(state.parameters.values()), lr=self.server_learning_rate, **options)
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        flat = _flatten(server.adapters)
+        masks = top_k_mask(flat, self.density_down)
+        adapters = {name: (a * masks[f"{name}.A"], b * masks[f"{name}.B"]) for name, (a, b) in server.adapters.items()}
+        client_state.start = {name: (a.clone(), b.clone()) for name, (a, b) in adapters.items()}
+        tensors = _flatten(adapters)
+        head = {key: value.clone() for key, value in server.head.items()}
+        tensors.update({f"head.{key}": value for key, value in head.items()})
+        nbytes = sparse_bytes(_flatten(adapters), masks) + sum(v.numel() * VALUE_BYTES for v in head.values())
+        return ClientStart(adapters, head, Payload(tensors, nbytes))
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        """The change ``start - trained``, top-k sparsified over every factor at ``density_up``, and the head."""
+        if client_state.start is None:
+            raise ValueError(f"client {result.client_id} uploads without having started a round")
+        deltas = {}
+        for name, (a, b) in result.adapters.items():
+            start_a, start_b = client_state.start[name]
+            deltas[f"{name}.A"], deltas[f"{name}.B"] = start_a.to(a) - a, start_b.to(b) - b
+        masks = top_k_mask(deltas, self.density_up)
+        tensors = {f"delta.{key}": value * masks[key] for key, value in deltas.items()}
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        nbytes = sparse_bytes(deltas, masks) + sum(v.numel() * VALUE_BYTES for v in result.head.values())
+        return Payload(tensors, nbytes)
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """The p_k-weighted mean delta is the gradient of one step of the server optimiser."""
+        state = server.method_state
+        weights, _ = collect_factors(server, uploads)
+        state.optimizer.zero_grad()
+        for key, parameter in state.parameters.items():
+            parameter.grad = sum(p * u.payload.tensors[f"delta.{key}"].to(parameter)
+                                 for p, u in zip(weights, uploads, strict=True))
+        state.optimizer.step()
+        server.adapters = {name: (state.parameters[f"{name}.A"].detach().clone().to(a),
+                                  state.parameters[f"{name}.B"].detach().clone().to(b))
+                           for name, (a, b) in server.adapters.items()}
+        self.aggregate_head(server, uploads)
+
+
+def sketch_indices(rank: int, kept: int, seed: int) -> list[int]:
+    """The rank components a sketch keeps: ``kept`` of ``range(rank)``, uniformly without replacement, sorted."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= rank:
+        raise ValueError(f"a sketch keeps between 1 and {rank} components, got {kept!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(rank, generator=generator)[:kept].tolist())
+
+
+class FSLoRA(Strategy):
+    """FSLoRA (Fang et al. 2025, arXiv 2501.19389): each client trains a sketch of a larger global adapter.
+
+    The server keeps a global adapter of rank r. Each round it samples, for client k, a sketch
+    S_k: a diagonal r x r matrix with the value r / m_k on m_k rank components chosen uniformly
+    (:func:`sketch_indices`) and 0 elsewhere, so that E[S_k] = I. Client k trains B S_k A from
+    the global A and B (Algorithm 1, eq. 4): only the chosen columns of B and rows of A move.
+    It uploads those columns of B's change and rows of A's change; the server adds the
+    p_k-weighted sum of the clients' changes, each placed at its components and zero elsewhere,
+    to the global adapter (eq. 5). A client's memory and compute are those of rank m_k, and the
+    global rank can exceed what any client could train.
+
+    ``sketch`` is every client's share m_k / r (a number in (0, 1]) or a sequence of shares, one
+    per client (heterogeneous resources). As in the authors' code
+    (wenzhifang/Federated-Sketching-LoRA-Implementation@2d4d7ac6, ``src/LoRA_Sketching.py``), the
+    sketched model scales B's chosen columns by r / m_k; the simulator trains that scaled copy
+    with AdamW (the authors rescale B's gradient so that their optimiser steps the unscaled B),
+    and the change of B is scaled back by m_k / r before it is sent. Our choices: the download
+    is the whole global adapter (Algorithm 1, step 3) plus the sketch's component indices; the
+    upload is the dense chosen rows and columns (the server knows the indices). The head, when it
+    trains, is averaged as FedAvg does.
+    """
+
+    name = "FSLoRA"
+    paper = "Fang et al. 2025, arXiv 2501.19389"
+    chapter = "book/part4/sparse"
+
+    @dataclass
+    class ClientState:
+        """The components the client's sketch chose this round, their scale r / m_k, and where it started."""
+
+        indices: list[int] | None = None
+        scale: float = 1.0
+        start: dict[str, Factors] | None = None
+
+    def __init__(self, sketch: float | list[float] = 0.5) -> None:
+        super().__init__(None)
+        shares = list(sketch) if isinstance(sketch, (list, tuple)) else [sketch]
+        for share in shares:
+            _check_density(share, "sketch")
+        self.sketch = [float(share) for share in shares]
+
+    def share(self, client_id: int) -> float:
+        """Client k's m_k / r."""
+        if len(self.sketch) == 1:
+            return self.sketch[0]
+        if client_id >= len(self.sketch):
+            raise ValueError(f"sketch names {len(self.sketch)} clients' shares; client {client_id} has none")
+        return self.sketch[client_id]
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        rank = server.rank
+        kept = max(1, int(round(self.share(client_id) * rank)))
+        indices = sketch_indices(rank, kept, derive_seed(server.seed, "fslora sketch", round_index, client_id))
+        scale = rank / kept
+        adapters = {name: (a[indices].clone(), b[:, indices].clone() * scale)
+                    for name, (a, b) in server.adapters.items()}
+        client_state.indices, client_state.scale = indices, scale
+        client_state.start = {name: (a.clone(), b.clone()) for name, (a, b) in adapters.items()}
+        tensors = _flatten(server.adapters)
+        head = {key: value.clone() for key, value in server.head.items()}
+        tensors.update({f"head.{key}": value for key, value in head.items()})
+        tensors["sketch"] = torch.tensor(indices, dtype=torch.int32)
+        return ClientStart(adapters, head, Payload(tensors))
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        """The chosen rows of A's change and columns of B's change (unscaled), and the head."""
+        if client_state.start is None:
+            raise ValueError(f"client {result.client_id} uploads without having started a round")
+        tensors = {}
+        for name, (a, b) in result.adapters.items():
+            start_a, start_b = client_state.start[name]
+            tensors[f"{name}.dA"] = a - start_a.to(a)
+            tensors[f"{name}.dB"] = (b - start_b.to(b)) / client_state.scale
+        tensors["sketch"] = torch.tensor(client_state.indices, dtype=torch.int32)
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        payload = Payload(tensors)
+        return Payload(tensors, payload.nbytes - tensors["sketch"].numel() * 4)  # the server chose the indices
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """Eq. 5: the global A and B plus the p_k-weighted sum of the changes, each at its client's components."""
+        weights, _ = collect_factors(server, uploads)
+        adapters = {}
+        for name, (a, b) in server.adapters.items():
+            new_a, new_b = a.clone(), b.clone()
+            for p, upload in zip(weights, uploads, strict=True):
+                indices = upload.payload.tensors["sketch"].long().tolist()
+                new_a[indices] += p * upload.payload.tensors[f"{name}.dA"].to(a)
+                new_b[:, indices] += p * upload.payload.tensors[f"{name}.dB"].to(b)
+            adapters[name] = (new_a, new_b)
+        server.adapters = adapters
+        self.aggregate_head(server, uploads)
