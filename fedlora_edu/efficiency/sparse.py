@@ -41,7 +41,7 @@ from fedlora_edu.core.strategy import (
     ServerState,
     Strategy,
     Upload,
-    collect_factors,
+    normalized_weights,
 )
 
 VALUE_BYTES = 4
@@ -88,6 +88,13 @@ def _flatten(adapters: Mapping[str, Factors]) -> dict[str, Tensor]:
     for name, (a, b) in adapters.items():
         out[f"{name}.A"], out[f"{name}.B"] = a, b
     return out
+
+
+def _trained_change(result: LocalResult, start: Mapping[str, Factors] | None) -> dict[str, Factors]:
+    """Per layer, (A_trained - A_start, B_trained - B_start): what the client's round changed."""
+    if start is None:
+        raise ValueError(f"client {result.client_id} uploads without having started a round")
+    return {name: (a - start[name][0].to(a), b - start[name][1].to(b)) for name, (a, b) in result.adapters.items()}
 
 
 class FLASC(Strategy):
@@ -141,20 +148,15 @@ class FLASC(Strategy):
         masks = top_k_mask(flat, self.density_down)
         adapters = {name: (a * masks[f"{name}.A"], b * masks[f"{name}.B"]) for name, (a, b) in server.adapters.items()}
         client_state.start = {name: (a.clone(), b.clone()) for name, (a, b) in adapters.items()}
-        tensors = _flatten(adapters)
+        flat_start = _flatten(adapters)
         head = {key: value.clone() for key, value in server.head.items()}
-        tensors.update({f"head.{key}": value for key, value in head.items()})
-        nbytes = sparse_bytes(_flatten(adapters), masks) + sum(v.numel() * VALUE_BYTES for v in head.values())
+        nbytes = sparse_bytes(flat_start, masks) + sum(v.numel() * VALUE_BYTES for v in head.values())
+        tensors = {**flat_start, **{f"head.{key}": value for key, value in head.items()}}
         return ClientStart(adapters, head, Payload(tensors, nbytes))
 
     def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         """The change ``start - trained``, top-k sparsified over every factor at ``density_up``, and the head."""
-        if client_state.start is None:
-            raise ValueError(f"client {result.client_id} uploads without having started a round")
-        deltas = {}
-        for name, (a, b) in result.adapters.items():
-            start_a, start_b = client_state.start[name]
-            deltas[f"{name}.A"], deltas[f"{name}.B"] = start_a.to(a) - a, start_b.to(b) - b
+        deltas = {key: -change for key, change in _flatten(_trained_change(result, client_state.start)).items()}
         masks = top_k_mask(deltas, self.density_up)
         tensors = {f"delta.{key}": value * masks[key] for key, value in deltas.items()}
         tensors.update({f"head.{key}": value for key, value in result.head.items()})
@@ -164,7 +166,7 @@ class FLASC(Strategy):
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         """The p_k-weighted mean delta is the gradient of one step of the server optimiser."""
         state = server.method_state
-        weights, _ = collect_factors(server, uploads)
+        weights = normalized_weights(uploads)
         state.optimizer.zero_grad()
         for key, parameter in state.parameters.items():
             parameter.grad = sum(p * u.payload.tensors[f"delta.{key}"].to(parameter)
@@ -251,13 +253,9 @@ class FSLoRA(Strategy):
 
     def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         """The chosen rows of A's change and columns of B's change (unscaled), and the head."""
-        if client_state.start is None:
-            raise ValueError(f"client {result.client_id} uploads without having started a round")
         tensors = {}
-        for name, (a, b) in result.adapters.items():
-            start_a, start_b = client_state.start[name]
-            tensors[f"{name}.dA"] = a - start_a.to(a)
-            tensors[f"{name}.dB"] = (b - start_b.to(b)) / client_state.scale
+        for name, (change_a, change_b) in _trained_change(result, client_state.start).items():
+            tensors[f"{name}.dA"], tensors[f"{name}.dB"] = change_a, change_b / client_state.scale
         tensors["sketch"] = torch.tensor(client_state.indices, dtype=torch.int32)
         tensors.update({f"head.{key}": value for key, value in result.head.items()})
         payload = Payload(tensors)
@@ -265,7 +263,7 @@ class FSLoRA(Strategy):
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         """Eq. 5: the global A and B plus the p_k-weighted sum of the changes, each at its client's components."""
-        weights, _ = collect_factors(server, uploads)
+        weights = normalized_weights(uploads)
         adapters = {}
         for name, (a, b) in server.adapters.items():
             new_a, new_b = a.clone(), b.clone()
