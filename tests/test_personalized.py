@@ -1,7 +1,10 @@
-"""Personalized LoRA (survey 4.2, eq. 13): FedSA-LoRA shares A and keeps every client's own B."""
+"""Personalized LoRA (survey 4.2, eq. 13): FedSA-LoRA shares A and keeps every client's own B; CE-LoRA shares only C."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from helpers import TINY, recording
 
@@ -9,7 +12,7 @@ from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import tensor_bytes
 from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.strategy import normalized_weights
-from fedlora_edu.heterogeneity.personalized import FedSALoRA
+from fedlora_edu.heterogeneity.personalized import CELoRA, FedSALoRA, cosine_matrix, similarity_weights
 
 
 def test_fedsa_lora_never_sends_b_and_every_client_keeps_its_own(shards_federation):
@@ -72,3 +75,140 @@ def test_fedsa_lora_personal_model_is_the_global_a_with_the_clients_own_b(shards
         assert torch.equal(a, server.adapters[n][0]) and torch.equal(b, state.B[n].to(b))
     assert set(head) == set(server.head)
     assert strategy.personal_model(server, 99, FedSALoRA.ClientState()) is None  # never trained: global model
+
+
+# ----- CE-LoRA: B C A, only C shared, a personalised C-bar per client ---------------------------------
+
+
+def test_ce_lora_sends_only_c_and_keeps_a_and_b_on_the_client(shards_federation):
+    strategy = recording(CELoRA)()
+    history = shards_federation.run(strategy, rounds=3, progress=False, evaluate_clients=True)
+    server = shards_federation.last_server
+    layers = list(server.adapters)
+    r = server.rank
+    head_keys = {f"head.{k}" for k in server.head}
+    c_bytes = len(layers) * r * r * 4  # float32 r x r per layer
+    head_bytes = tensor_bytes(server.head)
+    seen: set[int] = set()
+    for round_index, _, payload, _ in strategy.sent:
+        assert set(payload.tensors) == {f"{n}.C" for n in layers} | head_keys
+        assert all(payload.tensors[f"{n}.C"].shape == (r, r) for n in layers)
+    for t in sorted(strategy.starts):
+        for k, start in strategy.starts[t].items():
+            keys = set(start.download.tensors)
+            if k in seen:  # a returning client downloads its C-bar and the head, never A or B
+                assert keys == {f"{n}.C" for n in layers} | head_keys, (t, k)
+            else:  # its first round: the starting A and B, once
+                assert keys == {f"{n}.{f}" for n in layers for f in "AB"} | head_keys, (t, k)
+        seen |= set(strategy.starts[t])
+    descriptor = strategy.descriptor_bytes
+    assert descriptor > 0
+    first_uploads = {}
+    for round_index, result, payload, _ in strategy.sent:
+        first = result.client_id not in first_uploads
+        first_uploads.setdefault(result.client_id, round_index)
+        assert payload.nbytes == c_bytes + head_bytes + (descriptor if first else 0)
+    assert history["client_accuracy"].notna().all()
+
+
+class _CBarRecording(recording(CELoRA)):
+    """CE-LoRA that also keeps a copy of every client's C-bar after each round's aggregation."""
+
+    def aggregate(self, server, uploads, round_index):
+        super().aggregate(server, uploads, round_index)
+        self.__dict__.setdefault("c_bars", {})[round_index] = {
+            k: {n: c.clone() for n, c in cs.items()} for k, cs in server.method_state.C_bar.items()}
+
+
+def test_ce_lora_trains_b_c_a_and_resumes_from_its_own_a_b_and_its_c_bar(shards_federation):
+    strategy = _CBarRecording()
+    shards_federation.run(strategy, rounds=3, progress=False)
+    last: dict[int, object] = {}
+    resumed = 0
+    for t in sorted(strategy.starts):
+        for k, start in strategy.starts[t].items():
+            if k in last:  # its own A and B as it left them, and the C-bar the server computed after its last round
+                resumed += 1
+                for n, (a, b) in start.adapters.items():
+                    assert torch.equal(a, last[k].A[n]) and torch.equal(b, last[k].B[n]), (t, k)
+                    assert torch.equal(start.download.tensors[f"{n}.C"], strategy.c_bars[t - 1][k][n]), (t, k)
+        for round_index, result, _, client_state in strategy.sent:
+            if round_index == t:
+                for n, (effective_a, b) in result.adapters.items():
+                    # the layer trained B C A: what it computed with is C times the A the client keeps
+                    assert torch.allclose(effective_a, client_state.C[n] @ client_state.A[n], atol=1e-6)
+                    assert torch.equal(b, client_state.B[n])
+                last[result.client_id] = client_state
+    assert resumed > 0 and len(shards_federation.last_server.method_state.C) > 1
+
+
+def test_ce_lora_c_bar_is_the_similarity_weighted_mean_of_the_stored_cs(shards_federation):
+    strategy = recording(CELoRA)(temperature=0.2, data_share=0.3)
+    shards_federation.run(strategy, rounds=2, progress=False)
+    server = shards_federation.last_server
+    state = server.method_state
+    clients = sorted(state.C)
+    names = list(server.adapters)
+    learned = torch.stack([torch.cat([(state.C[k][n] - torch.eye(server.rank)).flatten() for n in names])
+                           for k in clients])
+    descriptors = torch.stack([state.descriptors[k] for k in clients])
+    sizes = torch.tensor([float(state.sizes[k]) for k in clients])
+    p = sizes / sizes.sum()
+    for row, i in enumerate(clients):
+        # w_ij from its definition, one client at a time
+        scores = [0.3 * float(torch.nn.functional.cosine_similarity(descriptors[row], descriptors[col], dim=0))
+                  + 0.7 * float(torch.nn.functional.cosine_similarity(learned[row], learned[col], dim=0))
+                  for col in range(len(clients))]
+        raw = [float(p[col]) * math.exp(score / 0.2) for col, score in enumerate(scores)]
+        expected = [value / sum(raw) for value in raw]
+        got = [state.weights[-1][i][j] for j in clients]
+        assert got == pytest.approx(expected, rel=1e-6)
+        for n in names:
+            assert torch.allclose(state.C_bar[i][n], average_tensors([state.C[j][n] for j in clients], expected),
+                                  atol=1e-6)
+
+
+def test_similarity_weights_limits_and_checks():
+    g = torch.Generator().manual_seed(0)
+    data = cosine_matrix(torch.randn(5, 7, generator=g))
+    params = cosine_matrix(torch.randn(5, 3, generator=g))
+    sizes = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0])
+    for temperature, share in ((0.05, 0.5), (1.0, 0.0), (0.3, 1.0)):
+        w = similarity_weights(data, params, sizes, temperature=temperature, data_share=share)
+        assert torch.allclose(w.sum(dim=1), torch.ones(5, dtype=torch.float64)) and (w > 0).all()
+    flat = similarity_weights(data, params, sizes, temperature=1e9, data_share=0.5)
+    assert torch.allclose(flat, (sizes / sizes.sum()).double().expand(5, 5), atol=1e-8)  # FedAvg's p_j
+    own = similarity_weights(data, params, sizes, temperature=1e-3, data_share=0.5)
+    assert torch.allclose(own, torch.eye(5, dtype=torch.float64), atol=1e-8)  # each its own C (cos_ii = 1 is largest)
+    for bad in ({"temperature": 0.0}, {"data_share": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            similarity_weights(data, params, sizes, **{"temperature": 1.0, "data_share": 0.5, **bad})
+    with pytest.raises(ValueError, match="temperature"):
+        CELoRA(temperature=-1.0)
+    with pytest.raises(ValueError, match="5 x 5"):
+        similarity_weights(data, params[:4, :4], sizes, temperature=1.0, data_share=0.5)
+
+
+def test_ce_lora_layer_computes_w_plus_s_b_c_a_on_a_real_layer(shards_federation):
+    """On the encoder's own LoRA layer, inside local_training the layer's output is W'x + s B C A x."""
+    model = shards_federation.fresh_model()
+    layers = adapter_io.lora_layers(model)
+    name, layer = next(iter(layers.items()))
+    g = torch.Generator().manual_seed(1)
+    factors = {n: (torch.randn_like(l.lora_A[adapter_io.ADAPTER].weight),
+                   torch.randn(l.lora_B[adapter_io.ADAPTER].weight.shape, generator=g)) for n, l in layers.items()}
+    adapter_io.set_lora_factors(model, factors)
+    r = factors[name][0].shape[0]
+    C = {n: torch.randn(r, r, generator=g) for n in layers}
+    strategy = CELoRA()
+    client_state = CELoRA.ClientState(C_start=C)
+    x = torch.randn(3, factors[name][0].shape[1], generator=g)
+    scale = layer.scaling[adapter_io.ADAPTER]
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    with strategy.local_training(model, None, client_state, 0), torch.no_grad():
+        a, b = factors[name]
+        assert torch.allclose(layer(x), base + scale * x @ (b @ C[name] @ a).T, atol=1e-4)
+        assert any(p is layer.lora_A[adapter_io.ADAPTER].parametrizations.weight[0].C for p in model.parameters())
+    assert torch.equal(layer.lora_A[adapter_io.ADAPTER].weight, a)  # undone on exit: A holds its stored value
+    assert not any(hasattr(l.lora_A[adapter_io.ADAPTER], "parametrizations") for l in layers.values())

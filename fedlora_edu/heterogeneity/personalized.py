@@ -4,17 +4,25 @@ The survey's Dual-LoRA family learns, for each client k, a global model theta sh
 a personal theta_k fitted to the client's own data (eq. 13). The methods differ in what is
 shared and what stays. :class:`FedSALoRA` splits one LoRA adapter: A, which its authors find
 to learn what the clients have in common, is shared; B, which learns what is client-specific,
-never leaves the client. Taught, and measured client by client, in ``book/part3/personalized.ipynb``.
+never leaves the client. :class:`CELoRA` factors the adapter in three, B C A, keeps A and B on
+the client and shares only the small r x r matrix C, which the server averages for each client with
+weights of its own (a personalised aggregation). Taught, and measured client by client, in
+``book/part3/personalized.ipynb``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.strategy import (
     ClientStart,
@@ -25,6 +33,7 @@ from fedlora_edu.core.strategy import (
     Upload,
     normalized_weights,
 )
+from fedlora_edu.heterogeneity.hypernetwork import mean_feature_descriptor
 
 
 class FedSALoRA(Strategy):
@@ -98,3 +107,215 @@ class FedSALoRA(Strategy):
         if client_state.B is None:
             return None
         return self._own(server, client_state), {key: value.clone() for key, value in server.head.items()}
+
+
+def similarity_weights(data_similarity: Tensor, parameter_similarity: Tensor, sizes: Tensor, *,
+                       temperature: float, data_share: float) -> Tensor:
+    """CE-LoRA's personalised aggregation weights w_ij (row i: the weights client i's C-bar takes).
+
+    s_ij = data_share * data_similarity_ij + (1 - data_share) * parameter_similarity_ij and
+    w_ij = p_j exp(s_ij / temperature) / sum_l p_l exp(s_il / temperature), with p_j = n_j / sum_l n_l.
+    Each row sums to one. As the temperature grows every row tends to (p_j), FedAvg's weights;
+    as it shrinks each row concentrates on the clients most similar to i (i itself, when its
+    similarity to itself is the largest, as a cosine's is). The form is our choice: the paper
+    says its server weighs clients by similarity in data and in parameter space and learns the
+    weights, not how (``METHOD_SOURCES.md``).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= data_share <= 1.0:
+        raise ValueError(f"data_share must be in [0, 1], got {data_share!r}")
+    if data_similarity.shape != parameter_similarity.shape or data_similarity.shape != (len(sizes), len(sizes)):
+        raise ValueError(f"similarities {tuple(data_similarity.shape)} and {tuple(parameter_similarity.shape)} "
+                         f"must both be {len(sizes)} x {len(sizes)}, one row and column per client")
+    if (sizes <= 0).any():
+        raise ValueError("every client's size n_j must be > 0")
+    combined = data_share * data_similarity + (1.0 - data_share) * parameter_similarity
+    logits = combined.double() / temperature + torch.log(sizes.double() / sizes.double().sum())
+    return torch.softmax(logits, dim=1)
+
+
+def cosine_matrix(vectors: Tensor) -> Tensor:
+    """Pairwise cosine similarities of the rows of ``vectors`` (a row of zeros is similar to nothing but itself)."""
+    norms = vectors.double().norm(dim=1, keepdim=True)
+    unit = vectors.double() / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(1.0)
+    return cosines
+
+
+class _MixedA(nn.Module):
+    """The parametrisation A -> C A of a LoRA layer's A: the layer computes B C A, and C trains."""
+
+    def __init__(self, C: Tensor) -> None:
+        super().__init__()
+        self.C = nn.Parameter(C.detach().clone())
+
+    def forward(self, A: Tensor) -> Tensor:
+        return self.C @ A
+
+
+class CELoRA(Strategy):
+    """CE-LoRA (Li et al. 2025, arXiv 2503.23869): tri-matrix LoRA B C A, only C shared, aggregated per client.
+
+    Client i's adapted layers compute W' + s B_i C_i A_i, with A_i (r x n) and B_i (m x r) as in
+    LoRA and C_i a dense r x r matrix. As in the paper's Algorithm 1: each round the client trains
+    A_i, C_i and B_i on its data from C-bar_i^{t-1}, the server's personalised aggregate for it
+    (line 4), sends C_i only (line 5), keeps A_i and B_i for its next round (line 6); the server
+    computes one C-bar_i per client from the C's it received (line 9). A round's upload is r^2
+    numbers per layer instead of LoRA's r (m + n).
+
+    Our choices, where the survey, the slides and the abstract leave the paper's details open
+    (no code was found; ``METHOD_SOURCES.md``):
+
+    - Start: every client starts from the server's A (random, the same for all, as a shared seed
+      would give) and B = 0, and C = I, so that B C A = B A is LoRA's start. Those first A, B are
+      downloaded once, in the client's first round (counted); after that a download is C-bar_i
+      and the head.
+    - Personalised aggregation (:func:`similarity_weights`): C-bar_i = sum_j w_ij C_j over every
+      client the server has a C from (its latest), with w_ij = p_j exp(s_ij / temperature),
+      normalised, and s_ij the mix (``data_share``) of two cosines: of the clients' data
+      descriptors (:func:`~fedlora_edu.heterogeneity.hypernetwork.mean_feature_descriptor`, the
+      mean frozen sentence feature, computed on the client and sent once with its first upload,
+      counted) and of what the clients learned in C (C_j - I, all layers concatenated). The paper
+      learns its weights; ours are fixed by the two similarities. ``temperature`` large makes
+      C-bar FedAvg's weighted mean of the C's; small, each client's own C.
+    - With partial participation a client absent this round is given its C-bar when next
+      sampled, from the C's the server then holds.
+    - The head is shared and averaged as FedIT's is (on the book's testbed it is the frozen probe).
+
+    Client i's model (:meth:`personal_model`) is W' + s B_i C-bar_i A_i, what it would train from
+    next, or its own C_i before the server has a C-bar for it. The server's own model is the
+    starting one (B = 0): like FedSA-LoRA, CE-LoRA serves each client its personal model.
+    """
+
+    name = "CE-LoRA"
+    paper = "Li et al. 2025, arXiv 2503.23869"
+    chapter = "book/part3/personalized"
+
+    @dataclass
+    class State:
+        """Each client's latest C and data descriptor, and the C-bar the server computed for it."""
+
+        C: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+        sizes: dict[int, int] = field(default_factory=dict)
+        descriptors: dict[int, Tensor] = field(default_factory=dict)
+        C_bar: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+        weights: list[dict[int, dict[int, float]]] = field(default_factory=list)
+
+    @dataclass
+    class ClientState:
+        """The client's own A and B (None before its first round), its latest C, and the C it trains from."""
+
+        A: dict[str, Tensor] | None = None
+        B: dict[str, Tensor] | None = None
+        C: dict[str, Tensor] | None = None
+        C_start: dict[str, Tensor] | None = None
+        trained_C: dict[str, Tensor] | None = None
+        sent_descriptor: bool = False
+
+    def __init__(self, rank: int | None = None, *, temperature: float = 0.1, data_share: float = 0.5) -> None:
+        super().__init__(rank)
+        similarity_weights(torch.eye(1), torch.eye(1), torch.ones(1), temperature=temperature,
+                           data_share=data_share)  # the same checks, before any run
+        self.temperature = float(temperature)
+        self.data_share = float(data_share)
+        self.descriptor_bytes = 0  # set by prepare
+
+    def prepare(self, federation: Any, model: nn.Module, server: ServerState, seed: int) -> None:
+        state = server.method_state
+        state.descriptors = {k: mean_feature_descriptor(model, data) for k, data in enumerate(federation.clients)}
+        self.descriptor_bytes = 4 * next(iter(state.descriptors.values())).numel()  # one float32 vector
+
+    def _identity(self, server: ServerState) -> dict[str, Tensor]:
+        return {name: torch.eye(a.shape[0], dtype=a.dtype, device=a.device) for name, (a, _) in server.adapters.items()}
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        first = client_state.A is None
+        if first:
+            adapters = {name: (a.clone(), b.clone()) for name, (a, b) in server.adapters.items()}
+        else:
+            adapters = {name: (client_state.A[name].clone(), client_state.B[name].clone()) for name in server.adapters}
+        C_bar = server.method_state.C_bar.get(client_id)
+        client_state.C_start = ({name: c.clone() for name, c in C_bar.items()} if C_bar is not None
+                                else client_state.C or self._identity(server))
+        tensors = {f"{name}.C": c for name, c in client_state.C_start.items()} if C_bar is not None else {}
+        if first:
+            tensors.update({f"{name}.A": a for name, (a, _) in adapters.items()})
+            tensors.update({f"{name}.B": b for name, (_, b) in adapters.items()})
+        tensors.update({f"head.{key}": value for key, value in server.head.items()})
+        return ClientStart(adapters, {key: value.clone() for key, value in server.head.items()}, Payload(tensors),
+                           self.trainable(round_index))
+
+    @contextlib.contextmanager
+    def local_training(self, model: nn.Module, start: ClientStart, client_state: Any,
+                       round_index: int) -> Iterator[None]:
+        """Train A, C and B: every layer's A is parametrised as C A with C a trainable r x r matrix.
+
+        On a normal exit the client keeps its trained A (the stored A, not C A) and C; on any
+        exit the parametrisations are removed and each layer's A holds the stored value again.
+        """
+        if client_state.C_start is None:
+            raise ValueError("CE-LoRA's local training needs client_start first (the C it trains from)")
+        modules = {name: layer.lora_A[adapter_io.ADAPTER] for name, layer in adapter_io.lora_layers(model).items()}
+        mixers: dict[str, _MixedA] = {}
+        try:
+            for name, module in modules.items():
+                mixers[name] = _MixedA(client_state.C_start[name].to(module.weight))
+                parametrize.register_parametrization(module, "weight", mixers[name])
+            yield
+            client_state.trained_C = {name: mixer.C.detach().clone() for name, mixer in mixers.items()}
+            client_state.A = {name: modules[name].parametrizations.weight.original.detach().clone()
+                              for name in mixers}
+        finally:
+            for name in mixers:
+                parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        trained, client_state.trained_C = client_state.trained_C, None
+        if trained is None:
+            raise ValueError("CE-LoRA's client trained outside local_training: no C to send")
+        client_state.C = trained
+        client_state.B = {name: b.detach().clone() for name, (_, b) in result.adapters.items()}
+        tensors = {f"{name}.C": c for name, c in trained.items()}
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        payload = Payload(tensors)
+        if not client_state.sent_descriptor:  # sent once, with the client's first upload
+            client_state.sent_descriptor = True
+            payload = Payload(payload.tensors, payload.nbytes + self.descriptor_bytes)
+        return payload
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        state = server.method_state
+        names = list(server.adapters)
+        for upload in uploads:
+            missing = [name for name in names if f"{name}.C" not in upload.payload.tensors]
+            if missing:
+                raise ValueError(f"client {upload.client_id}'s upload carries no C for {missing[0]}")
+            state.C[upload.client_id] = {name: upload.payload.tensors[f"{name}.C"].detach().clone() for name in names}
+            state.sizes[upload.client_id] = upload.num_examples
+        clients = sorted(state.C)
+        if not state.descriptors:
+            raise ValueError("CE-LoRA has no data descriptors: prepare was not called (run it in a federation)")
+        descriptors = torch.stack([state.descriptors[k] for k in clients])
+        learned = torch.stack([torch.cat([(state.C[k][name] - torch.eye(state.C[k][name].shape[0]).to(
+            state.C[k][name])).flatten() for name in names]) for k in clients])
+        weights = similarity_weights(cosine_matrix(descriptors), cosine_matrix(learned),
+                                     torch.tensor([state.sizes[k] for k in clients], dtype=torch.float64),
+                                     temperature=self.temperature, data_share=self.data_share)
+        state.C_bar = {
+            i: {name: average_tensors([state.C[j][name] for j in clients], weights[row].tolist()) for name in names}
+            for row, i in enumerate(clients)}
+        state.weights.append({i: {j: float(weights[row, col]) for col, j in enumerate(clients)}
+                              for row, i in enumerate(clients)})
+        self.aggregate_head(server, uploads)
+
+    def personal_model(self, server: ServerState, client_id: int,
+                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        """B_i C-bar_i A_i (its own C_i before the server has a C-bar for it); None before it ever trained."""
+        if client_state.A is None or client_state.C is None:
+            return None
+        C = server.method_state.C_bar.get(client_id, client_state.C)
+        adapters = {name: ((C[name].to(a) @ client_state.A[name].to(a)), client_state.B[name].to(b))
+                    for name, (a, b) in server.adapters.items()}
+        return adapters, {key: value.clone() for key, value in server.head.items()}

@@ -38,6 +38,7 @@ METHOD_COLORS: dict[str, str] = {
     "HetLoRA": "#5254a3",
     "replication padding": "#9c9ede",
     "FedSA-LoRA": "#7b4173",
+    "CE-LoRA": "#a55194",
     "FL-TAC": "#31a354",
     "HyperFloRA": "#e6550d",
     # Part IV, sparse learning
