@@ -90,7 +90,7 @@ def test_ce_lora_sends_only_c_and_keeps_a_and_b_on_the_client(shards_federation)
     c_bytes = len(layers) * r * r * 4  # float32 r x r per layer
     head_bytes = tensor_bytes(server.head)
     seen: set[int] = set()
-    for round_index, _, payload, _ in strategy.sent:
+    for _, _, payload, _ in strategy.sent:
         assert set(payload.tensors) == {f"{n}.C" for n in layers} | head_keys
         assert all(payload.tensors[f"{n}.C"].shape == (r, r) for n in layers)
     for t in sorted(strategy.starts):
@@ -195,8 +195,8 @@ def test_ce_lora_layer_computes_w_plus_s_b_c_a_on_a_real_layer(shards_federation
     layers = adapter_io.lora_layers(model)
     name, layer = next(iter(layers.items()))
     g = torch.Generator().manual_seed(1)
-    factors = {n: (torch.randn_like(l.lora_A[adapter_io.ADAPTER].weight),
-                   torch.randn(l.lora_B[adapter_io.ADAPTER].weight.shape, generator=g)) for n, l in layers.items()}
+    factors = {n: (torch.randn(lay.lora_A[adapter_io.ADAPTER].weight.shape, generator=g),
+                   torch.randn(lay.lora_B[adapter_io.ADAPTER].weight.shape, generator=g)) for n, lay in layers.items()}
     adapter_io.set_lora_factors(model, factors)
     r = factors[name][0].shape[0]
     C = {n: torch.randn(r, r, generator=g) for n in layers}
@@ -211,4 +211,4 @@ def test_ce_lora_layer_computes_w_plus_s_b_c_a_on_a_real_layer(shards_federation
         assert torch.allclose(layer(x), base + scale * x @ (b @ C[name] @ a).T, atol=1e-4)
         assert any(p is layer.lora_A[adapter_io.ADAPTER].parametrizations.weight[0].C for p in model.parameters())
     assert torch.equal(layer.lora_A[adapter_io.ADAPTER].weight, a)  # undone on exit: A holds its stored value
-    assert not any(hasattr(l.lora_A[adapter_io.ADAPTER], "parametrizations") for l in layers.values())
+    assert not any(hasattr(lay.lora_A[adapter_io.ADAPTER], "parametrizations") for lay in layers.values())

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.strategy import (
     ClientStart,
