@@ -37,7 +37,7 @@ from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
-from fedlora_edu.heterogeneity.personalized import CELoRA, FedSALoRA
+from fedlora_edu.heterogeneity.personalized import CELoRA, FedDPA, FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 
 # One entry per method class, in the order of the survey's sections; add a new method's class
@@ -55,7 +55,7 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
     # 4.2 personalized LoRA (and the hypernetwork, eq. 15)
-    FedSALoRA, CELoRA, HyperFloRA,
+    FedDPA, FedSALoRA, CELoRA, HyperFloRA,
     # 4.3 clustering
     FLTAC,
     # 5 efficiency: sparse learning (and FSLoRA's sketches)

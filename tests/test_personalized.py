@@ -12,7 +12,14 @@ from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import tensor_bytes
 from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.strategy import normalized_weights
-from fedlora_edu.heterogeneity.personalized import CELoRA, FedSALoRA, cosine_matrix, similarity_weights
+from fedlora_edu.heterogeneity.personalized import (
+    CELoRA,
+    FedDPA,
+    FedSALoRA,
+    _Phase1Mix,
+    cosine_matrix,
+    similarity_weights,
+)
 
 
 def test_fedsa_lora_never_sends_b_and_every_client_keeps_its_own(shards_federation):
@@ -212,3 +219,121 @@ def test_ce_lora_layer_computes_w_plus_s_b_c_a_on_a_real_layer(shards_federation
         assert any(p is layer.lora_A[adapter_io.ADAPTER].parametrizations.weight[0].C for p in model.parameters())
     assert torch.equal(layer.lora_A[adapter_io.ADAPTER].weight, a)  # undone on exit: A holds its stored value
     assert not any(hasattr(lay.lora_A[adapter_io.ADAPTER], "parametrizations") for lay in layers.values())
+
+
+# ----- FedDPA: a global adapter shared, a local adapter kept, mixed in each client's model -------------
+
+
+class _RecordingFedDPA(recording(FedDPA)):
+    """FedDPA that records what the model holds when the simulator's training (phase 2) begins."""
+
+    def local_training(self, model, start, client_state, round_index):
+        inner = super().local_training(model, start, client_state, round_index)
+        outer = self
+
+        class _Wrapped:
+            def __enter__(self):
+                inner.__enter__()
+                outer.__dict__.setdefault("phase2_starts", []).append(
+                    (round_index, client_state.client_id, adapter_io.get_lora_factors(model),
+                     {n: lay.scaling[adapter_io.ADAPTER] for n, lay in adapter_io.lora_layers(model).items()}))
+
+            def __exit__(self, *exc):
+                return inner.__exit__(*exc)
+
+        return _Wrapped()
+
+
+def test_feddpa_keeps_the_local_adapter_on_the_client_and_trains_it_from_round_two(shards_federation):
+    strategy = _RecordingFedDPA()
+    history = shards_federation.run(strategy, rounds=3, progress=False, evaluate_clients=True)
+    server = shards_federation.last_server
+    r = server.rank // 2
+    layers = list(server.adapters)
+    expected_keys = {f"{n}.{f}" for n in layers for f in "AB"} | {f"head.{k}" for k in server.head}
+    for starts in strategy.starts.values():
+        for start in starts.values():  # the download: the global adapter (rank r) and the head, nothing local
+            assert set(start.download.tensors) == expected_keys
+            assert all(start.download.tensors[f"{n}.A"].shape[0] == r for n in layers)
+    locals_seen: dict[int, dict] = {}
+    for t, result, payload, state in strategy.sent:
+        assert set(payload.tensors) == expected_keys  # the local adapter is never sent
+        if t == 0:
+            assert state.local is None  # round 1 trains the global adapter only
+        else:
+            assert state.local is not None and all(a.shape[0] == r for a, _ in state.local.values())
+            previous = locals_seen.get(result.client_id)
+            if previous is not None:  # resumed, and trained further
+                assert any(not torch.equal(state.local[n][1], previous[n][1]) for n in layers)
+            locals_seen[result.client_id] = state.local
+    assert locals_seen and history["client_accuracy"].notna().all()
+    scaling = shards_federation.last_server.scaling
+    assert len(strategy.phase2_starts) == len(strategy.sent)  # every client trained inside the method's context
+    for t, k, factors, scalings in strategy.phase2_starts:
+        start = strategy.starts[t][k]
+        for n, (a, b) in factors.items():  # phase 2 starts from the server's global adapter, the local half zero
+            assert torch.equal(a[:r], start.adapters[n][0]) and not a[r:].any() and not b[:, r:].any()
+            assert scalings[n] == pytest.approx(2 * scaling)  # the global adapter alone, at alpha / r
+
+
+def test_feddpa_server_keeps_the_uniform_mean_twice(shards_federation):
+    strategy = recording(FedDPA)()
+    shards_federation.run(strategy, rounds=2, progress=False)
+    server = shards_federation.last_server
+    uploads = strategy.uploads
+    uniform = [1.0 / len(uploads)] * len(uploads)
+    r = server.rank // 2
+    for n, (a, b) in server.adapters.items():
+        mean_a = average_tensors([u.payload.tensors[f"{n}.A"].to(a) for u in uploads], uniform)
+        mean_b = average_tensors([u.payload.tensors[f"{n}.B"].to(b) for u in uploads], uniform)
+        assert torch.allclose(a[:r], mean_a) and torch.equal(a[:r], a[r:])
+        assert torch.allclose(b[:, :r], mean_b) and torch.equal(b[:, :r], b[:, r:])
+
+
+def test_feddpa_phase_one_leaves_the_global_half_without_gradient():
+    g = torch.Generator().manual_seed(2)
+    r = 3
+    for side, shape in (("A", (2 * r, 5)), ("B", (4, 2 * r))):
+        x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        mixed = _Phase1Mix(r, side, global_weight=0.6, local_weight=1.4)(x)
+        (mixed * torch.randn(shape, generator=g, dtype=torch.float64)).sum().backward()
+        glob, loc = (x.grad[:r], x.grad[r:]) if side == "A" else (x.grad[:, :r], x.grad[:, r:])
+        assert not glob.any() and loc.abs().sum() > 0
+        if side == "B":
+            assert torch.allclose(mixed[:, :r], 0.6 * x[:, :r]) and torch.allclose(mixed[:, r:], 1.4 * x[:, r:])
+
+
+def test_feddpa_personal_model_is_the_papers_mixture_on_a_real_layer(shards_federation):
+    """In the rank-2r layer at its own scaling, the personal model computes W'x + (1-a) s B_g A_g x + a s B_l A_l x."""
+    strategy = FedDPA(local_weight=0.3)
+    model = shards_federation.fresh_model(rank=2 * shards_federation.profile.rank)
+    layers = adapter_io.lora_layers(model)
+    name, layer = next(iter(layers.items()))
+    r = shards_federation.profile.rank
+    g = torch.Generator().manual_seed(3)
+
+    def random_adapter():
+        return {n: (torch.randn(r, lay.lora_A[adapter_io.ADAPTER].weight.shape[1], generator=g),
+                    torch.randn(lay.lora_B[adapter_io.ADAPTER].weight.shape[0], r, generator=g))
+                for n, lay in layers.items()}
+
+    global_adapter, local = random_adapter(), random_adapter()
+    server = type("Server", (), {"adapters": FedDPA._twice(global_adapter), "rank": 2 * r, "head": {}})()
+    personal, _ = strategy.personal_model(server, 0, FedDPA.ClientState(client_id=0, local=local))
+    adapter_io.set_lora_factors(model, personal)
+    s = 2 * layer.scaling[adapter_io.ADAPTER]  # alpha / r
+    x = torch.randn(2, global_adapter[name][0].shape[1], generator=g)
+    (a_g, b_g), (a_l, b_l) = global_adapter[name], local[name]
+    with torch.no_grad():
+        expected = layer.base_layer(x) + 0.7 * s * x @ (b_g @ a_g).T + 0.3 * s * x @ (b_l @ a_l).T
+        assert torch.allclose(layer(x), expected, atol=1e-3, rtol=1e-4)
+    assert strategy.personal_model(server, 1, FedDPA.ClientState()) is None  # no local adapter yet: the global model
+
+
+def test_feddpa_checks_its_settings():
+    for bad in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match="local_weight"):
+            FedDPA(local_weight=bad)
+    with pytest.raises(ValueError, match="local_steps"):
+        FedDPA(local_steps=0)
+    assert FedDPA(rank=4).max_rank(10) == 8 and FedDPA().max_rank(10) is None

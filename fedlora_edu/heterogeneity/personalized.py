@@ -4,7 +4,8 @@ The survey's Dual-LoRA family learns, for each client k, a global model theta sh
 a personal theta_k fitted to the client's own data (eq. 13). The methods differ in what is
 shared and what stays. :class:`FedSALoRA` splits one LoRA adapter: A, which its authors find
 to learn what the clients have in common, is shared; B, which learns what is client-specific,
-never leaves the client. :class:`CELoRA` factors the adapter in three, B C A, keeps A and B on
+never leaves the client. :class:`FedDPA` gives every client two adapters, a global one it shares
+and a local one it keeps, mixed in its model. :class:`CELoRA` factors the adapter in three, B C A, keeps A and B on
 the client and shares only the small r x r matrix C, which the server averages for each client with
 weights of its own (a personalised aggregation). Taught, and measured client by client, in
 ``book/part3/personalized.ipynb``.
@@ -24,6 +25,7 @@ from torch.nn.utils import parametrize
 from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import Factors
 from fedlora_edu.core.factors import average_tensors
+from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
     LocalResult,
@@ -33,6 +35,7 @@ from fedlora_edu.core.strategy import (
     Upload,
     normalized_weights,
 )
+from fedlora_edu.foundations.training import local_train
 from fedlora_edu.heterogeneity.hypernetwork import mean_feature_descriptor
 
 
@@ -319,3 +322,216 @@ class CELoRA(Strategy):
         adapters = {name: ((C[name].to(a) @ client_state.A[name].to(a)), client_state.B[name].to(b))
                     for name, (a, b) in server.adapters.items()}
         return adapters, {key: value.clone() for key, value in server.head.items()}
+
+
+class _Phase1Mix(nn.Module):
+    """FedDPA's first phase as a parametrisation of a stacked factor: the global half frozen and weighted.
+
+    The layer holds the global adapter in components 0..r-1 and the local one in r..2r-1. For A,
+    ``forward`` returns [A_g (no gradient); A_l]; for B, [w_g B_g (no gradient), w_l B_l]. Only the
+    local half receives gradients (FedDPA's stop-gradient on the global adapter).
+    """
+
+    def __init__(self, rank: int, side: str, global_weight: float = 1.0, local_weight: float = 1.0) -> None:
+        super().__init__()
+        self.rank, self.side = rank, side
+        self.global_weight, self.local_weight = global_weight, local_weight
+
+    def forward(self, X: Tensor) -> Tensor:
+        r = self.rank
+        if self.side == "A":
+            return torch.cat([X[:r].detach(), X[r:]], dim=0)
+        return torch.cat([self.global_weight * X[:, :r].detach(), self.local_weight * X[:, r:]], dim=1)
+
+
+class FedDPA(Strategy):
+    """FedDPA (Yang et al., NeurIPS 2024, arXiv 2403.19211): a global and a local adapter per client.
+
+    Survey eq. 13 with theta the global LoRA adapter (A_g, B_g), shared and averaged, and theta_k a
+    local adapter (A_l, B_l) of the same rank r that never leaves client k. As the authors' code runs
+    FedDPA-T (Lydia-yang/FedDPA, commit cf638c11, ``--local_model True``):
+
+    - round 1 trains the global adapter only;
+    - from round 2, a sampled client first trains its local adapter with the global one frozen, in
+      the mixture y = W'x + a s B_l A_l x + (1 - a) s B_g A_g x (a = ``local_weight``, 0.5 in the
+      code; s = alpha / r); the local adapter starts fresh (A_l random, B_l = 0) the first time and
+      is resumed afterwards; then it trains the global adapter alone, as plain LoRA from the
+      server's, and uploads it;
+    - the server averages the uploaded global adapters with *uniform* weights, as the code does
+      (its data-size weighting is commented out).
+
+    Client k's model (:meth:`personal_model`) is the mixture above with its own local adapter.
+
+    Our choices. (1) The first phase takes as many steps, with the same batch size and learning
+    rate, as the second, taken from the federation's profile (``local_steps``/``learning_rate``
+    override them); ``federation.run(local_steps=...)`` sets the second phase only. (2) The
+    authors' inference weights each test input by its similarity to the client's training inputs
+    (``--auto``); the simulator scores one model per client, so the mixture keeps the training
+    weight a. (3) The two adapters live in one LoRA layer of rank 2r (components 0..r-1 global,
+    r..2r-1 local), so the model is built with rank 2 ``rank`` (``FedDPA(rank=r)``; with
+    ``rank=None`` each adapter gets half of the model's rank). At that layer's scaling
+    alpha / (2r), the stacked factors [A_g; A_l], [2(1 - a) B_g, 2a B_l] compute the mixture
+    exactly; the global adapter trains alone at alpha / r (the layer's scaling doubled during
+    that phase), and the server keeps it twice, [A_g; A_g], [B_g, B_g], so that its own model,
+    scored on the shared test set, is W' + (alpha / r) B_g A_g. The simulator's discordance
+    columns are computed at the layer's scaling, half the global adapter's.
+    """
+
+    name = "FedDPA"
+    paper = "Yang et al. 2024, NeurIPS, arXiv 2403.19211"
+    chapter = "book/part3/personalized"
+    batched_training = False
+
+    @dataclass
+    class ClientState:
+        """The client's id, its local adapter (None before its first local phase) and that phase's loss."""
+
+        client_id: int | None = None
+        local: dict[str, Factors] | None = None
+        local_loss: float | None = None
+
+    def __init__(self, rank: int | None = None, *, local_weight: float = 0.5, local_steps: int | None = None,
+                 learning_rate: float | None = None) -> None:
+        super().__init__(rank)
+        if isinstance(local_weight, bool) or not isinstance(local_weight, (int, float)) or not 0 < local_weight < 1:
+            raise ValueError(f"local_weight must be a number strictly between 0 and 1, got {local_weight!r}")
+        if local_steps is not None and (isinstance(local_steps, bool) or not isinstance(local_steps, int)
+                                        or local_steps < 1):
+            raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
+        if learning_rate is not None and not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        self.local_weight = float(local_weight)
+        self.local_steps = local_steps
+        self.learning_rate = learning_rate
+        self._clients: Any = None
+        self._phase1: dict[str, Any] = {}
+
+    def max_rank(self, num_clients: int) -> int | None:
+        return None if self.rank is None else 2 * self.rank
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        return server.rank // 2
+
+    def init_server(self, server: ServerState, seed: int) -> None:
+        if server.rank % 2:
+            raise ValueError(f"FedDPA stacks two adapters of equal rank in the model; its rank {server.rank} is odd")
+        server.adapters = self._twice({name: (a[: server.rank // 2], b[:, : server.rank // 2])
+                                       for name, (a, b) in server.adapters.items()})
+
+    @staticmethod
+    def _twice(global_adapter: dict[str, Factors]) -> dict[str, Factors]:
+        return {name: (torch.cat([a, a], dim=0), torch.cat([b, b], dim=1)) for name, (a, b) in global_adapter.items()}
+
+    def prepare(self, federation: Any, model: nn.Module, server: ServerState, seed: int) -> None:
+        profile = federation.profile
+        self._clients = federation.clients
+        self._phase1 = {"steps": self.local_steps or profile.local_steps, "batch_size": profile.batch_size,
+                        "learning_rate": self.learning_rate or profile.learning_rate, "device": federation.device,
+                        "seed": seed}
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        client_state.client_id = client_id
+        r = server.rank // 2
+        adapters = {name: (a[:r].clone(), b[:, :r].clone()) for name, (a, b) in server.adapters.items()}
+        tensors = {f"{name}.A": a for name, (a, _) in adapters.items()}
+        tensors.update({f"{name}.B": b for name, (_, b) in adapters.items()})
+        tensors.update({f"head.{key}": value for key, value in server.head.items()})
+        return ClientStart(adapters, {key: value.clone() for key, value in server.head.items()}, Payload(tensors),
+                           self.trainable(round_index))
+
+    def _fresh_local(self, global_adapter: dict[str, Factors], client_id: int) -> dict[str, Factors]:
+        """A new local adapter: A_l uniform in +-1/sqrt(n) (peft's default for A), B_l = 0."""
+        generator = torch.Generator().manual_seed(derive_seed(self._phase1["seed"], "FedDPA local adapter", client_id))
+        fresh = {}
+        for name, (a, b) in global_adapter.items():
+            bound = a.shape[1] ** -0.5
+            a_local = (torch.rand(a.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            fresh[name] = (a_local.to(a), torch.zeros_like(b))
+        return fresh
+
+    def mixture(self, global_adapter: dict[str, Factors], local: dict[str, Factors]) -> dict[str, Factors]:
+        """The stacked factors that compute (1 - a) s B_g A_g + a s B_l A_l at the rank-2r layer's scaling s / 2."""
+        a = self.local_weight
+        return {name: (torch.cat([a_g, local[name][0].to(a_g)], dim=0),
+                       torch.cat([2 * (1 - a) * b_g, 2 * a * local[name][1].to(b_g)], dim=1))
+                for name, (a_g, b_g) in global_adapter.items()}
+
+    @contextlib.contextmanager
+    def local_training(self, model: nn.Module, start: ClientStart, client_state: Any,
+                       round_index: int) -> Iterator[None]:
+        """Phase 1 (from round 2): the local adapter in the mixture, the global frozen; then phase 2 runs inside."""
+        if self._clients is None:
+            raise ValueError("FedDPA needs prepare (run it in a federation): "
+                             "its first phase trains on the client's data")
+        layers = adapter_io.lora_layers(model)
+        r = next(iter(start.adapters.values()))[0].shape[0]
+        scalings = {name: layer.scaling[adapter_io.ADAPTER] for name, layer in layers.items()}
+        k = client_state.client_id
+        try:
+            if round_index > 0:
+                local = client_state.local if client_state.local is not None else self._fresh_local(start.adapters, k)
+                stacked = {name: (torch.cat([a_g, local[name][0].to(a_g)], dim=0),
+                                  torch.cat([b_g, local[name][1].to(b_g)], dim=1))
+                           for name, (a_g, b_g) in start.adapters.items()}
+                adapter_io.set_lora_factors(model, stacked)
+                weights = {"global_weight": 2 * (1 - self.local_weight), "local_weight": 2 * self.local_weight}
+                modules = {(name, side): getattr(layer, f"lora_{side}")[adapter_io.ADAPTER]
+                           for name, layer in layers.items() for side in "AB"}
+                training = [parameter for parameter in model.parameters() if parameter.requires_grad]
+                try:
+                    for parameter in training:  # the local adapter only: not the head, not the global adapter
+                        parameter.requires_grad_(False)
+                    for (_, side), module in modules.items():
+                        parametrize.register_parametrization(
+                            module, "weight", _Phase1Mix(r, side, **(weights if side == "B" else {})))
+                        module.parametrizations.weight.original.requires_grad_(True)
+                    settings = self._phase1
+                    client_state.local_loss = local_train(
+                        model, self._clients[k], steps=settings["steps"], batch_size=settings["batch_size"],
+                        learning_rate=settings["learning_rate"], device=settings["device"],
+                        seed=derive_seed(settings["seed"], "FedDPA local batches", round_index, k))
+                    trained = {key: module.parametrizations.weight.original.detach().clone()
+                               for key, module in modules.items()}
+                finally:
+                    for module in modules.values():
+                        if parametrize.is_parametrized(module, "weight"):
+                            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                    for parameter in training:
+                        parameter.requires_grad_(True)
+                client_state.local = {name: (trained[(name, "A")][r:].clone(), trained[(name, "B")][:, r:].clone())
+                                      for name in layers}
+                adapter_io.set_lora_factors(model, start.adapters)  # phase 2 starts from the server's global adapter
+            for name, layer in layers.items():  # the global adapter alone, at alpha / r
+                layer.scaling[adapter_io.ADAPTER] = 2 * scalings[name]
+            yield
+        finally:
+            for name, layer in layers.items():
+                layer.scaling[adapter_io.ADAPTER] = scalings[name]
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        names = list(server.adapters)
+        a_up, b_up = uniform_mean_factors(uploads, names)
+        server.adapters = self._twice({name: (a_up[name].to(server.adapters[name][0]),
+                                              b_up[name].to(server.adapters[name][1])) for name in names})
+        self.aggregate_head(server, uploads)
+
+    def personal_model(self, server: ServerState, client_id: int,
+                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        """The mixture of the server's global adapter and the client's local one; None before it has a local one."""
+        if client_state.local is None:
+            return None
+        r = server.rank // 2
+        global_adapter = {name: (a[:r], b[:, :r]) for name, (a, b) in server.adapters.items()}
+        return self.mixture(global_adapter, client_state.local), {k: v.clone() for k, v in server.head.items()}
+
+
+def uniform_mean_factors(uploads: list[Upload], names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The plain (uniform) mean of the uploaded A's and B's of every layer, as FedDPA's server computes it."""
+    if not uploads:
+        raise ValueError("no uploads to average")
+    weights = [1.0 / len(uploads)] * len(uploads)
+    a_mean, b_mean = {}, {}
+    for name in names:
+        a_mean[name] = average_tensors([u.payload.tensors[f"{name}.A"] for u in uploads], weights)
+        b_mean[name] = average_tensors([u.payload.tensors[f"{name}.B"] for u in uploads], weights)
+    return a_mean, b_mean

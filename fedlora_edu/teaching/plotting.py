@@ -39,6 +39,7 @@ METHOD_COLORS: dict[str, str] = {
     "replication padding": "#9c9ede",
     "FedSA-LoRA": "#7b4173",
     "CE-LoRA": "#a55194",
+    "FedDPA": "#ce6dbd",
     "FL-TAC": "#31a354",
     "HyperFloRA": "#e6550d",
     # Part IV, sparse learning
