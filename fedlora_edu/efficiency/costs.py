@@ -1,0 +1,166 @@
+"""What a method costs a client, counted in one place: bytes, compute and memory of a round of local training.
+
+Part IV compares every method of the book on the same axes, so the costs are counted by one
+path that every method goes through, never estimated by hand in a chapter:
+:func:`client_costs` runs a method in a federation (the simulator's sequential loop, the
+reference path) and, around each client's local training, counts
+
+- **compute**: the floating-point operations of the forward and backward passes of every local
+  step (torch's ``FlopCounterMode``: matrix products and attention, 2 per multiply-add; the
+  optimiser's elementwise update is not counted), including any training a method runs inside
+  its own ``local_training`` context (FedDPA's first phase, for instance);
+- **memory** of a local step, in bytes: the model's weights (frozen and trainable), a gradient
+  and AdamW's two moment estimates per trainable number, and the largest total of tensors saved
+  for the backward pass during one forward pass (the activations; counted through autograd's
+  saved-tensor hooks, so the figure is the same on any device). Allocator overhead and
+  temporary buffers are not counted: the figure is what the method needs, not what a
+  particular allocator reserves;
+- **bytes** up and down of the client's round: the simulator's own count of what is serialized
+  (each method's :class:`~fedlora_edu.core.strategy.Payload`), read from the run's history.
+
+Our choice of what "a client's cost" is: one client per round, ``rounds`` rounds (the last one is
+reported, so that a method whose later rounds differ from its first, FedDPA's for instance, is
+counted in its steady state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedlora_edu.core.strategy import ClientStart, Strategy
+
+OPTIMIZER_STATES = 2
+"""Numbers AdamW keeps per trainable number (first and second moments), as every method's clients here use AdamW."""
+
+
+@dataclass(frozen=True)
+class ClientCost:
+    """One client's cost in one round of a method (see the module docstring for what each figure counts)."""
+
+    method: str
+    steps: int
+    flops: int
+    trainable_parameters: int
+    weight_bytes: int
+    trainable_bytes: int
+    activation_bytes: int
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def flops_per_step(self) -> float:
+        """The round's forward and backward FLOPs over its local steps."""
+        return self.flops / self.steps
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """A gradient and AdamW's two moments per trainable number."""
+        return (1 + OPTIMIZER_STATES) * self.trainable_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Weights, gradients, optimiser state and the saved activations of one step, together."""
+        return self.weight_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+class _Tally:
+    """Counts, while active, the FLOPs of a client's training and the bytes each forward pass saves for backward."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+        self.activation_bytes = 0
+        self.trainable = 0
+        self.trainable_bytes = 0
+        self.weight_bytes = 0
+        self._current = 0
+        self._seen: set[tuple[int, int]] = set()
+        self.weight_storages: set[int] = set()
+
+    def new_forward(self, *_: Any) -> None:
+        self._current = 0
+        self._seen = set()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key not in self._seen and key[0] not in self.weight_storages:  # a weight (or a view of one) is no activation
+            self._seen.add(key)
+            self._current += key[1]
+            self.activation_bytes = max(self.activation_bytes, self._current)
+        return tensor
+
+    def parameters(self, model: nn.Module) -> None:
+        """Weights and trainable numbers as the client trains (parametrised factors included)."""
+        seen: set[int] = set()
+        self.weight_bytes = self.trainable = self.trainable_bytes = 0
+        for parameter in model.parameters():
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            nbytes = parameter.numel() * parameter.element_size()
+            self.weight_bytes += nbytes
+            if parameter.requires_grad:
+                self.trainable += parameter.numel()
+                self.trainable_bytes += nbytes
+
+
+def _counted(strategy: Strategy, tallies: list[_Tally]) -> Strategy:
+    """A copy of ``strategy`` whose clients' local training is counted, one :class:`_Tally` per client and round."""
+    cls = type(strategy)
+
+    class Counted(cls):  # type: ignore[misc, valid-type]
+        @contextlib.contextmanager
+        def local_training(self, model: nn.Module, start: ClientStart, client_state: Any,
+                           round_index: int) -> Iterator[None]:
+            tally = _Tally()
+            tallies.append(tally)
+            tally.weight_storages = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+            hook = model.register_forward_pre_hook(tally.new_forward)
+            try:
+                with FlopCounterMode(display=False) as counter, \
+                        torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda tensor: tensor), \
+                        cls.local_training(self, model, start, client_state, round_index):
+                    tally.parameters(model)
+                    yield
+                tally.flops = int(counter.get_total_flops())
+            finally:
+                hook.remove()
+
+    Counted.__name__ = Counted.__qualname__ = f"Counted{cls.__name__}"
+    Counted.name = cls.name
+    counted = copy.copy(strategy)
+    counted.__class__ = Counted
+    return counted
+
+
+def client_costs(federation: Any, strategy: Strategy, *, rounds: int = 2, seed: int = 0,
+                 **run_options: Any) -> ClientCost:
+    """Run ``strategy`` for ``rounds`` rounds of one client each and count the last client's round.
+
+    ``federation`` is a :class:`~fedlora_edu.simulation.federation.Federation`; ``run_options``
+    go to its ``run`` (``local_steps``, ``batch_size``, ``learning_rate``). The strategy passed
+    in is not changed: a copy of it runs.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    for reserved in ("rounds", "clients_per_round", "engine", "seed", "progress"):
+        if reserved in run_options:
+            raise ValueError(f"client_costs sets {reserved} itself; it cannot be passed")
+    tallies: list[_Tally] = []
+    history = federation.run(_counted(strategy, tallies), rounds=rounds, clients_per_round=1, engine="sequential",
+                             seed=seed, progress=False, **run_options)
+    if len(tallies) != rounds:
+        raise RuntimeError(f"expected one counted client per round, got {len(tallies)} in {rounds} rounds")
+    last, row = tallies[-1], history.iloc[-1]
+    steps = run_options.get("local_steps", federation.profile.local_steps)
+    return ClientCost(method=strategy.name, steps=int(steps), flops=last.flops, trainable_parameters=last.trainable,
+                      weight_bytes=last.weight_bytes, trainable_bytes=last.trainable_bytes,
+                      activation_bytes=last.activation_bytes, bytes_up=int(row["bytes_up"]),
+                      bytes_down=int(row["bytes_down"]))

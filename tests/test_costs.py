@@ -1,0 +1,86 @@
+"""The one cost-accounting path (efficiency/costs.py): compute, memory and bytes of a client's round, for any method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY
+from torch import nn
+
+from fedlora_edu import make_strategy
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.efficiency.costs import OPTIMIZER_STATES, _Tally, client_costs
+from fedlora_edu.foundations.lora import lora_parameter_count
+
+
+@pytest.fixture(scope="module")
+def costs(shards_federation):
+    return {name: client_costs(shards_federation, make_strategy(name, **options))
+            for name, options in (("FedIT", {}), ("FFA-LoRA", {}), ("FedSA-LoRA", {}), ("CE-LoRA", {}),
+                                  ("FedDPA", {"rank": TINY.rank // 2}))}
+
+
+def test_trainable_numbers_and_weights_are_what_the_model_holds(shards_federation, costs):
+    model = shards_federation.fresh_model()
+    layers = adapter_io.lora_layers(model)
+    lora = sum(lora_parameter_count(lay.lora_B[adapter_io.ADAPTER].weight.shape[0],
+                                    lay.lora_A[adapter_io.ADAPTER].weight.shape[1], TINY.rank)
+               for lay in layers.values())
+    head = sum(t.numel() for t in adapter_io.get_head_state(model).values())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    fedit = costs["FedIT"]
+    assert fedit.trainable_parameters == lora + head and fedit.weight_bytes == weights
+    assert fedit.trainable_bytes == 4 * fedit.trainable_parameters  # float32
+    assert fedit.optimizer_bytes == (1 + OPTIMIZER_STATES) * fedit.trainable_bytes
+    assert fedit.peak_bytes == fedit.weight_bytes + fedit.optimizer_bytes + fedit.activation_bytes
+    # FFA-LoRA freezes A: only B (m x r per layer) and the head train
+    b_only = sum(lay.lora_B[adapter_io.ADAPTER].weight.numel() for lay in layers.values())
+    assert costs["FFA-LoRA"].trainable_parameters == b_only + head
+    # CE-LoRA trains one r x r matrix C per layer besides A and B, and holds it as a weight
+    extra = len(layers) * TINY.rank ** 2
+    assert costs["CE-LoRA"].trainable_parameters == fedit.trainable_parameters + extra
+    assert costs["CE-LoRA"].weight_bytes == fedit.weight_bytes + 4 * extra
+
+
+def test_compute_follows_what_each_method_trains(costs):
+    fedit, ffa, dpa = costs["FedIT"], costs["FFA-LoRA"], costs["FedDPA"]
+    assert fedit.flops > 0 and fedit.flops_per_step == fedit.flops / fedit.steps
+    assert ffa.flops < fedit.flops  # no gradient for A: the backward pass skips dL/dA
+    assert costs["FedSA-LoRA"].flops == fedit.flops  # the same training, a different upload
+    # FedDPA from round 2: a first phase for the local adapter, then the global one: about twice FedIT's compute
+    assert dpa.flops > 1.8 * fedit.flops
+
+
+def test_bytes_are_the_simulators_count_of_the_payloads(shards_federation, costs):
+    fedit, fedsa = costs["FedIT"], costs["FedSA-LoRA"]
+    assert fedit.bytes_up == fedit.trainable_bytes  # FedIT sends everything that trained: A, B and the head
+    layers = adapter_io.lora_layers(shards_federation.fresh_model())
+    b_bytes = 4 * sum(lay.lora_B[adapter_io.ADAPTER].weight.numel() for lay in layers.values())
+    assert fedsa.bytes_up == fedit.bytes_up - b_bytes  # FedSA-LoRA keeps B
+    assert costs["CE-LoRA"].bytes_up < fedit.bytes_up / 10  # r x r matrices (and a descriptor once)
+
+
+def test_activations_are_the_tensors_saved_for_backward_weights_excluded():
+    layer = nn.Linear(10, 5)
+    x = torch.randn(3, 10)
+    tally = _Tally()
+    tally.weight_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda tensor: tensor):
+        tally.new_forward()
+        layer(x).sum().backward()  # the weight's gradient needs x, saved: 3 x 10 float32; the weight is not counted
+    assert tally.activation_bytes == 3 * 10 * 4
+    with torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda tensor: tensor):
+        tally.new_forward()
+        torch.relu(layer(torch.randn(2, 10))).sum().backward()  # a smaller batch, then relu's output too
+    assert tally.activation_bytes == 3 * 10 * 4  # the peak over forward passes, not their sum
+
+
+def test_client_costs_checks_its_arguments_and_leaves_the_strategy_alone(shards_federation):
+    strategy = make_strategy("FedIT")
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="rounds"):
+            client_costs(shards_federation, strategy, rounds=bad)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        client_costs(shards_federation, strategy, clients_per_round=2)
+    client_costs(shards_federation, strategy, rounds=1, local_steps=1)
+    assert type(strategy).__name__ == "FedIT"
