@@ -84,3 +84,15 @@ def test_client_costs_checks_its_arguments_and_leaves_the_strategy_alone(shards_
         client_costs(shards_federation, strategy, clients_per_round=2)
     client_costs(shards_federation, strategy, rounds=1, local_steps=1)
     assert type(strategy).__name__ == "FedIT"
+
+
+def test_a_client_below_the_models_rank_trains_its_own_rank_and_costs_about_the_same(shards_federation, costs):
+    """FSLoRA's sketches of half the rank train in the rank-R model with the other components at zero: they are
+    counted as rank r/2 trainables, like FedIT at half the rank on the same batches, and the FLOPs the simulator
+    ran differ from that run's by well under 1% (the frozen model's arithmetic dominates)."""
+    half = TINY.rank // 2
+    sketched = client_costs(shards_federation, make_strategy("FSLoRA", sketch=half / TINY.rank))
+    small = client_costs(shards_federation, make_strategy("FedIT", rank=half))
+    assert sketched.trainable_parameters == small.trainable_parameters < costs["FedIT"].trainable_parameters
+    assert sketched.flops == costs["FedIT"].flops  # what ran: the rank-R model
+    assert 0 < sketched.flops - small.flops < 0.01 * small.flops

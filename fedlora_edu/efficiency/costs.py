@@ -8,7 +8,15 @@ reference path) and, around each client's local training, counts
 - **compute**: the floating-point operations of the forward and backward passes of every local
   step (torch's ``FlopCounterMode``: matrix products and attention, 2 per multiply-add; the
   optimiser's elementwise update is not counted), including any training a method runs inside
-  its own ``local_training`` context (FedDPA's first phase, for instance);
+  its own ``local_training`` context (FedDPA's first phase, for instance). A client whose rank
+  r_k is below the model's R trains, in the simulator, inside the rank-R model with its other
+  components held at zero, where a device would run rank r_k: its trainable LoRA numbers are
+  counted at r_k / R, but its FLOPs are those the simulator ran. The difference is small, because
+  the frozen model's arithmetic dominates a step: on the test federation, FedIT at rank 2 and at
+  rank 4 differ by well under 1% (tests/test_costs.py). torch attributes the backward pass to
+  modules too loosely to subtract the LoRA matrices' share exactly. The model's weights are
+  counted as the simulator holds them (the zero components of a low-rank client, a few kilobytes,
+  included);
 - **memory** of a local step, in bytes: the model's weights (frozen and trainable), a gradient
   and AdamW's two moment estimates per trainable number, and the largest total of tensors saved
   for the backward pass during one forward pass (the activations; counted through autograd's
@@ -35,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.strategy import ClientStart, Strategy
 
 OPTIMIZER_STATES = 2
@@ -96,19 +105,30 @@ class _Tally:
             self.activation_bytes = max(self.activation_bytes, self._current)
         return tensor
 
-    def parameters(self, model: nn.Module) -> None:
-        """Weights and trainable numbers as the client trains (parametrised factors included)."""
+    def parameters(self, model: nn.Module, rank_share: float) -> None:
+        """Weights and trainable numbers as the client trains (parametrised factors included).
+
+        A trainable LoRA factor counts ``rank_share`` (r_k / R) of its numbers: the rest are the
+        zero components of a client below the model's rank.
+        """
         seen: set[int] = set()
-        self.weight_bytes = self.trainable = self.trainable_bytes = 0
-        for parameter in model.parameters():
+        self.weight_bytes = self.trainable = 0
+        self.trainable_bytes = 0
+        for name, parameter in model.named_parameters():
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
-            nbytes = parameter.numel() * parameter.element_size()
-            self.weight_bytes += nbytes
+            self.weight_bytes += parameter.numel() * parameter.element_size()
             if parameter.requires_grad:
-                self.trainable += parameter.numel()
-                self.trainable_bytes += nbytes
+                share = rank_share if _is_lora(name) else 1.0
+                count = round(parameter.numel() * share)
+                self.trainable += count
+                self.trainable_bytes += count * parameter.element_size()
+
+
+def _is_lora(name: str) -> bool:
+    """Whether a parameter or module name is one of the LoRA factors (``lora_A``/``lora_B``)."""
+    return any(f"lora_{side}.{adapter_io.ADAPTER}" in name for side in "AB")
 
 
 def _counted(strategy: Strategy, tallies: list[_Tally]) -> Strategy:
@@ -122,12 +142,13 @@ def _counted(strategy: Strategy, tallies: list[_Tally]) -> Strategy:
             tally = _Tally()
             tallies.append(tally)
             tally.weight_storages = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+            rank_share = next(iter(start.adapters.values()))[0].shape[0] / adapter_io.model_rank(model)
             hook = model.register_forward_pre_hook(tally.new_forward)
             try:
                 with FlopCounterMode(display=False) as counter, \
                         torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda tensor: tensor), \
                         cls.local_training(self, model, start, client_state, round_index):
-                    tally.parameters(model)
+                    tally.parameters(model, rank_share)
                     yield
                 tally.flops = int(counter.get_total_flops())
             finally:
