@@ -36,6 +36,18 @@ from fedlora_edu.core.strategy import ClientStart, LocalResult, Payload, ServerS
 from fedlora_edu.foundations.training import trim_batch
 
 
+def with_descriptor_once(payload: Payload, client_state: Any, descriptor_bytes: int) -> Payload:
+    """``payload`` with a client's data descriptor counted on its first upload only.
+
+    ``client_state`` has a ``sent_descriptor`` flag, set here: a client computes its descriptor
+    once and sends it once (HyperFloRA, CE-LoRA), so later uploads carry only the payload.
+    """
+    if client_state.sent_descriptor:
+        return payload
+    client_state.sent_descriptor = True
+    return Payload(payload.tensors, payload.nbytes + descriptor_bytes)
+
+
 class LoRAHypernetwork(nn.Module):
     """h(psi; r): a descriptor of size ``descriptor_size`` to one LoRA adapter (A r x n, B m x r) per layer.
 
@@ -231,10 +243,7 @@ class HyperFloRA(Strategy):
 
     def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
         payload = super().client_upload(result, client_state, round_index)
-        if not client_state.sent_descriptor:  # sent once, before the client's first download
-            client_state.sent_descriptor = True
-            payload = Payload(payload.tensors, payload.nbytes + self.descriptor_bytes)
-        return payload
+        return with_descriptor_once(payload, client_state, self.descriptor_bytes)
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         state = server.method_state

@@ -36,7 +36,7 @@ from fedlora_edu.core.strategy import (
     normalized_weights,
 )
 from fedlora_edu.foundations.training import local_train
-from fedlora_edu.heterogeneity.hypernetwork import mean_feature_descriptor
+from fedlora_edu.heterogeneity.hypernetwork import mean_feature_descriptor, with_descriptor_once
 
 
 class FedSALoRA(Strategy):
@@ -282,11 +282,7 @@ class CELoRA(Strategy):
         client_state.B = {name: b.detach().clone() for name, (_, b) in result.adapters.items()}
         tensors = {f"{name}.C": c for name, c in trained.items()}
         tensors.update({f"head.{key}": value for key, value in result.head.items()})
-        payload = Payload(tensors)
-        if not client_state.sent_descriptor:  # sent once, with the client's first upload
-            client_state.sent_descriptor = True
-            payload = Payload(payload.tensors, payload.nbytes + self.descriptor_bytes)
-        return payload
+        return with_descriptor_once(Payload(tensors), client_state, self.descriptor_bytes)
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         state = server.method_state
