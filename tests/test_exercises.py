@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import ROOT
 
 from fedlora_edu.teaching.exercises import EXERCISES, ExerciseFailed, check
+from fedlora_edu.teaching.handouts import solution_namespace
 
-SOLUTIONS = load_script("exercises/solutions/aggregation_basics.py")
+
+class _Solutions:
+    """The answers of the teacher's notebook, by name (exercises/source/aggregation_basics.ipynb)."""
+
+    def __init__(self, namespace):
+        self.__dict__.update(namespace)
+
+
+SOLUTIONS = _Solutions(solution_namespace(ROOT / "exercises" / "source" / "aggregation_basics.ipynb"))
 
 
 @pytest.mark.parametrize("name", sorted(EXERCISES))

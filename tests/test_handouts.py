@@ -1,0 +1,71 @@
+"""One source for the exercises: the student notebooks are generated from the teacher's, and are current."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import ROOT
+
+from fedlora_edu.teaching.handouts import (
+    BEGIN,
+    END,
+    STUB,
+    build,
+    has_solution,
+    solution_namespace,
+    strip_solutions,
+    student_version,
+)
+
+SOURCES = sorted((ROOT / "exercises" / "source").glob("*.ipynb"))
+
+
+def test_every_student_notebook_is_generated_from_a_current_source():
+    assert SOURCES, "no teacher's notebooks in exercises/source"
+    assert build(ROOT / "exercises", check_only=True) == [], "run: python -m fedlora_edu.teaching.handouts"
+    students = sorted(p.name for p in (ROOT / "exercises").glob("*.ipynb"))
+    assert students == [p.name for p in SOURCES]  # no student notebook without its source
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_no_answer_reaches_the_student(source):
+    notebook = json.loads(source.read_text(encoding="utf-8"))
+    student = json.dumps(student_version(notebook))
+    answers = [cell for cell in notebook["cells"] if has_solution(cell)]
+    assert answers
+    for cell in answers:
+        code = "".join(cell["source"])
+        inside = code.split(BEGIN, 1)[1].split(END, 1)[0]
+        for line in inside.splitlines():
+            if line.strip():
+                assert json.dumps(line)[1:-1] not in student, line
+    assert "BEGIN SOLUTION" not in student and "END SOLUTION" not in student
+    assert all("solution" not in cell.get("metadata", {}).get("tags", [])
+               for cell in json.loads(student)["cells"])
+
+
+def test_stubs_keep_the_indentation_and_what_surrounds_them():
+    code = f"def f(x):\n    y = 1\n    {BEGIN}\n    return x + y\n    {END}\n\nprint(f)\n"
+    assert strip_solutions(code) == f"def f(x):\n    y = 1\n    {STUB}\n\nprint(f)\n"
+
+
+@pytest.mark.parametrize("code, problem", [
+    (f"{BEGIN}\nx = 1\n", "without its"),
+    (f"x = 1\n{END}\n", "without a"),
+    (f"{BEGIN}\n{BEGIN}\n{END}\n", "inside another"),
+])
+def test_broken_markers_are_named(code, problem):
+    with pytest.raises(ValueError, match=problem):
+        strip_solutions(code, "exercise cell 3")
+
+
+def test_a_notebook_without_answers_is_refused():
+    notebook = {"cells": [{"cell_type": "code", "source": "x = 1\n", "metadata": {}, "outputs": []}]}
+    with pytest.raises(ValueError, match="marks no answer"):
+        student_version(notebook, "empty.ipynb")
+
+
+def test_the_solution_namespace_holds_the_answers_only():
+    namespace = solution_namespace(SOURCES[0])
+    assert callable(namespace["ideal_update"]) and "check" not in namespace  # the check cells did not run
