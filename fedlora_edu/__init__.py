@@ -29,11 +29,11 @@ from fedlora_edu.simulation.federation import Federation, build_federation
 from fedlora_edu.simulation.profiles import describe_environment, get_profile
 from fedlora_edu.teaching.prose import report
 from fedlora_edu.teaching.source import show_source
-from fedlora_edu.testbed import build_testbed, testbed_profile
+from fedlora_edu.testbed import build_testbed, centralized_learning_rate, testbed_profile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "Federation", "build_federation", "default_device", "describe_environment", "get_profile",
-    "build_testbed", "make_strategy", "method_map", "report", "show_source", "testbed_profile",
+    "build_testbed", "centralized_learning_rate", "make_strategy", "method_map", "report", "show_source", "testbed_profile",
 ]

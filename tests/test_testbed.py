@@ -6,7 +6,16 @@ import pytest
 
 from fedlora_edu import build_testbed, get_profile, testbed_profile
 from fedlora_edu.teaching.comparison import Comparison
-from fedlora_edu.testbed import ADAPTED_LAYERS, DATA, LEARNING_RATE, ROUNDS, SCHEDULE, TRAIN_EXAMPLES
+from fedlora_edu.testbed import (
+    ADAPTED_LAYERS,
+    CENTRALIZED_LEARNING_RATE,
+    DATA,
+    LEARNING_RATE,
+    ROUNDS,
+    SCHEDULE,
+    TRAIN_EXAMPLES,
+    centralized_learning_rate,
+)
 
 
 @pytest.mark.parametrize("name", sorted(ROUNDS))
@@ -31,6 +40,18 @@ def test_what_a_chapter_cut_is_kept_before_or_after():
     assert slower.learning_rate == 5e-4 and testbed_profile("cpu").learning_rate == LEARNING_RATE["cpu"]
     smaller = testbed_profile(get_profile("cpu").with_overrides(train_examples=400))
     assert smaller.train_examples == 400 and smaller.rounds == ROUNDS["cpu"]
+
+
+@pytest.mark.parametrize("name", sorted(ROUNDS))
+def test_a_centralised_run_has_its_own_rate_where_the_table_gives_one(name):
+    federated = testbed_profile(name).learning_rate
+    assert centralized_learning_rate(name) == CENTRALIZED_LEARNING_RATE.get(name, federated)
+    assert centralized_learning_rate(testbed_profile(name)) == centralized_learning_rate(name)
+
+
+def test_under_cpu_the_federation_trains_faster_than_one_learner():
+    """The cpu testbed's two rates differ, and in the direction the stored study measured (docstring of testbed)."""
+    assert centralized_learning_rate("cpu") < testbed_profile("cpu").learning_rate
 
 
 def test_an_unknown_profile_name_is_refused():
