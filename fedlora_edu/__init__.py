@@ -35,5 +35,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "Federation", "build_federation", "default_device", "describe_environment", "get_profile",
-    "build_testbed", "centralized_learning_rate", "make_strategy", "method_map", "report", "show_source", "testbed_profile",
+    "build_testbed", "centralized_learning_rate", "make_strategy", "method_map", "report", "show_source",
+    "testbed_profile",
 ]

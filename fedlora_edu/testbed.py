@@ -22,8 +22,9 @@ a testbed is only good for comparing FedLoRA methods if the adapter is what lear
   The federated rate differs: the stored study of 2026-12-03 on this testbed (all methods at 3e-3,
   four seeds) found FedIT at 1e-2 ahead of FedIT at 3e-3 by 0.038 (95% interval [0.004, 0.071]),
   and an exploration (2026-12-03, not stored) found FedIT at 2e-2 behind 1e-2 on each of
-  seeds 0 to 3 and at 4e-2 collapsing towards chance (0.29 and 0.17 on seeds 0 and 2). Averaging four clients' changes each round shrinks the step the
-  global adapter takes, so the federation wants a larger rate than one learner does. What stands
+  seeds 0 to 3 and at 4e-2 collapsing towards chance (0.29 and 0.17 on seeds 0 and 2).
+  Averaging four clients' changes each round shrinks the step the global adapter takes, so the
+  federation wants a larger rate than one learner does. What stands
   behind both rates is stored: the anchors of ``studies/part2.py`` measure centralised LoRA's gain
   on the testbed itself, seed by seed, and its FedIT runs at 3e-3 and 3e-2 what the rate changes
   in a federation (both shown in Part I). ``studies/testbed.py``'s size runs compare the sizes and

@@ -8,8 +8,9 @@ and centralised LoRA on the pooled data with as many steps as a federated run (a
 centralised learning rate), so that a method's result can be read as the share of centralised LoRA's
 gain over the probe that it recovers. And FedIT once more per seed at each of :data:`VARIANTS`: the
 centralised rate and three times the testbed's federated rate (what the choice of the federated rate
-changes), and fewer or more local steps (how the discordance grows with them). One JSON line per run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to
-continue (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
+changes), and fewer or more local steps (how the discordance grows with them). One JSON line per
+run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to continue
+(``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
 ``book/part2/at_a_glance.ipynb`` and the method chapters.
 
     python studies/part2.py                          # the cpu profile, seeds 0 to 3
