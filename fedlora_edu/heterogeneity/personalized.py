@@ -426,14 +426,9 @@ class FedDPA(Strategy):
                         "seed": seed}
 
     def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
-        client_state.client_id = client_id
-        r = server.rank // 2
-        adapters = {name: (a[:r].clone(), b[:, :r].clone()) for name, (a, b) in server.adapters.items()}
-        tensors = {f"{name}.A": a for name, (a, _) in adapters.items()}
-        tensors.update({f"{name}.B": b for name, (_, b) in adapters.items()})
-        tensors.update({f"head.{key}": value for key, value in server.head.items()})
-        return ClientStart(adapters, {key: value.clone() for key, value in server.head.items()}, Payload(tensors),
-                           self.trainable(round_index))
+        """The default download (the global adapter, its first r components by :meth:`client_rank`), and the id."""
+        client_state.client_id = client_id  # local_training's first phase trains on this client's data
+        return super().client_start(server, client_id, client_state, round_index)
 
     def _fresh_local(self, global_adapter: dict[str, Factors], client_id: int) -> dict[str, Factors]:
         """A new local adapter: A_l uniform in +-1/sqrt(n) (peft's default for A), B_l = 0."""
