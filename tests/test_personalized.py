@@ -303,6 +303,25 @@ def test_feddpa_phase_one_leaves_the_global_half_without_gradient():
             assert torch.allclose(mixed[:, :r], 0.6 * x[:, :r]) and torch.allclose(mixed[:, r:], 1.4 * x[:, r:])
 
 
+@pytest.mark.parametrize("local_weight", [0.1, 0.5, 0.83])
+def test_feddpa_mixture_stacks_the_papers_weighted_sum_on_random_factors(local_weight):
+    """At the rank-2r layer's scaling s/2, the stacked product is (1 - a) s B_g A_g + a s B_l A_l (survey eq. 13)."""
+    g = torch.Generator().manual_seed(11)
+    r, n, m, s = 3, 7, 5, 16 / 3
+    names = ["q", "v"]
+    global_adapter = {k: (torch.randn(r, n, generator=g, dtype=torch.float64),
+                          torch.randn(m, r, generator=g, dtype=torch.float64)) for k in names}
+    local = {k: (torch.randn(r, n, generator=g, dtype=torch.float64),
+                 torch.randn(m, r, generator=g, dtype=torch.float64)) for k in names}
+    mixed = FedDPA(local_weight=local_weight).mixture(global_adapter, local)
+    for k in names:
+        a, b = mixed[k]
+        assert a.shape == (2 * r, n) and b.shape == (m, 2 * r)
+        (a_g, b_g), (a_l, b_l) = global_adapter[k], local[k]
+        expected = (1 - local_weight) * s * b_g @ a_g + local_weight * s * b_l @ a_l
+        assert torch.allclose(s / 2 * b @ a, expected, atol=1e-12)
+
+
 def test_feddpa_personal_model_is_the_papers_mixture_on_a_real_layer(shards_federation):
     """In the rank-2r layer at its own scaling, the personal model computes W'x + (1-a) s B_g A_g x + a s B_l A_l x."""
     strategy = FedDPA(local_weight=0.3)
