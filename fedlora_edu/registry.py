@@ -39,6 +39,7 @@ from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
 from fedlora_edu.heterogeneity.personalized import CELoRA, FedDPA, FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
+from fedlora_edu.heterogeneity.structure import PerFIT
 
 # One entry per method class, in the order of the survey's sections; add a new method's class
 # here (its ``name`` is the key).
@@ -54,8 +55,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
-    # 4.2 personalized LoRA (and the hypernetwork, eq. 15)
-    FedDPA, FedSALoRA, CELoRA, HyperFloRA,
+    # 4.2 personalized LoRA (a personal structure, eq. 14; the hypernetwork, eq. 15)
+    FedDPA, FedSALoRA, CELoRA, PerFIT, HyperFloRA,
     # 4.3 clustering
     FLTAC,
     # 5 efficiency: sparse learning (and FSLoRA's sketches)
