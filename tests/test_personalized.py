@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,9 +15,11 @@ from fedlora_edu.core.factors import average_tensors
 from fedlora_edu.core.strategy import normalized_weights
 from fedlora_edu.heterogeneity.personalized import (
     CELoRA,
+    FDLoRA,
     FedDPA,
     FedSALoRA,
     _Phase1Mix,
+    best_weight,
     cosine_matrix,
     similarity_weights,
 )
@@ -356,3 +359,88 @@ def test_feddpa_checks_its_settings():
     with pytest.raises(ValueError, match="local_steps"):
         FedDPA(local_steps=0)
     assert FedDPA(rank=4).max_rank(10) == 8 and FedDPA().max_rank(10) is None
+
+
+# ----- FDLoRA: FedDPA's two adapters, synchronised every few rounds, fused by a searched weight -------
+
+
+def test_best_weight_is_the_argmin_of_the_loss_and_the_first_of_equals():
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        centre = float(torch.rand(1, generator=g))
+        grid = [i / 10 for i in range(11)]
+        weight, losses = best_weight(grid, lambda w, c=centre: (w - c) ** 2)
+        assert losses == [(w - centre) ** 2 for w in grid]
+        assert abs(weight - centre) <= 0.05 + 1e-12
+    assert best_weight([0.0, 0.5, 1.0], lambda w: 1.0)[0] == 0.0  # equal losses: the first weight
+    with pytest.raises(ValueError, match="empty"):
+        best_weight([], lambda w: 0.0)
+
+
+class _RecordingFDLoRA(recording(FDLoRA)):
+    """FDLoRA that records where every personal adapter's training starts."""
+
+    def local_start(self, client_state, global_adapter, round_index):
+        local = super().local_start(client_state, global_adapter, round_index)
+        self.__dict__.setdefault("local_starts", []).append(
+            (round_index, client_state.client_id, copy.deepcopy(local), copy.deepcopy(global_adapter),
+             client_state.local is None))
+        return local
+
+
+def test_fdlora_synchronises_the_personal_adapter_and_fuses_by_the_searched_weight(shards_federation):
+    strategy = _RecordingFDLoRA(sync_every=2, fusion_grid=(0.0, 0.25, 0.5, 0.75, 1.0))
+    history = shards_federation.run(strategy, rounds=3, progress=False, evaluate_clients=True)
+    server = shards_federation.last_server
+    layers = list(server.adapters)
+    expected_keys = {f"{n}.{f}" for n in layers for f in "AB"} | {f"head.{k}" for k in server.head}
+    for _, _, payload, _ in strategy.sent:
+        assert set(payload.tensors) == expected_keys  # the personal adapter is never sent
+    starts = strategy.local_starts
+    assert {t for t, *_ in starts} == {1, 2}  # round 1 (t = 0) trains the global adapter only
+    for t, _, local, global_adapter, first in starts:
+        same = all(torch.equal(local[n][i], global_adapter[n][i]) for n in layers for i in (0, 1))
+        if t == 2 and not first:  # a synchronisation round: the personal adapter restarts from the global one
+            assert same
+        else:
+            assert not same
+    assert any(t == 2 and not first for t, *_, first in starts)
+    for t, _, _, state in strategy.sent:
+        if t >= 1:
+            assert state.fusion_weight in strategy.fusion_grid and len(state.fusion_losses) == 5
+            assert state.fusion_weight == strategy.fusion_grid[state.fusion_losses.index(min(state.fusion_losses))]
+    # the server: the clients' weighted mean of the global adapters, kept twice
+    before, uploads = strategy.rounds[-1]
+    weights = normalized_weights(uploads)
+    r = server.rank // 2
+    for n in layers:
+        a = average_tensors([u.payload.tensors[f"{n}.A"] for u in uploads], weights)
+        assert torch.allclose(server.adapters[n][0], torch.cat([a, a]), atol=1e-6)
+    assert server.adapters[layers[0]][0].shape[0] == 2 * r
+    assert history["client_accuracy"].notna().all()
+
+
+def test_fdlora_personal_model_uses_each_clients_fusion_weight():
+    g = torch.Generator().manual_seed(9)
+    r, n, m = 2, 5, 4
+    global_adapter = {"q": (torch.randn(r, n, generator=g, dtype=torch.float64),
+                            torch.randn(m, r, generator=g, dtype=torch.float64))}
+    local = {"q": (torch.randn(r, n, generator=g, dtype=torch.float64),
+                   torch.randn(m, r, generator=g, dtype=torch.float64))}
+    server = type("Server", (), {"adapters": FDLoRA._twice(global_adapter), "rank": 2 * r, "head": {}})()
+    strategy = FDLoRA()
+    for weight in (0.0, 0.3, 1.0):
+        state = FDLoRA.ClientState(client_id=0, local=local, fusion_weight=weight)
+        (a, b), = strategy.personal_model(server, 0, state)[0].values()
+        (a_g, b_g), (a_l, b_l) = global_adapter["q"], local["q"]
+        assert torch.allclose(b @ a / 2, (1 - weight) * b_g @ a_g + weight * b_l @ a_l, atol=1e-12)
+    assert strategy.personal_model(server, 0, FDLoRA.ClientState(client_id=0)) is None
+
+
+def test_fdlora_checks_its_settings():
+    for label, bad in (("sync_every", 0), ("fusion_batches", True)):
+        with pytest.raises(ValueError, match=label):
+            FDLoRA(**{label: bad})
+    with pytest.raises(ValueError, match="fusion_grid"):
+        FDLoRA(fusion_grid=(0.5, 1.5))
+    assert not FDLoRA(sync_every=3).synchronises(0) and FDLoRA(sync_every=3).synchronises(3)

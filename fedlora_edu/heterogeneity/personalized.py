@@ -5,16 +5,18 @@ a personal theta_k fitted to the client's own data (eq. 13). The methods differ 
 shared and what stays. :class:`FedSALoRA` splits one LoRA adapter: A, which its authors find
 to learn what the clients have in common, is shared; B, which learns what is client-specific,
 never leaves the client. :class:`FedDPA` gives every client two adapters, a global one it shares
-and a local one it keeps, mixed in its model. :class:`CELoRA` factors the adapter in three, B C A, keeps A and B on
-the client and shares only the small r x r matrix C, which the server averages for each client with
-weights of its own (a personalised aggregation). Taught, and measured client by client, in
-``book/part3/personalized.ipynb``.
+and a local one it keeps, mixed in its model; :class:`FDLoRA` synchronises the two every few rounds
+and searches each client's mixing weight on its own data. :class:`CELoRA` factors the adapter in
+three, B C A, keeps A and B on the client and shares only the small r x r matrix C, which the
+server averages for each client with weights of its own (a personalised aggregation). Taught, and
+measured client by client, in ``book/part3/personalized.ipynb`` (FedSA-LoRA, CE-LoRA) and
+``book/part3/dual_adapters.ipynb`` (FedDPA, FDLoRA).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ from fedlora_edu.core.strategy import (
     Upload,
     normalized_weights,
 )
-from fedlora_edu.foundations.training import local_train
+from fedlora_edu.foundations.training import BatchSampler, local_train, trim_batch
 from fedlora_edu.heterogeneity.hypernetwork import mean_feature_descriptor, with_descriptor_once
 
 
@@ -375,7 +377,7 @@ class FedDPA(Strategy):
 
     name = "FedDPA"
     paper = "Yang et al. 2024, NeurIPS, arXiv 2403.19211"
-    chapter = "book/part3/personalized"
+    chapter = "book/part3/dual_adapters"
     batched_training = False
 
     @dataclass
@@ -440,9 +442,20 @@ class FedDPA(Strategy):
             fresh[name] = (a_local.to(a), torch.zeros_like(b))
         return fresh
 
-    def mixture(self, global_adapter: dict[str, Factors], local: dict[str, Factors]) -> dict[str, Factors]:
-        """The stacked factors that compute (1 - a) s B_g A_g + a s B_l A_l at the rank-2r layer's scaling s / 2."""
-        a = self.local_weight
+    def local_start(self, client_state: Any, global_adapter: dict[str, Factors],
+                    round_index: int) -> dict[str, Factors]:
+        """Where the local adapter's training starts this round: a fresh one the first time, then the kept one."""
+        if client_state.local is None:
+            return self._fresh_local(global_adapter, client_state.client_id)
+        return client_state.local
+
+    def mixture(self, global_adapter: dict[str, Factors], local: dict[str, Factors],
+                local_weight: float | None = None) -> dict[str, Factors]:
+        """The stacked factors that compute (1 - a) s B_g A_g + a s B_l A_l at the rank-2r layer's scaling s / 2.
+
+        a is ``local_weight``, the strategy's own (``self.local_weight``) unless given.
+        """
+        a = self.local_weight if local_weight is None else local_weight
         return {name: (torch.cat([a_g, local[name][0].to(a_g)], dim=0),
                        torch.cat([2 * (1 - a) * b_g, 2 * a * local[name][1].to(b_g)], dim=1))
                 for name, (a_g, b_g) in global_adapter.items()}
@@ -460,7 +473,7 @@ class FedDPA(Strategy):
         k = client_state.client_id
         try:
             if round_index > 0:
-                local = client_state.local if client_state.local is not None else self._fresh_local(start.adapters, k)
+                local = self.local_start(client_state, start.adapters, round_index)
                 stacked = {name: (torch.cat([a_g, local[name][0].to(a_g)], dim=0),
                                   torch.cat([b_g, local[name][1].to(b_g)], dim=1))
                            for name, (a_g, b_g) in start.adapters.items()}
@@ -495,9 +508,16 @@ class FedDPA(Strategy):
             for name, layer in layers.items():  # the global adapter alone, at alpha / r
                 layer.scaling[adapter_io.ADAPTER] = 2 * scalings[name]
             yield
+            for name, layer in layers.items():
+                layer.scaling[adapter_io.ADAPTER] = scalings[name]
+            self.after_local_training(model, start, client_state, round_index)
         finally:
             for name, layer in layers.items():
                 layer.scaling[adapter_io.ADAPTER] = scalings[name]
+
+    def after_local_training(self, model: nn.Module, start: ClientStart, client_state: Any,  # noqa: B027
+                             round_index: int) -> None:
+        """Client-side work after both phases (the trained global adapter in ``model``); none here (optional hook)."""
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
         names = list(server.adapters)
@@ -514,6 +534,128 @@ class FedDPA(Strategy):
         r = server.rank // 2
         global_adapter = {name: (a[:r], b[:, :r]) for name, (a, b) in server.adapters.items()}
         return self.mixture(global_adapter, client_state.local), {k: v.clone() for k, v in server.head.items()}
+
+
+def best_weight(weights: Sequence[float], loss: Callable[[float], float]) -> tuple[float, list[float]]:
+    """Gradient-free search: the weight in ``weights`` of lowest ``loss`` (the first of equals), and all losses."""
+    if not weights:
+        raise ValueError("weights is empty: nothing to search")
+    losses = [float(loss(w)) for w in weights]
+    return float(weights[min(range(len(losses)), key=losses.__getitem__)]), losses
+
+
+class FDLoRA(FedDPA):
+    """FDLoRA (Qi et al. 2024, arXiv 2406.07925): dual LoRA, periodic synchronisation, adaptive fusion.
+
+    Survey eq. 13 with theta a global LoRA adapter, shared and aggregated, and theta_k a personal
+    adapter of the same rank that never leaves client k. What the survey and the abstract say
+    (``METHOD_SOURCES.md``; no code was found): like FedDPA, two adapters per client and only the
+    global one uploaded; unlike it, the personal adapter is *synchronised* with the global one
+    every few rounds, and the two are merged by AdaFusion, a gradient-free search of the fusion
+    weights on the client's own data.
+
+    Built on :class:`FedDPA`'s two training phases (the personal adapter in the mixture with the
+    global one frozen, then the global adapter alone) and its rank-2r layer. Our choices, where
+    the paper's details are unknown:
+
+    - Synchronisation: in every round ``t`` with ``t % sync_every == 0`` (t >= 1, 0-based), the
+      personal adapter restarts its training from the global adapter the client downloaded
+      (:meth:`local_start`), so it takes up what the federation learned and personalises it again.
+    - AdaFusion: after both phases the client searches a in ``fusion_grid`` (0: the global adapter
+      alone, 1: the personal one alone) for the mixture (1 - a) s B_g A_g + a s B_l A_l with the
+      lowest loss on ``fusion_batches`` mini-batches of its *training* data (no gradient;
+      :func:`best_weight`), with B_g A_g the global adapter it downloaded this round (the one it
+      has just trained fits the same batches and would win the search for the wrong reason), and
+      keeps it; its model (:meth:`personal_model`) is that mixture with
+      the server's global adapter. Before its first search a client's weight is ``local_weight``.
+    - Aggregation: the global adapters averaged with the clients' weights p_k (FedAvg's, the
+      abstract states no other), A and B each, kept twice as FedDPA does.
+    """
+
+    name = "FDLoRA"
+    paper = "Qi et al. 2024, arXiv 2406.07925"
+    chapter = "book/part3/dual_adapters"
+
+    @dataclass
+    class ClientState(FedDPA.ClientState):
+        """FedDPA's client state, with the fusion weight AdaFusion chose and the losses it compared."""
+
+        fusion_weight: float | None = None
+        fusion_losses: list[float] = field(default_factory=list)
+
+    def __init__(self, rank: int | None = None, *, sync_every: int = 5,
+                 fusion_grid: Sequence[float] = tuple(i / 10 for i in range(11)), fusion_batches: int = 2,
+                 local_weight: float = 0.5, local_steps: int | None = None,
+                 learning_rate: float | None = None) -> None:
+        super().__init__(rank, local_weight=local_weight, local_steps=local_steps, learning_rate=learning_rate)
+        for label, value in (("sync_every", sync_every), ("fusion_batches", fusion_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        grid = tuple(float(w) for w in fusion_grid)
+        if not grid or not all(0.0 <= w <= 1.0 for w in grid):
+            raise ValueError(f"fusion_grid must hold weights in [0, 1], got {fusion_grid!r}")
+        self.sync_every = sync_every
+        self.fusion_grid = grid
+        self.fusion_batches = fusion_batches
+
+    def synchronises(self, round_index: int) -> bool:
+        """Whether the personal adapter restarts from the global one in round ``round_index`` (0-based)."""
+        return round_index >= 1 and round_index % self.sync_every == 0
+
+    def local_start(self, client_state: Any, global_adapter: dict[str, Factors],
+                    round_index: int) -> dict[str, Factors]:
+        """The global adapter on a synchronisation round, else FedDPA's start (fresh, then the kept one)."""
+        if client_state.local is not None and self.synchronises(round_index):
+            return {name: (a.clone(), b.clone()) for name, (a, b) in global_adapter.items()}
+        return super().local_start(client_state, global_adapter, round_index)
+
+    def after_local_training(self, model: nn.Module, start: ClientStart, client_state: Any, round_index: int) -> None:
+        """AdaFusion: the fusion weight with the lowest loss on a few of the client's training batches.
+
+        The mixture searched is of the new local adapter and the global adapter the client
+        downloaded this round, the federation's, not the one it has just trained on the same data.
+        """
+        if client_state.local is None:  # round 1 trains the global adapter only: nothing to fuse yet
+            return
+        settings, k = self._phase1, client_state.client_id
+        data = self._clients[k]
+        rank = next(iter(start.adapters.values()))[0].shape[0]
+        trained_global = adapter_io.get_lora_factors(model, rank=rank)
+        sampler = BatchSampler(len(data), settings["batch_size"],
+                               derive_seed(settings["seed"], "FDLoRA fusion batches", round_index, k))
+        batches = [trim_batch(data.subset(sampler.next()), settings["device"]) for _ in range(self.fusion_batches)]
+
+        @torch.no_grad()
+        def loss(weight: float) -> float:
+            adapter_io.set_lora_factors(model, self.mixture(start.adapters, client_state.local, weight))
+            return sum(float(model(**batch).loss) for batch in batches) / len(batches)
+
+        was_training = model.training
+        model.eval()
+        try:
+            client_state.fusion_weight, client_state.fusion_losses = best_weight(self.fusion_grid, loss)
+        finally:
+            adapter_io.set_lora_factors(model, trained_global)
+            model.train(was_training)
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        weights = normalized_weights(uploads)
+        merged = {}
+        for name, (a, b) in server.adapters.items():
+            merged[name] = (average_tensors([u.payload.tensors[f"{name}.A"].to(a) for u in uploads], weights),
+                            average_tensors([u.payload.tensors[f"{name}.B"].to(b) for u in uploads], weights))
+        server.adapters = self._twice(merged)
+        self.aggregate_head(server, uploads)
+
+    def personal_model(self, server: ServerState, client_id: int,
+                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
+        """The mixture of the server's global adapter and the client's own, with the weight AdaFusion chose."""
+        if client_state.local is None:
+            return None
+        r = server.rank // 2
+        global_adapter = {name: (a[:r], b[:, :r]) for name, (a, b) in server.adapters.items()}
+        return (self.mixture(global_adapter, client_state.local, client_state.fusion_weight),
+                {k: v.clone() for k, v in server.head.items()})
 
 
 def uniform_mean_factors(uploads: list[Upload], names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -40,6 +40,7 @@ METHOD_COLORS: dict[str, str] = {
     "FedSA-LoRA": "#7b4173",
     "CE-LoRA": "#a55194",
     "FedDPA": "#ce6dbd",
+    "FDLoRA": "#e7969c",
     "PerFIT": "#de9ed6",
     "FL-TAC": "#31a354",
     "HyperFloRA": "#e6550d",
