@@ -533,7 +533,12 @@ class FedDPA(Strategy):
             return None
         r = server.rank // 2
         global_adapter = {name: (a[:r], b[:, :r]) for name, (a, b) in server.adapters.items()}
-        return self.mixture(global_adapter, client_state.local), {k: v.clone() for k, v in server.head.items()}
+        return (self.mixture(global_adapter, client_state.local, self.personal_weight(client_state)),
+                {k: v.clone() for k, v in server.head.items()})
+
+    def personal_weight(self, client_state: Any) -> float | None:
+        """The weight a of client k's mixture: None, the strategy's ``local_weight``, for every client."""
+        return None
 
 
 def best_weight(weights: Sequence[float], loss: Callable[[float], float]) -> tuple[float, list[float]]:
@@ -647,15 +652,9 @@ class FDLoRA(FedDPA):
         server.adapters = self._twice(merged)
         self.aggregate_head(server, uploads)
 
-    def personal_model(self, server: ServerState, client_id: int,
-                       client_state: Any) -> tuple[dict[str, Factors], dict[str, Tensor]] | None:
-        """The mixture of the server's global adapter and the client's own, with the weight AdaFusion chose."""
-        if client_state.local is None:
-            return None
-        r = server.rank // 2
-        global_adapter = {name: (a[:r], b[:, :r]) for name, (a, b) in server.adapters.items()}
-        return (self.mixture(global_adapter, client_state.local, client_state.fusion_weight),
-                {k: v.clone() for k, v in server.head.items()})
+    def personal_weight(self, client_state: Any) -> float | None:
+        """The weight AdaFusion chose for the client (None before its first search: ``local_weight``)."""
+        return client_state.fusion_weight
 
 
 def uniform_mean_factors(uploads: list[Upload], names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
