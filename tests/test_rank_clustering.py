@@ -437,3 +437,24 @@ def test_registry_and_rank_check_at_run(federation):
     assert METHODS["FedInc"] is FedInc and isinstance(make_strategy("FedInc", num_clusters=2), FedInc)
     with pytest.raises(ValueError, match="num_clusters = 5 exceeds the model's LoRA rank 4"):
         federation.run(FedInc(num_clusters=5), rounds=1, progress=False)
+
+
+def test_heterogeneous_ranks_train_their_share_of_the_centroids_and_are_all_clustered(federation):
+    """Survey 4.1: with ranks r_k, client k downloads and sends r_k components; k-means pools every one."""
+    ranks = [1, 2, 4]
+    strategy = recording(FedInc)(ranks=ranks)
+    federation.run(strategy, rounds=2, progress=False)
+    server = federation.last_server
+    assert server.rank == max(ranks) and all(a.shape[0] == max(ranks) for a, _ in server.adapters.values())
+    for t, starts in strategy.starts.items():
+        for k, start in starts.items():
+            assert all(a.shape[0] == ranks[k] and b.shape[1] == ranks[k] for a, b in start.adapters.values()), (t, k)
+    for _, result, payload, _ in strategy.sent:
+        assert all(payload.tensors[f"{n}.A"].shape[0] == ranks[result.client_id] for n in server.adapters)
+    for record in server.method_state.records:
+        for layer in record.values():
+            assert sum(layer["masses"]) == sum(ranks[u.client_id] for u in strategy.uploads)  # every component
+    with pytest.raises(ValueError, match="ranks has 2 entries"):
+        federation.run(FedInc(ranks=[1, 2]), rounds=1, progress=False)
+    with pytest.raises(ValueError, match="ranks"):
+        FedInc(ranks=[0, 2, 3])

@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora_edu.core.checks import check_factors, check_weights
+from fedlora_edu.core.checks import check_factors, check_ranks, check_weights
 from fedlora_edu.core.factors import ideal_update
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import ServerState, Strategy, Upload, collect_factors
@@ -369,6 +369,12 @@ class FedInc(Strategy):
     (a single round); the simulator runs it every round, as the survey presents it. Each
     round's k-means objective and cluster masses (member counts when unweighted) are kept in
     ``server.method_state.records``. Taught in ``book/part2/rank_clustering.ipynb``.
+
+    ``ranks`` gives client k a rank r_k of its own (survey section 4.1 names FedInc among the
+    aggregations that take heterogeneous ranks): client k downloads and trains the first r_k of
+    the N centroid components (all N if r_k >= N), and the server clusters whatever mix of
+    components arrives, as it always does. The model is then built at the largest r_k, and N
+    defaults to it. Run so in ``book/part3/heterogeneous_ranks.ipynb``.
     """
 
     name = "FedInc"
@@ -384,8 +390,9 @@ class FedInc(Strategy):
 
     def __init__(self, rank: int | None = None, num_clusters: int | None = None,
                  iterations: int = DEFAULT_ITERATIONS, restarts: int = DEFAULT_RESTARTS,
-                 weighted: bool = False) -> None:
+                 weighted: bool = False, ranks: Sequence[int] | None = None) -> None:
         super().__init__(rank)
+        self.ranks = None if ranks is None else check_ranks(ranks, len(ranks))
         if num_clusters is not None:
             _check_count("num_clusters", num_clusters, 1, rank)
         if not isinstance(weighted, bool):
@@ -394,6 +401,17 @@ class FedInc(Strategy):
         self.iterations = _check_count("iterations", iterations, 1)
         self.restarts = _check_count("restarts", restarts, 1)
         self.weighted = weighted
+
+    def client_rank(self, client_id: int, server: ServerState) -> int:
+        return self.ranks[client_id] if self.ranks is not None else super().client_rank(client_id, server)
+
+    def max_rank(self, num_clients: int) -> int | None:
+        return max(self.ranks) if self.ranks is not None else self.rank
+
+    def prepare(self, federation: object, model: torch.nn.Module, server: ServerState, seed: int) -> None:
+        if self.ranks is not None and len(self.ranks) != federation.num_clients:
+            raise ValueError(f"ranks has {len(self.ranks)} entries for a federation of "
+                             f"{federation.num_clients} clients")
 
     def init_server(self, server: ServerState, seed: int) -> None:
         clusters = server.rank if self.num_clusters is None else self.num_clusters
