@@ -1,0 +1,136 @@
+"""Study: Part III's personalization methods on the testbed split two outlets per client, client by client.
+
+For each method and seed: a federated run on the testbed (health-news tweets, the probe as a frozen
+head) split so that heterogeneity is extreme, as in Part III's chapters: every client holds the
+tweets of only two of the 16 outlets (``scheme="shards"``) and keeps a fifth of them as its own
+held-out test split. The testbed's rounds and schedule. Recorded per round: the accuracy of the
+server's model on the shared test set, the mean over clients of each client's model on its own
+held-out tweets (``client_accuracy``), bytes up and down. At the end of the run: each client's
+accuracy, on its own held-out tweets, of the model the method serves it (its personal model, or
+the server's where it has none) and whether that model was personal; and the probe's accuracy on
+each client's tweets (where every run starts). The per-client numbers are computed here from the
+run's final server state and client states, so the simulator is not changed for them.
+
+One JSON line per run in ``fedlora_edu/results/part3.jsonl``; interrupt and rerun to continue.
+Shown in Part III's chapters (to come: "Part III at a glance").
+
+    python studies/part3.py                               # the cpu profile, seeds 0 to 2
+    python studies/part3.py --methods FedIT PerFIT        # some methods only
+    FEDLORA_RESULTS=/tmp/second python studies/part3.py --methods ...   # a second process
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fedlora_edu import METHODS, build_testbed, testbed_profile  # noqa: E402
+from fedlora_edu.core.adapters import set_head_state, set_lora_factors  # noqa: E402
+from fedlora_edu.foundations.training import evaluate  # noqa: E402
+from fedlora_edu.studies import run_study  # noqa: E402
+
+PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC")
+"""FedIT, one global adapter, and the personalization methods of Part III that serve each client a model."""
+CLIENTS = 8
+"""Sixteen outlets, two per client."""
+
+
+def options(method: str, profile: str) -> dict:
+    """The arguments a method runs with here, as in its chapter (everything else is its default)."""
+    bed = testbed_profile(profile)
+    if method in ("FedDPA", "FDLoRA", "PerFIT"):
+        return {"rank": bed.rank}  # each adapter (or the budget) of the profile's rank, as FedIT's
+    if method == "HyperFloRA":
+        return {"server_learning_rate": bed.learning_rate}
+    return {}
+
+
+def grid(seeds: list[int], methods: list[str], profile: str) -> list[dict]:
+    return [{"method": method, "seed": seed, "profile": profile} for seed in seeds for method in methods]
+
+
+@functools.lru_cache(maxsize=1)
+def federation_for(profile: str, seed: int):
+    """The seed's federation, built once for all the runs of that seed (a run never changes it)."""
+    split = testbed_profile(profile).with_overrides(num_clients=CLIENTS)
+    return build_testbed(scheme="shards", classes_per_client=2, profile=split, seed=seed)
+
+
+def own_accuracies(federation, strategy, server, client_states) -> tuple[list[float], list[bool]]:
+    """Each client's served model on its own held-out tweets, and whether that model is personal."""
+    models: dict[int, object] = {}
+    accuracies, personal = [], []
+    for k in range(federation.num_clients):
+        served = strategy.personal_model(server, k, client_states[k])
+        adapters, head = served if served is not None else (server.adapters, server.head)
+        rank = next(iter(adapters.values()))[0].shape[0]
+        if rank not in models:
+            models[rank] = federation.fresh_model(rank=rank)
+        set_lora_factors(models[rank], adapters)
+        set_head_state(models[rank], head)
+        accuracies.append(evaluate(models[rank], federation.client_tests[k])[0])
+        personal.append(served is not None)
+    return accuracies, personal
+
+
+class _KeepStates:
+    """Mixed into a strategy: keeps every client's state, so the served models can be rebuilt after the run."""
+
+    def new_client_state(self):
+        state = super().new_client_state()
+        self.__dict__.setdefault("client_states", []).append(state)
+        return state
+
+
+def run_one(settings: dict, profile: str) -> dict:
+    federation = federation_for(profile, settings["seed"])
+    method = settings["method"]
+    cls = METHODS[method]
+    keeping = type(f"Keeping{cls.__name__}", (_KeepStates, cls), {})
+    strategy = keeping(**options(method, profile))
+    history = federation.run(strategy, seed=settings["seed"], progress=False, evaluate_clients=True)
+    states = strategy.client_states[-federation.num_clients:]
+    accuracies, personal = own_accuracies(federation, strategy, federation.last_server, states)
+    if abs(sum(accuracies) / len(accuracies) - float(history["client_accuracy"].iloc[-1])) > 1e-9:
+        raise RuntimeError(f"{method}: the served models rebuilt after the run do not score what the simulator "
+                           "recorded in the last round; the client states kept are not the run's")
+    probe = federation.fresh_model()
+    measured = {column: history[column].tolist()
+                for column in ("accuracy", "client_accuracy", "bytes_up", "bytes_down")}
+    measured.update({
+        "final_accuracy": float(history["accuracy"].iloc[-1]),
+        "client_accuracies": accuracies,
+        "client_personal": personal,
+        "probe_client_accuracies": [evaluate(probe, data)[0] for data in federation.client_tests],
+        "client_test_sizes": [len(data) for data in federation.client_tests],
+        "engine": history["engine"].iloc[0],
+    })
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(PART3_METHODS))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    frame = run_study("part3", grid(args.seeds, args.methods, args.profile),
+                      lambda settings: run_one(settings, args.profile),
+                      profile=args.profile, depends_on=["testbed"])
+    frame["mean_over_clients"] = frame["client_accuracies"].map(lambda values: sum(values) / len(values))
+    print(frame.groupby("method")["mean_over_clients"].agg(["mean", "std", "count"]).round(3))
+
+
+if __name__ == "__main__":
+    main()
