@@ -11,13 +11,19 @@ from fedlora_edu.teaching.handouts import solution_namespace
 
 
 class _Solutions:
-    """The answers of the teacher's notebook, by name (exercises/source/aggregation_basics.ipynb)."""
+    """The answers of every teacher's notebook (exercises/source/*.ipynb), by name."""
 
-    def __init__(self, namespace):
-        self.__dict__.update(namespace)
+    def __init__(self, paths):
+        for path in paths:
+            self.__dict__.update({name: value for name, value in solution_namespace(path).items()
+                                  if name in EXERCISES})
 
 
-SOLUTIONS = _Solutions(solution_namespace(ROOT / "exercises" / "source" / "aggregation_basics.ipynb"))
+SOLUTIONS = _Solutions(sorted((ROOT / "exercises" / "source").glob("*.ipynb")))
+
+
+def test_every_exercise_has_an_answer_in_a_teachers_notebook():
+    assert sorted(vars(SOLUTIONS)) == sorted(EXERCISES)
 
 
 @pytest.mark.parametrize("name", sorted(EXERCISES))
@@ -130,3 +136,61 @@ def test_a_wrong_value_says_how_far_off_without_the_answer():
         check("ideal_update", off)
     with pytest.raises(ExerciseFailed, match=r"off by [0-9.e-]+ \(relative 0\.01\)"):
         check("discordance", lambda As, Bs, w: 1.01 * SOLUTIONS.discordance(As, Bs, w))
+
+
+# ----- Part III (exercises/source/heterogeneity_basics.ipynb) -----------------------------------------
+def test_replication_in_place_of_zero_padding_is_caught():
+    _fails("zero_padding_average", SOLUTIONS.replication_padding_average, "averaged over the clients that hold it")
+
+
+def test_zero_padding_in_place_of_replication_is_caught():
+    _fails("replication_padding_average", SOLUTIONS.zero_padding_average, "this is zero padding")
+
+
+def test_unweighted_padding_is_caught():
+    def plain(As, Bs, weights):
+        return SOLUTIONS.zero_padding_average(As, Bs, [1.0 / len(As)] * len(As))
+
+    _fails("zero_padding_average", plain, "plain mean")
+    _fails("replication_padding_average",
+           lambda As, Bs, w: SOLUTIONS.replication_padding_average(As, Bs, [1.0 / len(As)] * len(As)),
+           "weights p_k are missing")
+
+
+def test_truncation_to_the_smallest_rank_is_caught():
+    def truncated(As, Bs, weights):
+        r = min(A.shape[0] for A in As)
+        return (sum(p * A[:r] for p, A in zip(weights, As, strict=True)),
+                sum(p * B[:, :r] for p, B in zip(weights, Bs, strict=True)))
+
+    _fails("zero_padding_average", truncated, "truncated every client to the smallest rank")
+
+
+def test_a_shared_b_in_fedsa_lora_is_caught():
+    def fedit_model(As, Bs, weights):
+        A = sum(p * A for p, A in zip(weights, As, strict=True))
+        B = sum(p * B for p, B in zip(weights, Bs, strict=True))
+        return [B @ A for _ in As]
+
+    _fails("fedsa_personal_updates", fedit_model, "you averaged B too")
+    _fails("fedsa_personal_updates", lambda As, Bs, w: [B @ A for A, B in zip(As, Bs, strict=True)],
+           "kept its own A_k")
+    _fails("fedsa_personal_updates", lambda As, Bs, w: SOLUTIONS.fedsa_personal_updates(As, Bs, w)[0],
+           "return a list of tensors")
+
+
+def test_masked_mean_mistakes_are_caught():
+    def not_renormalised(values, masks, weights, previous):
+        return sum(p * m.double() * v for p, m, v in zip(weights, masks, values, strict=True))
+
+    def forgets_previous(values, masks, weights, previous):
+        return SOLUTIONS.masked_mean(values, masks, weights, torch.zeros_like(previous))
+
+    _fails("masked_mean", not_renormalised, "divided by 1")
+    _fails("masked_mean", forgets_previous, "keeps its previous value")
+
+
+def test_masked_mean_cases_hold_an_entry_nobody_kept_and_a_kept_one():
+    for values, masks, weights, previous in EXERCISES["masked_mean"].cases(0):
+        kept = sum(m.double() for m in masks)
+        assert (kept == 0).any() and (kept > 0).any()

@@ -3,10 +3,11 @@
 Each exercise asks the student to write one equation of the survey as a function. :func:`check`
 calls that function on random inputs (several clients, unequal ranks where the method allows them,
 unequal client weights ``p_k``) and compares it with the reference implementation in
-:mod:`fedlora_edu.core.factors`, :mod:`fedlora_edu.distributed.corrective` or
-:mod:`fedlora_edu.foundations.lora`. When it differs, the error says which
-case failed and, for the mistakes students make most often (ignoring ``p_k``, a transposed
-product, FedIT's product in place of the ideal one, a missing ``alpha / r``), what the answer
+:mod:`fedlora_edu.core.factors`, :mod:`fedlora_edu.distributed.corrective`,
+:mod:`fedlora_edu.foundations.lora` or, for Part III, :mod:`fedlora_edu.heterogeneity`. When it
+differs, the error says which case failed and, for the mistakes students make most often
+(ignoring ``p_k``, a transposed product, FedIT's product in place of the ideal one, a missing
+``alpha / r``, zero padding in place of replication, a B that left its client), what the answer
 looks like instead.
 
 Notation (survey section 2): ``A_k`` is ``r_k x n``, ``B_k`` is ``m x r_k``, ``dW_k = B_k A_k``,
@@ -24,10 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora_edu.core.factors import discordance, fedit_average, ideal_update
+from fedlora_edu.core.factors import average_tensors, discordance, fedit_average, ideal_update
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.foundations.lora import LoRALinear
+from fedlora_edu.heterogeneity.ranks import replication_padding_average, zero_padding_average
+from fedlora_edu.heterogeneity.structure import masked_mean
 
 
 class ExerciseFailed(AssertionError):
@@ -176,6 +179,110 @@ def _hint_lora(case: tuple, answer: object) -> str | None:
         return "the frozen path x W^T is missing: h = W x + (alpha / r) B A x"
     return None
 
+# ----- Part III: heterogeneity (survey section 4) ---------------------------------------------------
+def _mixed_rank_cases(seed: int) -> list[tuple]:
+    """Clients of unequal ranks (HetLoRA's setting), and one case of equal ranks."""
+    return [_clients(_case_seed(seed, 20), [1, 4, 2]), _clients(_case_seed(seed, 21), [2, 3], m=4, n=6),
+            _clients(_case_seed(seed, 22), [3, 1, 1, 2], m=5, n=3), _clients(_case_seed(seed, 23), [3, 3])]
+
+
+def _pair_problem(answer: object, As: list[Tensor], Bs: list[Tensor]) -> str | None:
+    """What is wrong with the form of an (A, B) answer padded to the largest rank, or None."""
+    if not (isinstance(answer, tuple) and len(answer) == 2 and all(isinstance(x, Tensor) for x in answer)):
+        return "return a pair of tensors (A, B), A first"
+    A_ans, B_ans = answer
+    r_max, n, m = max(a.shape[0] for a in As), As[0].shape[1], Bs[0].shape[0]
+    r_min = min(a.shape[0] for a in As)
+    if A_ans.shape == (m, r_max) and B_ans.shape == (r_max, n):
+        return "the pair is in the wrong order: return (A, B), A first"
+    if r_min < r_max and A_ans.shape[0] == r_min:
+        return "you truncated every client to the smallest rank; pad every client to the largest r_k instead"
+    if A_ans.shape != (r_max, n) or B_ans.shape != (m, r_max):
+        return f"A is r_max x n = {r_max} x {n} and B is m x r_max = {m} x {r_max}"
+    return None
+
+
+def _hint_zero_padding(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    problem = _pair_problem(answer, As, Bs)
+    if problem:
+        return problem
+    if _matches(answer, replication_padding_average(As, Bs, weights)):
+        return ("each rank slot was averaged over the clients that hold it (replication padding); zero padding "
+                "averages every slot over all clients, a client without the slot counting as zeros")
+    if _matches(answer, zero_padding_average(As, Bs, None)):
+        return "this is the plain mean: weight each padded client by p_k"
+    return None
+
+
+def _hint_replication(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    problem = _pair_problem(answer, As, Bs)
+    if problem:
+        return problem
+    if _matches(answer, zero_padding_average(As, Bs, weights)):
+        return ("this is zero padding: a slot held by few clients shrinks; divide each slot by the total weight "
+                "p_k of the clients that hold it")
+    if _matches(answer, replication_padding_average(As, Bs, None)):
+        return "the client weights p_k are missing: each slot is the p-weighted average over its holders"
+    return None
+
+
+def _fedsa_reference(As: list[Tensor], Bs: list[Tensor], weights: list[float]) -> list[Tensor]:
+    """FedSA-LoRA's client models after aggregation: B_k (sum_j p_j A_j) for every client k."""
+    A_shared = average_tensors(list(As), list(weights))
+    return [B @ A_shared for B in Bs]
+
+
+def _hint_fedsa(case: tuple, answer: object) -> str | None:
+    As, Bs, weights = case
+    if not isinstance(answer, (list, tuple)) or not all(isinstance(x, Tensor) for x in answer):
+        return "return a list of tensors, one m x n update B_k A for every client k"
+    if len(answer) != len(As):
+        return f"return one update per client: {len(As)} clients here, got {len(answer)}"
+    A_avg, B_avg = fedit_average(As, Bs, weights)
+    if all(_close(x, B_avg @ A_avg) for x in answer):
+        return "you averaged B too (FedIT's global model): in FedSA-LoRA each B_k stays on client k"
+    if all(_close(x, B @ A) for x, A, B in zip(answer, As, Bs, strict=True)):
+        return "each client kept its own A_k: the server averages the A's and sends that A back to everyone"
+    if _matches(list(answer), _fedsa_reference(As, Bs, [1.0 / len(As)] * len(As))):
+        return "the shared A is the plain mean: weight each A_k by p_k"
+    return None
+
+
+def _masked_cases(seed: int) -> list[tuple]:
+    """Clients' values of one factor with 0/1 masks (some entries kept by nobody), weights p_k, previous values."""
+    cases = []
+    for offset, (clients, shape) in enumerate([(3, (4, 5)), (2, (3, 3)), (4, (2, 6))]):
+        gen = torch.Generator().manual_seed(_case_seed(seed, 30 + offset))
+        values = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(clients)]
+        masks = [torch.rand(shape, generator=gen) < 0.5 for _ in range(clients)]
+        masks[0][0, 0] = True  # at least one kept entry
+        for mask in masks:
+            mask[-1, -1] = False  # an entry nobody keeps
+        raw = torch.rand(clients, generator=gen, dtype=torch.float64) + 0.1
+        previous = torch.randn(shape, generator=gen, dtype=torch.float64)
+        cases.append((values, masks, (raw / raw.sum()).tolist(), previous))
+    return cases
+
+
+def _hint_masked_mean(case: tuple, answer: object) -> str | None:
+    values, masks, weights, previous = case
+    if not isinstance(answer, Tensor):
+        return f"return a torch.Tensor shaped like previous, not {type(answer).__name__}"
+    if answer.shape != previous.shape:
+        return f"the result has the shape of one client's values, {tuple(previous.shape)}"
+    kept = sum(w * m.double() for w, m in zip(weights, masks, strict=True))
+    summed = sum(w * m.double() * v for w, m, v in zip(weights, masks, values, strict=True))
+    nobody = kept == 0
+    if _close(answer[~nobody], summed[~nobody]):
+        return ("each entry is divided by 1, not by the total weight of the clients that kept it: "
+                "sum_k p_k m_ke theta_ke / sum_k p_k m_ke")
+    if _close(answer[~nobody], masked_mean(values, masks, weights, previous)[~nobody]) and not _close(
+            answer[nobody], previous[nobody]):
+        return "an entry that no client kept keeps its previous value (it was not trained this round)"
+    return None
+
 
 EXERCISES: dict[str, Exercise] = {
     "ideal_update": Exercise(
@@ -198,12 +305,28 @@ EXERCISES: dict[str, Exercise] = {
         "lora_forward", "survey eq. 2: h = W x + (alpha / r) B A x, for a batch x of rows",
         _lora_reference, _lora_cases, _hint_lora,
     ),
+    "zero_padding_average": Exercise(
+        "zero_padding_average", "HetLoRA (eq. 12): (sum_k p_k pad(A_k), sum_k p_k pad(B_k)), zeros to the largest r_k",
+        lambda As, Bs, weights: zero_padding_average(As, Bs, weights), _mixed_rank_cases, _hint_zero_padding,
+    ),
+    "replication_padding_average": Exercise(
+        "replication_padding_average", "replication padding (eq. 12): each rank slot averaged over its holders",
+        lambda As, Bs, weights: replication_padding_average(As, Bs, weights), _mixed_rank_cases, _hint_replication,
+    ),
+    "fedsa_personal_updates": Exercise(
+        "fedsa_personal_updates", "FedSA-LoRA (eq. 13): B_k (sum_j p_j A_j) for every client k",
+        _fedsa_reference, _same_rank_cases, _hint_fedsa,
+    ),
+    "masked_mean": Exercise(
+        "masked_mean", "PerFIT (eq. 14): sum_k p_k m_ke theta_ke / sum_k p_k m_ke, previous value where nobody kept e",
+        masked_mean, _masked_cases, _hint_masked_mean,
+    ),
 }
 
 
 def _matches(answer: object, expected: object) -> bool:
-    if isinstance(expected, tuple):
-        return isinstance(answer, tuple) and len(answer) == len(expected) and all(
+    if isinstance(expected, (tuple, list)):
+        return isinstance(answer, (tuple, list)) and len(answer) == len(expected) and all(
             _matches(a, e) for a, e in zip(answer, expected, strict=True)
         )
     if isinstance(expected, float):
@@ -226,7 +349,7 @@ def _describe(value: object) -> str:
 
 def _how_far(answer: object, expected: object) -> str:
     """How far a wrong answer is from the expected one, in numbers that do not give the answer away."""
-    if isinstance(expected, tuple) and isinstance(answer, tuple) and len(answer) == len(expected):
+    if isinstance(expected, (tuple, list)) and isinstance(answer, (tuple, list)) and len(answer) == len(expected):
         parts = [_how_far(a, e) for a, e in zip(answer, expected, strict=True)]
         return "; ".join(f"item {i}: {part}" for i, part in enumerate(parts, start=1) if part)
     if isinstance(expected, Tensor) and isinstance(answer, Tensor) and answer.shape == expected.shape:
