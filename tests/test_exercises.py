@@ -194,3 +194,49 @@ def test_masked_mean_cases_hold_an_entry_nobody_kept_and_a_kept_one():
     for values, masks, weights, previous in EXERCISES["masked_mean"].cases(0):
         kept = sum(m.double() for m in masks)
         assert (kept == 0).any() and (kept > 0).any()
+
+
+# ----- Part III (exercises/source/personalization_basics.ipynb) --------------------------------------
+def test_feddpa_mistakes_are_caught():
+    def swapped(A_g, B_g, A_l, B_l, a, alpha):
+        return SOLUTIONS.feddpa_personal_update(A_g, B_g, A_l, B_l, 1 - a, alpha)
+
+    def unscaled(A_g, B_g, A_l, B_l, a, alpha):
+        return (1 - a) * (B_g @ A_g) + a * (B_l @ A_l)
+
+    def at_the_stacked_rank(A_g, B_g, A_l, B_l, a, alpha):
+        return SOLUTIONS.feddpa_personal_update(A_g, B_g, A_l, B_l, a, alpha) / 2
+
+    _fails("feddpa_personal_update", swapped, "weights are swapped")
+    _fails("feddpa_personal_update", unscaled, "alpha / r is missing")
+    _fails("feddpa_personal_update", at_the_stacked_rank, "not alpha / \\(2 r\\)")
+
+
+def test_feddpa_reference_is_the_formula_written_out():
+    """The checker's reference goes through FedDPA's stacked rank-2r factors; it equals eq. 13's mixture."""
+    for A_g, B_g, A_l, B_l, a, alpha in EXERCISES["feddpa_personal_update"].cases(3):
+        expected = (alpha / A_g.shape[0]) * ((1 - a) * (B_g @ A_g) + a * (B_l @ A_l))
+        assert torch.allclose(EXERCISES["feddpa_personal_update"].reference(A_g, B_g, A_l, B_l, a, alpha), expected)
+
+
+def test_ce_lora_weight_mistakes_are_caught():
+    def no_sizes(data, parameters, sizes, temperature, share):
+        return torch.softmax((share * data + (1 - share) * parameters) / temperature, dim=1)
+
+    _fails("ce_lora_weights", no_sizes, "the sizes are missing")
+    _fails("ce_lora_weights", lambda *case: SOLUTIONS.ce_lora_weights(*case).T, "rows and columns are swapped")
+    _fails("ce_lora_weights", lambda d, p, n, t, s: SOLUTIONS.ce_lora_weights(d, p, n, 1.0, s),
+           "the temperature is missing")
+
+
+def test_cluster_average_mistakes_are_caught():
+    def unnormalised(vectors, weights, labels):
+        return torch.stack([sum(weights[k] * vectors[k] for k in range(len(labels)) if labels[k] == c)
+                            for c in sorted(set(labels))])
+
+    def plain(vectors, weights, labels):
+        return SOLUTIONS.cluster_averages(vectors, [1.0 / len(labels)] * len(labels), labels)
+
+    _fails("cluster_averages", unnormalised, "do not sum to one")
+    _fails("cluster_averages", plain, "plain mean of each cluster")
+    _fails("cluster_averages", lambda v, w, labels: v, "one row per cluster")

@@ -29,6 +29,8 @@ from fedlora_edu.core.factors import average_tensors, discordance, fedit_average
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.foundations.lora import LoRALinear
+from fedlora_edu.heterogeneity.clustering import cluster_averages
+from fedlora_edu.heterogeneity.personalized import FedDPA, similarity_weights
 from fedlora_edu.heterogeneity.ranks import replication_padding_average, zero_padding_average
 from fedlora_edu.heterogeneity.structure import masked_mean
 
@@ -284,6 +286,110 @@ def _hint_masked_mean(case: tuple, answer: object) -> str | None:
     return None
 
 
+
+def _dual_cases(seed: int) -> list[tuple]:
+    """A global and a local adapter of one rank r, the local weight a and alpha."""
+    cases = []
+    for offset, (m, n, r, a, alpha) in enumerate([(6, 4, 2, 0.5, 16.0), (3, 7, 1, 0.25, 8.0), (5, 5, 3, 0.8, 3.0)]):
+        gen = torch.Generator().manual_seed(_case_seed(seed, 40 + offset))
+        A_g, A_l = (torch.randn(r, n, generator=gen, dtype=torch.float64) for _ in range(2))
+        B_g, B_l = (torch.randn(m, r, generator=gen, dtype=torch.float64) for _ in range(2))
+        cases.append((A_g, B_g, A_l, B_l, a, alpha))
+    return cases
+
+
+def _feddpa_reference(A_g: Tensor, B_g: Tensor, A_l: Tensor, B_l: Tensor, a: float, alpha: float) -> Tensor:
+    """FedDPA's personal update through the package: its stacked rank-2r factors at the layer's alpha / (2r)."""
+    r = A_g.shape[0]
+    A, B = FedDPA(rank=r, local_weight=a).mixture({"layer": (A_g, B_g)}, {"layer": (A_l, B_l)})["layer"]
+    return (alpha / (2 * r)) * (B @ A)
+
+
+def _hint_feddpa(case: tuple, answer: object) -> str | None:
+    A_g, B_g, A_l, B_l, a, alpha = case
+    if not isinstance(answer, Tensor):
+        return f"return a torch.Tensor of shape (m, n), not {type(answer).__name__}"
+    s = alpha / A_g.shape[0]
+    if _close(answer, s * (a * (B_g @ A_g) + (1 - a) * (B_l @ A_l))):
+        return "the weights are swapped: a weighs the local adapter, 1 - a the global one"
+    if _close(answer, (1 - a) * (B_g @ A_g) + a * (B_l @ A_l)):
+        return f"the scaling alpha / r is missing (here {alpha} / {A_g.shape[0]})"
+    if _close(answer, s * (B_g @ A_g + B_l @ A_l)):
+        return "this is the plain sum of the two updates: weigh them by 1 - a and a"
+    if _close(answer, (alpha / (2 * A_g.shape[0])) * ((1 - a) * (B_g @ A_g) + a * (B_l @ A_l))):
+        return "each adapter has rank r: scale by alpha / r, not alpha / (2 r)"
+    return None
+
+
+def _similarity_cases(seed: int) -> list[tuple]:
+    """Data and parameter similarities between K clients (cosines), their sizes, a temperature and a data share."""
+    cases = []
+    for offset, (clients, temperature, share) in enumerate([(4, 0.1, 0.5), (3, 1.0, 0.0), (5, 0.5, 0.8)]):
+        gen = torch.Generator().manual_seed(_case_seed(seed, 50 + offset))
+        similarities = []
+        for _ in range(2):
+            vectors = torch.randn(clients, 6, generator=gen, dtype=torch.float64)
+            unit = vectors / vectors.norm(dim=1, keepdim=True)
+            similarities.append(unit @ unit.T)
+        sizes = torch.randint(20, 200, (clients,), generator=gen).to(torch.float64)
+        cases.append((similarities[0], similarities[1], sizes, temperature, share))
+    return cases
+
+
+def _similarity_reference(data_similarity: Tensor, parameter_similarity: Tensor, sizes: Tensor,
+                          temperature: float, data_share: float) -> Tensor:
+    return similarity_weights(data_similarity, parameter_similarity, sizes, temperature=temperature,
+                              data_share=data_share)
+
+
+def _hint_similarity(case: tuple, answer: object) -> str | None:
+    data_similarity, parameter_similarity, sizes, temperature, share = case
+    if not isinstance(answer, Tensor) or answer.shape != data_similarity.shape:
+        return f"return a K x K tensor (row i: the weights of client i's C-bar), K = {len(sizes)}"
+    combined = share * data_similarity + (1 - share) * parameter_similarity
+    if _close(answer, torch.softmax(combined / temperature, dim=1)):
+        return "the sizes are missing: client j also counts by p_j = n_j / sum_l n_l (FedAvg's weight)"
+    if _close(answer.T, _similarity_reference(*case)):
+        return "the rows and columns are swapped: each row i (client i's weights over all j) sums to one"
+    if _close(answer, _similarity_reference(data_similarity, parameter_similarity, sizes, 1.0, share)):
+        return f"the temperature is missing: divide the similarities by it (here {temperature})"
+    return None
+
+
+def _cluster_cases(seed: int) -> list[tuple]:
+    """Flattened client adapters (rows), weights p_k over all clients, cluster labels 0..C-1."""
+    cases = []
+    for offset, labels in enumerate([[0, 1, 0, 2, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1, 2, 2, 1]]):
+        gen = torch.Generator().manual_seed(_case_seed(seed, 60 + offset))
+        vectors = torch.randn(len(labels), 5, generator=gen, dtype=torch.float64)
+        raw = torch.rand(len(labels), generator=gen, dtype=torch.float64) + 0.1
+        cases.append((vectors, (raw / raw.sum()).tolist(), labels))
+    return cases
+
+
+def _cluster_reference(vectors: Tensor, weights: list[float], labels: list[int]) -> Tensor:
+    """FL-TAC's cluster averages through the package (each row as a rank-1 "A", a zero "B")."""
+    adapters = [{"v": (row[None, :], row.new_zeros(1, 1))} for row in vectors]
+    averages = cluster_averages(adapters, weights, labels)
+    return torch.cat([averages[c]["v"][0] for c in sorted(averages)], dim=0)
+
+
+def _hint_cluster(case: tuple, answer: object) -> str | None:
+    vectors, weights, labels = case
+    clusters = sorted(set(labels))
+    if not isinstance(answer, Tensor) or answer.shape != (len(clusters), vectors.shape[1]):
+        return f"return a tensor with one row per cluster, in the order of the labels 0..{len(clusters) - 1}: " \
+               f"{len(clusters)} x {vectors.shape[1]}"
+    p = torch.tensor(weights, dtype=torch.float64)
+    unnormalised = torch.stack([sum(p[k] * vectors[k] for k in range(len(labels)) if labels[k] == c) for c in clusters])
+    if _close(answer, unnormalised):
+        return "the weights inside a cluster do not sum to one: divide by the cluster's total weight"
+    plain = torch.stack([vectors[[k for k in range(len(labels)) if labels[k] == c]].mean(dim=0) for c in clusters])
+    if _close(answer, plain):
+        return "this is the plain mean of each cluster: weight its clients by p_k (renormalised within it)"
+    return None
+
+
 EXERCISES: dict[str, Exercise] = {
     "ideal_update": Exercise(
         "ideal_update", "survey eq. 4, right side: sum_k p_k B_k A_k",
@@ -320,6 +426,18 @@ EXERCISES: dict[str, Exercise] = {
     "masked_mean": Exercise(
         "masked_mean", "PerFIT (eq. 14): sum_k p_k m_ke theta_ke / sum_k p_k m_ke, previous value where nobody kept e",
         masked_mean, _masked_cases, _hint_masked_mean,
+    ),
+    "feddpa_personal_update": Exercise(
+        "feddpa_personal_update", "FedDPA (eq. 13): (alpha / r) ((1 - a) B_g A_g + a B_l A_l)",
+        _feddpa_reference, _dual_cases, _hint_feddpa,
+    ),
+    "ce_lora_weights": Exercise(
+        "ce_lora_weights", "CE-LoRA: w_ij = p_j exp(s_ij / T) / sum_l p_l exp(s_il / T), s = d S_dat + (1 - d) S_par",
+        _similarity_reference, _similarity_cases, _hint_similarity,
+    ),
+    "cluster_averages": Exercise(
+        "cluster_averages", "FL-TAC (eq. 16): per cluster c, sum_{k in c} p_k v_k / sum_{k in c} p_k",
+        _cluster_reference, _cluster_cases, _hint_cluster,
     ),
 }
 
