@@ -165,11 +165,12 @@ def run_study(
         raise ValueError(f"study {name!r}: two runs have the same settings")
     done = {run_key(row["settings"]) for row in read_rows(name)}
     pending = [settings for settings, key in zip(runs, keys, strict=True) if key not in done]
+    stored = len(runs) - len(pending)  # of these runs; the file may hold others (other methods, seeds)
     methods_of = methods_of or (lambda settings: [settings["method"]] if "method" in settings else [])
     path = result_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-    bar = tqdm(pending, desc=f"study {name} ({len(done)} of {len(runs)} stored)", unit="run", disable=not progress)
+    bar = tqdm(pending, desc=f"study {name} ({stored} of {len(runs)} stored)", unit="run", disable=not progress)
     for settings in bar:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in settings.items()), refresh=False)
         started = time.perf_counter()

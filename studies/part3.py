@@ -12,7 +12,8 @@ each client's tweets (where every run starts). The per-client numbers are comput
 run's final server state and client states, so the simulator is not changed for them.
 
 One JSON line per run in ``fedlora_edu/results/part3.jsonl``; interrupt and rerun to continue.
-Shown in Part III's chapters (to come: "Part III at a glance").
+Shown in "Part III at a glance" (``book/part3/at_a_glance.ipynb``, through
+:class:`fedlora_edu.teaching.per_client.PerClientComparison`).
 
     python studies/part3.py                               # the cpu profile, seeds 0 to 2
     python studies/part3.py --methods FedIT PerFIT        # some methods only
@@ -33,9 +34,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora_edu import METHODS, build_testbed, testbed_profile  # noqa: E402
-from fedlora_edu.core.adapters import set_head_state, set_lora_factors  # noqa: E402
 from fedlora_edu.foundations.training import evaluate  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
+from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
 
 PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC")
 """FedIT, one global adapter, and the personalization methods of Part III that serve each client a model."""
@@ -64,41 +65,14 @@ def federation_for(profile: str, seed: int):
     return build_testbed(scheme="shards", classes_per_client=2, profile=split, seed=seed)
 
 
-def own_accuracies(federation, strategy, server, client_states) -> tuple[list[float], list[bool]]:
-    """Each client's served model on its own held-out tweets, and whether that model is personal."""
-    models: dict[int, object] = {}
-    accuracies, personal = [], []
-    for k in range(federation.num_clients):
-        served = strategy.personal_model(server, k, client_states[k])
-        adapters, head = served if served is not None else (server.adapters, server.head)
-        rank = next(iter(adapters.values()))[0].shape[0]
-        if rank not in models:
-            models[rank] = federation.fresh_model(rank=rank)
-        set_lora_factors(models[rank], adapters)
-        set_head_state(models[rank], head)
-        accuracies.append(evaluate(models[rank], federation.client_tests[k])[0])
-        personal.append(served is not None)
-    return accuracies, personal
-
-
-class _KeepStates:
-    """Mixed into a strategy: keeps every client's state, so the served models can be rebuilt after the run."""
-
-    def new_client_state(self):
-        state = super().new_client_state()
-        self.__dict__.setdefault("client_states", []).append(state)
-        return state
-
-
 def run_one(settings: dict, profile: str) -> dict:
     federation = federation_for(profile, settings["seed"])
     method = settings["method"]
     cls = METHODS[method]
-    keeping = type(f"Keeping{cls.__name__}", (_KeepStates, cls), {})
-    strategy = keeping(**options(method, profile))
+    strategy = keeping_client_states(cls)(**options(method, profile))
     history = federation.run(strategy, seed=settings["seed"], progress=False, evaluate_clients=True)
     states = strategy.client_states[-federation.num_clients:]
-    accuracies, personal = own_accuracies(federation, strategy, federation.last_server, states)
+    accuracies, personal = served_accuracies(federation, strategy, federation.last_server, states)
     if abs(sum(accuracies) / len(accuracies) - float(history["client_accuracy"].iloc[-1])) > 1e-9:
         raise RuntimeError(f"{method}: the served models rebuilt after the run do not score what the simulator "
                            "recorded in the last round; the client states kept are not the run's")

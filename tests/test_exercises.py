@@ -191,7 +191,7 @@ def test_masked_mean_mistakes_are_caught():
 
 
 def test_masked_mean_cases_hold_an_entry_nobody_kept_and_a_kept_one():
-    for values, masks, weights, previous in EXERCISES["masked_mean"].cases(0):
+    for _values, masks, _weights, _previous in EXERCISES["masked_mean"].cases(0):
         kept = sum(m.double() for m in masks)
         assert (kept == 0).any() and (kept > 0).any()
 

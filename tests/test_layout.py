@@ -36,10 +36,11 @@ ALLOWED: dict[str, set[str]] = {
     "simulation": {"core", "foundations", "assets", "simulation"},
     "studies": {"core", "assets", "foundations", "registry", "simulation", "studies"},
     "testbed": {"core", "assets", "foundations", "simulation", "testbed"},
+    "federations": {"core", "assets", "foundations", "simulation", "federations"},
     "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
-                 "teaching"},
+                 "federations", "teaching"},
     "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
-                 "teaching"},
+                 "federations", "teaching"},
 }
 
 

@@ -55,9 +55,21 @@ def median_server_seconds(rows: pd.DataFrame) -> pd.Series:
     return rows["server_seconds"].apply(np.median)
 
 
-def _side(gap: Interval) -> str | None:
+def side_of(gap: Interval) -> str | None:
     """``"ahead"`` when a paired interval lies above zero, ``"behind"`` below it, None when it holds zero."""
     return "ahead" if gap.low > 0 else "behind" if gap.high < 0 else None
+
+
+def verdict_of(sides: Sequence[str | None], expected: str) -> str:
+    """"agrees" when every side is ``expected``, "disagrees" when one is the other side, "not
+    distinguishable here" otherwise (``sides`` as :func:`side_of` gives them, one per method of a claim)."""
+    if expected not in ("ahead", "behind"):
+        raise ValueError(f"expected must be 'ahead' or 'behind', got {expected!r}")
+    if all(side == expected for side in sides):
+        return "agrees"
+    if any(side is not None and side != expected for side in sides):
+        return "disagrees"
+    return "not distinguishable here"
 
 
 class Comparison:
@@ -119,20 +131,13 @@ class Comparison:
 
     def side(self, method: str, reference: str, measure: Measure = final_accuracy) -> str | None:
         """``"ahead"`` or ``"behind"`` of ``reference`` when the paired interval excludes zero, else None."""
-        return _side(paired_difference(measure(self.runs(method)), measure(self.runs(reference))))
+        return side_of(paired_difference(measure(self.runs(method)), measure(self.runs(reference))))
 
     def verdict(self, methods: Sequence[str], reference: str, expected: str,
                 measure: Measure = final_accuracy) -> str:
         """"agrees" when every method is on the ``expected`` side of ``reference``, "disagrees" when one is on
         the other side, "not distinguishable here" otherwise."""
-        if expected not in ("ahead", "behind"):
-            raise ValueError(f"expected must be 'ahead' or 'behind', got {expected!r}")
-        sides = [self.side(method, reference, measure) for method in methods]
-        if all(side == expected for side in sides):
-            return "agrees"
-        if any(side is not None and side != expected for side in sides):
-            return "disagrees"
-        return "not distinguishable here"
+        return verdict_of([self.side(method, reference, measure) for method in methods], expected)
 
     def table(self, methods: Sequence[str], reference: str = "FedIT") -> pd.DataFrame:
         """Per method: final accuracy, its gain over the probe and (where :attr:`recoverable`) the gain
@@ -143,7 +148,7 @@ class Comparison:
                 versus = "reference"
             else:
                 gap = paired_difference(final_accuracy(self.runs(method)), final_accuracy(self.runs(reference)))
-                versus = f"{_side(gap) or 'not distinguishable'} ({gap.mean:+.3f})"
+                versus = f"{side_of(gap) or 'not distinguishable'} ({gap.mean:+.3f})"
             row = {"method": method, "final accuracy": str(interval(final_accuracy(self.runs(method)))),
                    "over the probe": str(interval(self.over_probe(method)))}
             if self.recoverable:

@@ -43,6 +43,8 @@ METHOD_COLORS: dict[str, str] = {
     "FDLoRA": "#e7969c",
     "PerFIT": "#de9ed6",
     "FL-TAC": "#31a354",
+    "FedLFC": "#74c476",
+    "FedHLT": "#006d2c",
     "HyperFloRA": "#e6550d",
     # Part IV, sparse learning
     "FLASC": "#756bb1",
