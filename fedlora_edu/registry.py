@@ -38,6 +38,7 @@ from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
 from fedlora_edu.heterogeneity.languages import FedHLT, FedLFC
+from fedlora_edu.heterogeneity.local_models import PFedLoRA
 from fedlora_edu.heterogeneity.personalized import CELoRA, FDLoRA, FedDPA, FedSALoRA
 from fedlora_edu.heterogeneity.ranks import HetLoRA, ReplicationPadding
 from fedlora_edu.heterogeneity.structure import PerFIT
@@ -57,7 +58,7 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
     # 4.2 personalized LoRA (a personal structure, eq. 14; the hypernetwork, eq. 15)
-    FedDPA, FDLoRA, FedSALoRA, CELoRA, PerFIT, HyperFloRA,
+    FedDPA, FDLoRA, FedSALoRA, CELoRA, PFedLoRA, PerFIT, HyperFloRA,
     # 4.3 clustering (searched: FL-TAC; known in advance, languages: FedLFC, FedHLT)
     FLTAC, FedLFC, FedHLT,
     # 5 efficiency: sparse learning (and FSLoRA's sketches)

@@ -38,7 +38,7 @@ from fedlora_edu.foundations.training import evaluate  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
 
-PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC")
+PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "pFedLoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC")
 """FedIT, one global adapter, and the personalization methods of Part III that serve each client a model."""
 CLIENTS = 8
 """Sixteen outlets, two per client."""
@@ -47,8 +47,8 @@ CLIENTS = 8
 def options(method: str, profile: str) -> dict:
     """The arguments a method runs with here, as in its chapter (everything else is its default)."""
     bed = testbed_profile(profile)
-    if method in ("FedDPA", "FDLoRA", "PerFIT"):
-        return {"rank": bed.rank}  # each adapter (or the budget) of the profile's rank, as FedIT's
+    if method in ("FedDPA", "FDLoRA", "PerFIT", "pFedLoRA"):
+        return {"rank": bed.rank}  # each adapter (or the budget, or the shared adapter) of the profile's rank
     if method == "HyperFloRA":
         return {"server_learning_rate": bed.learning_rate}
     return {}

@@ -39,6 +39,7 @@ METHOD_COLORS: dict[str, str] = {
     "replication padding": "#9c9ede",
     "FedSA-LoRA": "#7b4173",
     "CE-LoRA": "#a55194",
+    "pFedLoRA": "#bd9e39",
     "FedDPA": "#ce6dbd",
     "FDLoRA": "#e7969c",
     "PerFIT": "#de9ed6",
