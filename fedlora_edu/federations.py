@@ -136,7 +136,9 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     freezes it, as the testbed does; ``"trained"`` trains a fresh head beside the adapter.
     ``adapted_layers`` puts LoRA in the top layers only (the profile's by default).
 
-    The federation also holds ``client_languages`` (client k's language), ``languages`` and
+    The federation also holds ``client_languages`` (client k's language), ``client_paths`` and
+    ``client_families`` (its path in :data:`LANGUAGE_TREE` and its family: what FedLFC and FedHLT read when
+    they are not given groups), ``languages`` and
     ``speeches`` (the table each client's and test example came from, with its ``client``: -1
     for the shared test set).
     """
@@ -194,6 +196,8 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     federation = Federation(base_model, clients, test, profile=profile.with_overrides(num_clients=len(clients)),
                             client_tests=client_tests, label_names=list(labels), train_head=head != "probe")
     federation.client_languages = client_languages
+    federation.client_paths = [language_path(language) for language in client_languages]
+    federation.client_families = [path[1] for path in federation.client_paths]
     federation.languages = tuple(languages)
     federation.speeches = speeches
     federation.probe = probe

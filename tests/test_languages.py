@@ -100,6 +100,8 @@ def test_settings_are_checked(shards_federation):
         FedHLT([("root", "G", "en"), ("root", "R", "en")])
     with pytest.raises(ValueError, match="groups names 2 clients, the federation has 3"):
         shards_federation.run(FedLFC(["x", "y"]), rounds=1, progress=False)
+    with pytest.raises(ValueError, match="FedHLT needs each client's group: pass groups="):
+        shards_federation.run(FedHLT(), rounds=1, progress=False)
 
 
 def test_language_tree_and_paths():
@@ -137,8 +139,10 @@ def test_multilingual_federation_gives_each_client_one_language_and_a_shared_tes
         assert len(federation.clients[k]) + len(federation.client_tests[k]) == (speeches["client"] == k).sum()
         assert len(federation.client_tests[k]) >= 1
     assert federation.label_names == ["member", "chair"] and not federation.train_head
-    history = federation.run(FedLFC([language_path(lang)[1] for lang in federation.client_languages]), rounds=1,
-                             progress=False, evaluate_clients=True)
-    assert history["client_accuracy"].notna().all()
+    assert federation.client_families == [language_path(lang)[1] for lang in federation.client_languages]
+    for strategy in (FedLFC(), FedHLT()):  # without groups, both read them from the federation
+        history = federation.run(strategy, rounds=1, progress=False, evaluate_clients=True)
+        assert history["client_accuracy"].notna().all()
+    assert strategy.paths == [language_path(lang) for lang in federation.client_languages]
     with pytest.raises(ValueError, match="clients_per_language must be an integer >= 1"):
         build_multilingual(profile=profile, clients_per_language=0)

@@ -60,13 +60,27 @@ class FedLFC(Strategy):
 
         adapters: dict[object, dict[str, Factors]] = field(default_factory=dict)
 
-    def __init__(self, groups: Sequence[object]) -> None:
+    federation_attribute = "client_families"
+    """Where :meth:`prepare` finds the groups when none were given (set by ``build_multilingual``)."""
+
+    def __init__(self, groups: Sequence[object] | None = None) -> None:
         super().__init__(None)
-        self.groups = _check_groups(groups, "groups")
+        self.given = None if groups is None else _check_groups(groups, "groups")
+        self.groups = self.given
 
     def prepare(self, federation: Any, model: Any, server: ServerState, seed: int) -> None:
+        groups = self.given if self.given is not None else getattr(federation, self.federation_attribute, None)
+        if groups is None:
+            raise ValueError(f"{self.name} needs each client's group: pass groups= (paths= for FedHLT), or run it on a "
+                             f"federation that names them (fedlora_edu.federations.build_multilingual sets "
+                             f"{self.federation_attribute})")
+        self.set_groups(list(groups))
         if len(self.groups) != len(federation.clients):
             raise ValueError(f"groups names {len(self.groups)} clients, the federation has {len(federation.clients)}")
+
+    def set_groups(self, groups: list) -> None:
+        """Client k's group is ``groups[k]``."""
+        self.groups = _check_groups(groups, "groups")
 
     def served(self, server: ServerState, client_id: int) -> dict[str, Factors] | None:
         """Client k's adapter: its group's, or None before the group's first upload."""
@@ -125,20 +139,15 @@ class FedHLT(FedLFC):
 
     name = "FedHLT"
     paper = "Guo et al. 2024, WWW companion"
+    federation_attribute = "client_paths"
 
-    def __init__(self, paths: Sequence[Sequence[object]]) -> None:
-        paths = [tuple(path) for path in _check_groups(paths, "paths")]
-        if any(len(path) < 1 for path in paths):
-            raise ValueError("every path names at least one node (the root)")
-        if len({path[0] for path in paths}) != 1:
-            raise ValueError(f"every path starts at the same root, got {sorted({path[0] for path in paths}, key=str)}")
-        parents: dict[object, object] = {}
-        for path in paths:
-            for parent, node in itertools.pairwise(path):
-                if parents.setdefault(node, parent) != parent:
-                    raise ValueError(f"node {node!r} has two parents, {parents[node]!r} and {parent!r}: not a tree")
-        super().__init__([path[-1] for path in paths])
-        self.paths = paths
+    def __init__(self, paths: Sequence[Sequence[object]] | None = None) -> None:
+        super().__init__(None if paths is None else _checked_paths(paths))
+
+    def set_groups(self, groups: list) -> None:
+        """Client k's path from the root to its leaf is ``groups[k]``."""
+        self.paths = _checked_paths(groups)
+        self.groups = [path[-1] for path in self.paths]
 
     def served(self, server: ServerState, client_id: int) -> dict[str, Factors] | None:
         nodes = [server.method_state.adapters[node] for node in self.paths[client_id]
@@ -159,6 +168,21 @@ class FedHLT(FedLFC):
             server.method_state.adapters[node] = _like_server(average, server)
         server.adapters = _like_server(cluster_averages(uploaded, weights, [0] * len(uploads))[0], server)
         self.aggregate_head(server, uploads)
+
+
+def _checked_paths(paths: Sequence[Sequence[object]]) -> list[tuple]:
+    """The paths as tuples, checked: each from one common root, and together a tree (one parent per node)."""
+    paths = [tuple(path) for path in _check_groups(paths, "paths")]
+    if any(len(path) < 1 for path in paths):
+        raise ValueError("every path names at least one node (the root)")
+    if len({path[0] for path in paths}) != 1:
+        raise ValueError(f"every path starts at the same root, got {sorted({path[0] for path in paths}, key=str)}")
+    parents: dict[object, object] = {}
+    for path in paths:
+        for parent, node in itertools.pairwise(path):
+            if parents.setdefault(node, parent) != parent:
+                raise ValueError(f"node {node!r} has two parents, {parents[node]!r} and {parent!r}: not a tree")
+    return paths
 
 
 def _renormalised(weights: list[float]) -> list[float]:
