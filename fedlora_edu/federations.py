@@ -202,3 +202,31 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     federation.speeches = speeches
     federation.probe = probe
     return federation
+
+
+# ----------------------------------------------------------------------------------------
+# Clients that differ in resources: a LoRA rank budget per client
+# ----------------------------------------------------------------------------------------
+RANK_TAILS = ("light-tailed", "heavy-tailed")
+
+
+def rank_budgets(tail: str, count: int, generator: np.random.Generator, *, max_rank: int = 8,
+                 exponent: float = 2.0) -> list[int]:
+    """A LoRA rank budget r_k for each of ``count`` clients, drawn with ``generator``.
+
+    ``"light-tailed"``: uniform on max_rank / 2 .. max_rank (every client affords at least half the
+    largest rank). ``"heavy-tailed"``: P(r_k = r) proportional to r^-``exponent`` on 1 .. max_rank, so that
+    most clients afford rank 1 or 2 and a few the largest ranks (a smaller exponent, a heavier tail).
+    Pass the result to a heterogeneous-rank method (``HetLoRA(ranks)``, ``FlexLoRA(ranks=...)``).
+    """
+    if tail not in RANK_TAILS:
+        raise ValueError(f"tail must be one of {RANK_TAILS}, got {tail!r}")
+    for label, value in (("count", count), ("max_rank", max_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    if not exponent > 0:
+        raise ValueError(f"exponent must be > 0, got {exponent!r}")
+    if tail == "light-tailed":
+        return generator.integers(max(1, max_rank // 2), max_rank + 1, size=count).tolist()
+    weights = 1.0 / np.arange(1, max_rank + 1) ** exponent
+    return (generator.choice(max_rank, size=count, p=weights / weights.sum()) + 1).tolist()

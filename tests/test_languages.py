@@ -146,3 +146,26 @@ def test_multilingual_federation_gives_each_client_one_language_and_a_shared_tes
     assert strategy.paths == [language_path(lang) for lang in federation.client_languages]
     with pytest.raises(ValueError, match="clients_per_language must be an integer >= 1"):
         build_multilingual(profile=profile, clients_per_language=0)
+
+
+def test_rank_budgets_draw_light_and_heavy_tails():
+    import numpy as np
+
+    from fedlora_edu.federations import rank_budgets
+
+    light = rank_budgets("light-tailed", 2000, np.random.default_rng(0))
+    heavy = rank_budgets("heavy-tailed", 2000, np.random.default_rng(0))
+    assert min(light) == 4 and max(light) == 8
+    assert min(heavy) == 1 and max(heavy) <= 8
+    counts = np.bincount(heavy, minlength=9)[1:]
+    expected = (1.0 / np.arange(1, 9) ** 2) / (1.0 / np.arange(1, 9) ** 2).sum()
+    assert np.abs(counts / len(heavy) - expected).max() < 0.03  # P(r) ~ r^-2
+    heavier = rank_budgets("heavy-tailed", 2000, np.random.default_rng(0), exponent=1.0)
+    assert np.mean(heavier) > np.mean(heavy)
+    # the same draws as a generator used directly (what the heterogeneous-ranks chapter drew before)
+    rng = np.random.default_rng(5)
+    assert rank_budgets("light-tailed", 10, np.random.default_rng(5)) == rng.integers(4, 9, size=10).tolist()
+    with pytest.raises(ValueError, match="tail must be one of"):
+        rank_budgets("medium", 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="count must be an integer >= 1"):
+        rank_budgets("light-tailed", 0, np.random.default_rng(0))
