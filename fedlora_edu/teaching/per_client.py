@@ -18,7 +18,7 @@ what the Part III study (``studies/part3.py``) and the chapter "Part III at a gl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,7 @@ from fedlora_edu.core.adapters import set_head_state, set_lora_factors
 from fedlora_edu.foundations.training import evaluate
 from fedlora_edu.simulation.metrics import Interval, interval, paired_difference
 from fedlora_edu.studies import load_study
-from fedlora_edu.teaching.comparison import side_of, verdict_of
-
-Measure = Callable[[pd.DataFrame], pd.Series]
+from fedlora_edu.teaching.comparison import Measure, final_accuracy, side_of, verdict_of
 
 
 def keeping_client_states(cls: type) -> type:
@@ -111,9 +109,8 @@ def numbers_kept(state: Any) -> int:
 
 
 # ----- measures of one run, per seed (a stored study's rows) ----------------------------------------
-def server_accuracy(rows: pd.DataFrame) -> pd.Series:
-    """The server's model on the shared test set after the last round."""
-    return rows["final_accuracy"]
+server_accuracy = final_accuracy
+"""The server's model on the shared test set after the last round (a study's final accuracy, per seed)."""
 
 
 def clients_mean(rows: pd.DataFrame) -> pd.Series:
