@@ -59,10 +59,27 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _canonical(node: object) -> object:
+    """A syntax tree as nested tuples that every Python version the package runs on writes alike.
+
+    Fields that are empty (None or an empty list) are left out: newer Pythons add such fields to
+    old nodes (3.12's ``type_params`` on every function and class) and newer ``ast.dump`` leaves
+    them out (3.13), so ``ast.dump`` itself gives one file a different text on 3.11, 3.12 and 3.13,
+    and a study stored on one would read as stale on another (Colab runs 3.12).
+    """
+    if isinstance(node, ast.AST):
+        return (type(node).__name__, tuple((name, _canonical(value)) for name, value in ast.iter_fields(node)
+                                           if value is not None and not (isinstance(value, list) and not value)))
+    if isinstance(node, list):
+        return tuple(_canonical(item) for item in node)
+    return (type(node).__name__, repr(node))
+
+
 def source_fingerprint(path: Path) -> str:
-    """SHA-256 of a Python file's syntax tree without docstrings (comments and layout never enter a tree)."""
+    """SHA-256 of a Python file's syntax tree without docstrings (comments and layout never enter a tree),
+    the same on every Python version (:func:`_canonical`)."""
     tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+    return hashlib.sha256(repr(_canonical(tree)).encode()).hexdigest()
 
 
 def _package_files(package: str) -> list[Path]:

@@ -16,6 +16,13 @@ run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to continue
     python studies/part2.py                          # the cpu profile, seeds 0 to 3
     python studies/part2.py --methods FedIT FLoRA    # some methods only
     FEDLORA_RESULTS=/tmp/second python studies/part2.py --no-anchors --methods ...   # a second process
+    FEDLORA_RESULTS=/tmp/s1 python studies/part2.py --profile gpu --shard 1/4    # one of four processes on a GPU
+
+``--shard i/n`` runs every n-th run of the grid (from the i-th, counting from 0) taken in order of
+priority (the anchors, then the methods in the order given, each with all its seeds, then FedIT's
+variants), so that n processes sharing one GPU each store the most important runs first; each
+writes its own results folder (``FEDLORA_RESULTS``), and the rows are merged afterwards
+(one JSON line per run: the files concatenate).
 """
 
 from __future__ import annotations
@@ -64,6 +71,30 @@ def testbed(profile: str, seed: int):
     return build_testbed(profile=profile, seed=seed)
 
 
+def by_priority(runs: list[dict], methods: list[str]) -> list[dict]:
+    """``runs`` ordered method by method (anchors first, then ``methods`` in order, FedIT's variants last),
+    each method's seeds together."""
+    names = [*ANCHORS, *methods]
+
+    def rank(run: dict) -> tuple[int, int, int]:
+        variant = next((i for i, v in enumerate(VARIANTS) if all(run.get(k) == x for k, x in v.items())), -1)
+        place = len(names) + variant if variant >= 0 else names.index(run["method"])
+        return place, run["seed"], 0
+
+    return sorted(runs, key=rank)
+
+
+def shard(runs: list[dict], spec: str, methods: list[str]) -> list[dict]:
+    """The runs of shard ``spec`` ("i/n": every n-th run from the i-th) of ``runs`` taken :func:`by_priority`."""
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes i/n with whole numbers, for instance 0/4; got {spec!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard i/n needs n >= 1 and 0 <= i < n; got {spec!r}")
+    return by_priority(runs, methods)[index::count]
+
+
 def run_one(settings: dict, profile: str) -> dict:
     federation = testbed(profile, settings["seed"])
     bed = testbed_profile(profile)
@@ -94,12 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip the probe and centralised runs (for a second process that runs other methods)")
     parser.add_argument("--no-variants", action="store_true", help=f"skip {VARIED_METHOD}'s runs at {VARIANTS}")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="run only every N-th run of the grid by priority, from the I-th (0 <= I < N)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    frame = run_study("part2", grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors,
-                                           variants=not args.no_variants),
+    runs = grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors, variants=not args.no_variants)
+    if args.shard:
+        try:
+            runs = shard(runs, args.shard, args.methods)
+        except ValueError as error:
+            parser.error(str(error))
+    frame = run_study("part2", runs,
                       lambda settings: run_one(settings, args.profile),
                       profile=args.profile,
                       methods_of=lambda settings: [] if settings["method"] in ANCHORS else [settings["method"]],

@@ -28,7 +28,7 @@ def stored(tmp_path, monkeypatch):
     runs = [{"method": method, "seed": seed} for seed in base for method in (ANCHORS, *offsets)]
     run_study("part2", runs, run_one, profile="smoke", progress=False,
               methods_of=lambda settings: [] if settings["method"] == ANCHORS else [settings["method"]])
-    return Comparison("part2")
+    return Comparison("part2", profile="smoke")
 
 
 def test_gain_recovered_runs_from_the_probe_to_centralised_lora(stored):
@@ -67,7 +67,7 @@ def test_gain_recovered_is_refused_where_lora_does_not_beat_the_probe(tmp_path, 
     runs = [{"method": method, "seed": seed} for seed in anchors for method in (ANCHORS, "FedIT")]
     run_study("part2", runs, run_one, profile="smoke", progress=False,
               methods_of=lambda settings: [] if settings["method"] == ANCHORS else [settings["method"]])
-    comparison = Comparison("part2")
+    comparison = Comparison("part2", profile="smoke")
     assert not comparison.gain().excludes(0) and not comparison.recoverable
     assert "gain recovered" not in comparison.table(["FedIT"]).columns
     with pytest.raises(ValueError, match=r"on seeds \[1\]"):
@@ -79,7 +79,7 @@ def test_a_study_without_anchors_is_refused(tmp_path, monkeypatch):
     run_study("part2", [{"method": "FedIT", "seed": 0}], lambda s: {"final_accuracy": 0.5}, profile="smoke",
               progress=False)
     with pytest.raises(ValueError, match="no anchor runs"):
-        Comparison("part2")
+        Comparison("part2", profile="smoke")
 
 
 def test_runs_at_varied_settings_are_kept_apart(stored, tmp_path):
@@ -87,7 +87,7 @@ def test_runs_at_varied_settings_are_kept_apart(stored, tmp_path):
     run_study("part2", [{"method": "FedIT", "seed": seed, "learning_rate": 1e-3} for seed in stored.seeds],
               lambda settings: {"final_accuracy": 0.1 * (settings["seed"] + 1), "accuracy": [0.1]}, profile="smoke",
               progress=False)
-    comparison = Comparison("part2")
+    comparison = Comparison("part2", profile="smoke")
     assert comparison.runs("FedIT", learning_rate=1e-3)["final_accuracy"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert comparison.runs("FedIT")["final_accuracy"].tolist() == stored.runs("FedIT")["final_accuracy"].tolist()
     assert comparison.over_probe("FedIT", learning_rate=1e-3).tolist() == pytest.approx([-0.4, -0.4, -0.25])
@@ -107,3 +107,20 @@ def test_a_reference_variant_is_paired_with_the_package_run_of_its_method(stored
     assert difference.mean == pytest.approx(float((0.9 - 0.1 * np.arange(3) - flora).mean()))
     with pytest.raises(ValueError, match="has no variant 'FedIT reversed'"):
         stored.reference_deviation("FedIT reversed")
+
+
+def test_each_profile_is_read_apart(stored):
+    """Runs under another profile in the same file (a GPU study appended to a CPU one) never mix with these."""
+    run_study("part2", [{"method": method, "seed": seed, "profile": "gpu"} for seed in (0, 1, 2)
+                        for method in (ANCHORS, "FedIT")],
+              lambda settings: ({"probe_accuracy": 0.2, "final_accuracy": 0.9} if settings["method"] == ANCHORS
+                                else {"final_accuracy": 0.5, "accuracy": [0.5]}), profile="gpu", progress=False,
+              methods_of=lambda settings: [] if settings["method"] == ANCHORS else [settings["method"]])
+    at_gpu = Comparison("part2", profile="gpu")
+    assert at_gpu.methods == ["FedIT"] and "(profile gpu)" in at_gpu.provenance()
+    assert at_gpu.gain().mean == pytest.approx(0.7)
+    again = Comparison("part2", profile="smoke")
+    assert again.methods == ["FedIT", "FLoRA", "FFA-LoRA"]
+    assert again.table(again.methods).equals(stored.table(stored.methods))
+    with pytest.raises(ValueError, match=r"no runs under the profile 'cpu'; it has \['gpu', 'smoke'\]"):
+        Comparison("part2")

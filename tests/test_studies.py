@@ -126,3 +126,31 @@ def test_a_study_on_the_testbed_is_stale_when_the_testbed_changes(results, monke
     assert len(stale_rows("demo")) == 1
     with pytest.raises(ValueError, match="depends_on names modules"):
         run_study("demo", [{"seed": 1}], lambda s: {}, profile="smoke", depends_on=["no_such"], progress=False)
+
+
+def test_the_fingerprint_is_the_same_on_every_python_version():
+    """Newer Pythons add fields to old syntax nodes (3.12: ``type_params`` on every function and class, empty
+    where the code uses none) and newer ``ast.dump`` leaves empty fields out (3.13); a study stored under one
+    version must read as current under another (Colab runs 3.12, CI 3.11)."""
+    import ast
+
+    from fedlora_edu.studies import _canonical
+
+    source = "def f(x: int = 1) -> int:\n    return x + 1\n\n\nclass C:\n    y = [f(i) for i in range(3)]\n"
+    tree = ast.parse(source)
+    newer = ast.parse(source)
+
+    def with_new_field(node):  # the node as a newer Python builds it: one more field, empty in this code
+        kind = type(node.__class__.__name__, (ast.AST,), {"_fields": (*node._fields, "type_params")})
+        copy = kind()
+        for name in node._fields:
+            setattr(copy, name, getattr(node, name))
+        copy.type_params = []
+        return copy
+
+    newer.body = [with_new_field(node) for node in newer.body]
+    assert [type(node).__name__ for node in newer.body] == ["FunctionDef", "ClassDef"]
+    assert ast.dump(newer) != ast.dump(tree)  # what the fingerprint was made of before: version-dependent
+    assert _canonical(newer) == _canonical(tree)
+    changed = ast.parse(source.replace("x + 1", "x + 2"))
+    assert _canonical(changed) != _canonical(tree)

@@ -246,11 +246,12 @@ class FLoRA(Strategy):
         server.method_state.merges.append(stacked)
         server.method_state.merge_rounds.append(round_index + 1)
         server.base_deltas = {n: server.scaling * (b @ a) for n, (a, b) in stacked.items()}
-        # Fresh adapter for the next round: a new random A (survey eq. 9), zero B.
+        # Fresh adapter for the next round: a new random A (survey eq. 9), zero B. Drawn on the CPU, where the
+        # generator lives, then moved to the adapter's device (a CPU generator cannot fill a CUDA tensor).
         generator = torch.Generator().manual_seed(derive_seed(server.seed, "FLoRA fresh adapter", round_index + 1))
         server.adapters = {
-            n: (torch.empty_like(a).uniform_(-1.0, 1.0, generator=generator) / a.shape[1] ** 0.5,
-                torch.zeros_like(b))
+            n: ((torch.empty(a.shape, dtype=a.dtype).uniform_(-1.0, 1.0, generator=generator) / a.shape[1] ** 0.5)
+                .to(a.device), torch.zeros_like(b))
             for n, (a, b) in server.adapters.items()
         }
         self.aggregate_head(server, uploads)

@@ -13,6 +13,9 @@ anchors: the probe (where every run starts) and centralised LoRA on the pooled d
   rate or number of local steps);
 - :meth:`Comparison.reference_deviation`: what running a method as its authors' code does, where
   the package departs from it (``studies/deviations.py``), changes against the package's run;
+- a study may hold runs under several profiles (``studies/part2.py --profile gpu`` appends to the same
+  file); a :class:`Comparison` reads one, ``cpu`` unless told, and :attr:`Comparison.methods` says which
+  methods it has on every seed;
 - :meth:`Comparison.verdict`: whether methods are ahead of (or behind) a reference with the
   interval of the paired difference excluding zero: "agrees" with an expected side, "disagrees",
   or "not distinguishable here".
@@ -75,12 +78,29 @@ def verdict_of(sides: Sequence[str | None], expected: str) -> str:
 class Comparison:
     """The stored study ``name``, seed by seed, ready to compare methods (see the module docstring)."""
 
-    def __init__(self, name: str = "part2") -> None:
-        self.study = load_study(name)
+    def __init__(self, name: str = "part2", profile: str = "cpu") -> None:
+        study = load_study(name)
+        if profile not in set(study["profile"]):
+            raise ValueError(f"study {name!r} has no runs under the profile {profile!r}; it has "
+                             f"{sorted(set(study['profile']))} (run studies/{name}.py --profile {profile})")
+        self.profile = profile
+        self.study = study[study["profile"] == profile]
+        self.study.attrs.update(study.attrs)
         self.anchors = self.study[self.study["method"] == ANCHORS].set_index("seed").sort_index()
         if self.anchors.empty:
-            raise ValueError(f"study {name!r} has no anchor runs ({ANCHORS!r}): run studies/{name}.py")
+            raise ValueError(f"study {name!r} has no anchor runs ({ANCHORS!r}) under the profile {profile!r}: "
+                             f"run studies/{name}.py --profile {profile}")
         self.seeds = list(self.anchors.index)
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods with a run at the study's own settings on every seed of the anchors, in the order stored."""
+        rows = self.study[(self.study["method"] != ANCHORS)]
+        for setting in VARIED:
+            if setting in rows.columns:
+                rows = rows[rows[setting].isna()]
+        seeds = rows.groupby("method", sort=False)["seed"].agg(set)
+        return [method for method, have in seeds.items() if set(self.seeds) <= have]
 
     @property
     def stale(self) -> int:
@@ -160,6 +180,7 @@ class Comparison:
         """Final accuracy of ``variant`` (a method run as its authors' code runs it, ``studies/deviations.py``)
         minus the package's run of the same method, paired over this study's seeds."""
         rows = load_study(study)
+        rows = rows[rows["profile"] == self.profile]
         if "variant" not in rows.columns or variant not in set(rows["variant"]):
             known = sorted(set(rows["variant"])) if "variant" in rows.columns else []
             raise ValueError(f"study {study!r} has no variant {variant!r}; it has {known}")
@@ -172,6 +193,6 @@ class Comparison:
     def provenance(self) -> str:
         """One line: how many runs, on which machine, at which commit and date, and how many are stale."""
         first = self.study.iloc[0]
-        return (f"stored study {self.study.attrs['name']}: {len(self.study)} runs over seeds {self.seeds}, "
-                f"{first['device_name']}, commit {first['commit']}, {self.study['date'].min()[:10]}; "
+        return (f"stored study {self.study.attrs['name']} (profile {self.profile}): {len(self.study)} runs over seeds "
+                f"{self.seeds}, {first['device_name']}, commit {first['commit']}, {self.study['date'].min()[:10]}; "
                 f"rows whose code has changed since: {self.stale}")
