@@ -18,6 +18,7 @@ and a chapter that shows a stored study says so beside it (:func:`load_study`).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import json
@@ -78,8 +79,13 @@ def _canonical(node: object) -> object:
 def source_fingerprint(path: Path) -> str:
     """SHA-256 of a Python file's syntax tree without docstrings (comments and layout never enter a tree),
     the same on every Python version (:func:`_canonical`)."""
-    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
-    return hashlib.sha256(repr(_canonical(tree)).encode()).hexdigest()
+    return _text_fingerprint(path.read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=512)
+def _text_fingerprint(text: str) -> str:
+    # Cached by the source text itself: checking a study's rows fingerprints the same files once per row.
+    return hashlib.sha256(repr(_canonical(_strip_docstrings(ast.parse(text)))).encode()).hexdigest()
 
 
 def _package_files(package: str) -> list[Path]:
