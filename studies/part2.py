@@ -76,10 +76,10 @@ def by_priority(runs: list[dict], methods: list[str]) -> list[dict]:
     each method's seeds together."""
     names = [*ANCHORS, *methods]
 
-    def rank(run: dict) -> tuple[int, int, int]:
+    def rank(run: dict) -> tuple[int, int]:
         variant = next((i for i, v in enumerate(VARIANTS) if all(run.get(k) == x for k, x in v.items())), -1)
         place = len(names) + variant if variant >= 0 else names.index(run["method"])
-        return place, run["seed"], 0
+        return place, run["seed"]
 
     return sorted(runs, key=rank)
 

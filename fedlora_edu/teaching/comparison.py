@@ -75,6 +75,15 @@ def verdict_of(sides: Sequence[str | None], expected: str) -> str:
     return "not distinguishable here"
 
 
+def _at_settings(rows: pd.DataFrame, varied: dict[str, float]) -> pd.DataFrame:
+    """The ``rows`` run at the study's own settings, except those in ``varied`` (keywords of :data:`VARIED`), which
+    must have the values given."""
+    for setting in VARIED:
+        column = rows[setting] if setting in rows.columns else pd.Series(np.nan, index=rows.index)
+        rows = rows[column.isna()] if setting not in varied else rows[np.isclose(column, varied[setting])]
+    return rows
+
+
 class Comparison:
     """The stored study ``name``, seed by seed, ready to compare methods (see the module docstring)."""
 
@@ -95,10 +104,7 @@ class Comparison:
     @property
     def methods(self) -> list[str]:
         """The methods with a run at the study's own settings on every seed of the anchors, in the order stored."""
-        rows = self.study[(self.study["method"] != ANCHORS)]
-        for setting in VARIED:
-            if setting in rows.columns:
-                rows = rows[rows[setting].isna()]
+        rows = _at_settings(self.study[self.study["method"] != ANCHORS], {})
         seeds = rows.groupby("method", sort=False)["seed"].agg(set)
         return [method for method, have in seeds.items() if set(self.seeds) <= have]
 
@@ -116,11 +122,7 @@ class Comparison:
         unknown = sorted(set(varied) - set(VARIED))
         if unknown:
             raise ValueError(f"a study varies only {VARIED}, not {unknown}")
-        rows = self.study[self.study["method"] == method]
-        for setting in VARIED:
-            column = rows[setting] if setting in rows.columns else pd.Series(np.nan, index=rows.index)
-            rows = rows[column.isna()] if setting not in varied else rows[np.isclose(column, varied[setting])]
-        rows = rows.set_index("seed").reindex(self.seeds)
+        rows = _at_settings(self.study[self.study["method"] == method], varied).set_index("seed").reindex(self.seeds)
         if rows["final_accuracy"].isna().any():
             at = f" at {varied}" if varied else ""
             raise ValueError(f"the stored study lacks runs of {method!r}{at} for some of the seeds {self.seeds}")
