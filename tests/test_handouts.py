@@ -7,6 +7,7 @@ import json
 import pytest
 from helpers import ROOT
 
+from fedlora_edu.teaching.exercises import EXERCISES, GRADE_REPORT_ENV
 from fedlora_edu.teaching.handouts import (
     BEGIN,
     END,
@@ -66,6 +67,10 @@ def test_a_notebook_without_answers_is_refused():
         student_version(notebook, "empty.ipynb")
 
 
-def test_the_solution_namespace_holds_the_answers_only():
-    namespace = solution_namespace(SOURCES[0])
-    assert callable(namespace["ideal_update"]) and "check" not in namespace  # the check cells did not run
+def test_the_solution_namespace_holds_the_answers_and_runs_no_check(tmp_path, monkeypatch):
+    report = tmp_path / "report.jsonl"
+    monkeypatch.setenv(GRADE_REPORT_ENV, str(report))
+    for source in SOURCES:
+        namespace = solution_namespace(source)
+        assert any(callable(value) and name in EXERCISES for name, value in namespace.items()), source
+    assert not report.exists()  # no check cell ran: a check would have written its outcome here

@@ -16,79 +16,35 @@ weights ``p_k >= 0`` sum to 1.
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fedlora_edu.core.factors import average_tensors, discordance, fedit_average, ideal_update
-from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.foundations.lora import LoRALinear
 from fedlora_edu.heterogeneity.clustering import cluster_averages
 from fedlora_edu.heterogeneity.personalized import FedDPA, similarity_weights
 from fedlora_edu.heterogeneity.ranks import replication_padding_average, zero_padding_average
 from fedlora_edu.heterogeneity.structure import masked_mean
+from fedlora_edu.teaching.checking import (
+    GRADE_REPORT_ENV,
+    Exercise,
+    ExerciseFailed,
+    any_rank_cases,
+    case_seed,
+    close,
+    matches,
+    random_clients,
+    record,
+    run_check,
+    same_rank_cases,
+)
+from fedlora_edu.teaching.experiments import EXPERIMENT_EXERCISES
+from fedlora_edu.teaching.method_exercises import METHOD_EXERCISES
 
-
-class ExerciseFailed(AssertionError):
-    """A student's answer differs from the reference; the message says how."""
-
-
-GRADE_REPORT_ENV = "FEDLORA_GRADE_REPORT"
-"""When this environment variable names a file, :func:`check` appends each outcome to it as a JSON line
-(``{"exercise": ..., "outcome": "passed" | "failed" | "not attempted"}``): how
-:mod:`fedlora_edu.teaching.grading` learns what a submission's checks said."""
-
-
-def _record(name: str, outcome: str) -> None:
-    report = os.environ.get(GRADE_REPORT_ENV)
-    if report:
-        with open(report, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"exercise": name, "outcome": outcome}) + "\n")
-
-
-@dataclass(frozen=True)
-class Exercise:
-    """One exercise: what to write, the reference answer and the inputs it is checked on."""
-
-    name: str
-    equation: str
-    reference: Callable
-    cases: Callable[[int], list[tuple]]
-    hints: Callable[[tuple, object], str | None]
-
-
-def _clients(seed: int, ranks: list[int], m: int = 7, n: int = 5) -> tuple[list[Tensor], list[Tensor], list[float]]:
-    gen = torch.Generator().manual_seed(seed)
-    As = [torch.randn(r, n, generator=gen, dtype=torch.float64) for r in ranks]
-    Bs = [torch.randn(m, r, generator=gen, dtype=torch.float64) for r in ranks]
-    raw = torch.rand(len(ranks), generator=gen, dtype=torch.float64) + 0.1
-    weights = (raw / raw.sum()).tolist()
-    return As, Bs, weights
-
-
-def _case_seed(seed: int, case: int) -> int:
-    return derive_seed(seed, "exercise case", case)
-
-
-def _same_rank_cases(seed: int) -> list[tuple]:
-    return [_clients(_case_seed(seed, 0), [3, 3, 3]), _clients(_case_seed(seed, 1), [2, 2]),
-            _clients(_case_seed(seed, 2), [4] * 5, m=3, n=9)]
-
-
-def _any_rank_cases(seed: int) -> list[tuple]:
-    return _same_rank_cases(seed) + [_clients(_case_seed(seed, 3), [1, 4, 2], m=6, n=8)]
-
-
-def _close(answer: object, expected: Tensor) -> bool:
-    return isinstance(answer, Tensor) and answer.shape == expected.shape and torch.allclose(
-        answer.to(expected.dtype), expected, rtol=1e-6, atol=1e-8
-    )
+__all__ = ["EXERCISES", "GRADE_REPORT_ENV", "Exercise", "ExerciseFailed", "check"]
 
 
 def _hint_weighted_sum(case: tuple, answer: object) -> str | None:
@@ -101,11 +57,11 @@ def _hint_weighted_sum(case: tuple, answer: object) -> str | None:
     if answer.shape != (m, n):
         return f"the shape is {tuple(answer.shape)}, dW is {m} x {n}"
     plain = sum(B @ A for A, B in zip(As, Bs, strict=True)) / len(As)
-    if _close(answer, plain):
+    if close(answer, plain):
         return "this is the plain mean: weight each client's B_k A_k by p_k"
     A_avg = sum(p * A for p, A in zip(weights, As, strict=True))
     B_avg = sum(p * B for p, B in zip(weights, Bs, strict=True))
-    if _close(answer, B_avg @ A_avg):
+    if close(answer, B_avg @ A_avg):
         return "this is avg(B) avg(A), FedIT's product; the ideal update multiplies first, then averages"
     return None
 
@@ -118,7 +74,7 @@ def _hint_average(case: tuple, answer: object) -> str | None:
     if isinstance(A_ans, Tensor) and A_ans.shape == Bs[0].shape:
         return "the pair is in the wrong order: return (A_avg, B_avg), A first"
     plain = sum(As) / len(As)
-    if _close(A_ans, plain):
+    if close(A_ans, plain):
         return "A_avg is the plain mean: weight each A_k by p_k"
     return None
 
@@ -137,7 +93,7 @@ def _hint_discordance(case: tuple, answer: object) -> str | None:
 def _hint_residual(case: tuple, answer: object) -> str | None:
     As, Bs, weights = case
     expected = fedex_residual(As, Bs, weights)
-    if isinstance(answer, Tensor) and answer.shape == expected.shape and _close(-answer, expected):
+    if isinstance(answer, Tensor) and answer.shape == expected.shape and close(-answer, expected):
         return "the sign is flipped: avg(B) avg(A) + R must equal the ideal update"
     if isinstance(answer, Tensor) and answer.shape == expected.T.shape:
         return "R is transposed: it is added to the m x n frozen weight"
@@ -147,7 +103,7 @@ def _hint_residual(case: tuple, answer: object) -> str | None:
 def _lora_cases(seed: int) -> list[tuple]:
     cases = []
     for offset, (m, n, r, alpha) in enumerate([(6, 4, 2, 4.0), (3, 8, 1, 1.0), (5, 5, 4, 16.0)]):
-        gen = torch.Generator().manual_seed(_case_seed(seed, 10 + offset))
+        gen = torch.Generator().manual_seed(case_seed(seed, 10 + offset))
         x = torch.randn(3, n, generator=gen, dtype=torch.float64)
         W = torch.randn(m, n, generator=gen, dtype=torch.float64)
         A = torch.randn(r, n, generator=gen, dtype=torch.float64)
@@ -173,19 +129,19 @@ def _hint_lora(case: tuple, answer: object) -> str | None:
     if not isinstance(answer, Tensor):
         return f"return a torch.Tensor, not {type(answer).__name__}"
     r = A.shape[0]
-    if _close(answer, x @ W.T + x @ A.T @ B.T):
+    if close(answer, x @ W.T + x @ A.T @ B.T):
         return f"the scaling alpha / r is missing (here {alpha} / {r})"
-    if _close(answer, x @ W.T + alpha * (x @ A.T @ B.T)):
+    if close(answer, x @ W.T + alpha * (x @ A.T @ B.T)):
         return "scale by alpha / r, not alpha"
-    if _close(answer, (alpha / r) * (x @ A.T @ B.T)):
+    if close(answer, (alpha / r) * (x @ A.T @ B.T)):
         return "the frozen path x W^T is missing: h = W x + (alpha / r) B A x"
     return None
 
 # ----- Part III: heterogeneity (survey section 4) ---------------------------------------------------
 def _mixed_rank_cases(seed: int) -> list[tuple]:
     """Clients of unequal ranks (HetLoRA's setting), and one case of equal ranks."""
-    return [_clients(_case_seed(seed, 20), [1, 4, 2]), _clients(_case_seed(seed, 21), [2, 3], m=4, n=6),
-            _clients(_case_seed(seed, 22), [3, 1, 1, 2], m=5, n=3), _clients(_case_seed(seed, 23), [3, 3])]
+    return [random_clients(case_seed(seed, 20), [1, 4, 2]), random_clients(case_seed(seed, 21), [2, 3], m=4, n=6),
+            random_clients(case_seed(seed, 22), [3, 1, 1, 2], m=5, n=3), random_clients(case_seed(seed, 23), [3, 3])]
 
 
 def _pair_problem(answer: object, As: list[Tensor], Bs: list[Tensor]) -> str | None:
@@ -211,9 +167,9 @@ def _padding_hint(case: tuple, answer: object, *, other: Callable, other_hint: s
     problem = _pair_problem(answer, As, Bs)
     if problem:
         return problem
-    if _matches(answer, other(As, Bs, weights)):
+    if matches(answer, other(As, Bs, weights)):
         return other_hint
-    if _matches(answer, own(As, Bs, None)):
+    if matches(answer, own(As, Bs, None)):
         return unweighted_hint
     return None
 
@@ -247,11 +203,11 @@ def _hint_fedsa(case: tuple, answer: object) -> str | None:
     if len(answer) != len(As):
         return f"return one update per client: {len(As)} clients here, got {len(answer)}"
     A_avg, B_avg = fedit_average(As, Bs, weights)
-    if all(_close(x, B_avg @ A_avg) for x in answer):
+    if all(close(x, B_avg @ A_avg) for x in answer):
         return "you averaged B too (FedIT's global model): in FedSA-LoRA each B_k stays on client k"
-    if all(_close(x, B @ A) for x, A, B in zip(answer, As, Bs, strict=True)):
+    if all(close(x, B @ A) for x, A, B in zip(answer, As, Bs, strict=True)):
         return "each client kept its own A_k: the server averages the A's and sends that A back to everyone"
-    if _matches(list(answer), _fedsa_reference(As, Bs, [1.0 / len(As)] * len(As))):
+    if matches(list(answer), _fedsa_reference(As, Bs, [1.0 / len(As)] * len(As))):
         return "the shared A is the plain mean: weight each A_k by p_k"
     return None
 
@@ -260,7 +216,7 @@ def _masked_cases(seed: int) -> list[tuple]:
     """Clients' values of one factor with 0/1 masks (some entries kept by nobody), weights p_k, previous values."""
     cases = []
     for offset, (clients, shape) in enumerate([(3, (4, 5)), (2, (3, 3)), (4, (2, 6))]):
-        gen = torch.Generator().manual_seed(_case_seed(seed, 30 + offset))
+        gen = torch.Generator().manual_seed(case_seed(seed, 30 + offset))
         values = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(clients)]
         masks = [torch.rand(shape, generator=gen) < 0.5 for _ in range(clients)]
         masks[0][0, 0] = True  # at least one kept entry
@@ -281,10 +237,10 @@ def _hint_masked_mean(case: tuple, answer: object) -> str | None:
     kept = sum(w * m.double() for w, m in zip(weights, masks, strict=True))
     summed = sum(w * m.double() * v for w, m, v in zip(weights, masks, values, strict=True))
     nobody = kept == 0
-    if _close(answer[~nobody], summed[~nobody]):
+    if close(answer[~nobody], summed[~nobody]):
         return ("each entry is divided by 1, not by the total weight of the clients that kept it: "
                 "sum_k p_k m_ke theta_ke / sum_k p_k m_ke")
-    if _close(answer[~nobody], masked_mean(values, masks, weights, previous)[~nobody]) and not _close(
+    if close(answer[~nobody], masked_mean(values, masks, weights, previous)[~nobody]) and not close(
             answer[nobody], previous[nobody]):
         return "an entry that no client kept keeps its previous value (it was not trained this round)"
     return None
@@ -295,7 +251,7 @@ def _dual_cases(seed: int) -> list[tuple]:
     """A global and a local adapter of one rank r, the local weight a and alpha."""
     cases = []
     for offset, (m, n, r, a, alpha) in enumerate([(6, 4, 2, 0.5, 16.0), (3, 7, 1, 0.25, 8.0), (5, 5, 3, 0.8, 3.0)]):
-        gen = torch.Generator().manual_seed(_case_seed(seed, 40 + offset))
+        gen = torch.Generator().manual_seed(case_seed(seed, 40 + offset))
         A_g, A_l = (torch.randn(r, n, generator=gen, dtype=torch.float64) for _ in range(2))
         B_g, B_l = (torch.randn(m, r, generator=gen, dtype=torch.float64) for _ in range(2))
         cases.append((A_g, B_g, A_l, B_l, a, alpha))
@@ -314,13 +270,13 @@ def _hint_feddpa(case: tuple, answer: object) -> str | None:
     if not isinstance(answer, Tensor):
         return f"return a torch.Tensor of shape (m, n), not {type(answer).__name__}"
     s = alpha / A_g.shape[0]
-    if _close(answer, s * (a * (B_g @ A_g) + (1 - a) * (B_l @ A_l))):
+    if close(answer, s * (a * (B_g @ A_g) + (1 - a) * (B_l @ A_l))):
         return "the weights are swapped: a weighs the local adapter, 1 - a the global one"
-    if _close(answer, (1 - a) * (B_g @ A_g) + a * (B_l @ A_l)):
+    if close(answer, (1 - a) * (B_g @ A_g) + a * (B_l @ A_l)):
         return f"the scaling alpha / r is missing (here {alpha} / {A_g.shape[0]})"
-    if _close(answer, s * (B_g @ A_g + B_l @ A_l)):
+    if close(answer, s * (B_g @ A_g + B_l @ A_l)):
         return "this is the plain sum of the two updates: weigh them by 1 - a and a"
-    if _close(answer, (alpha / (2 * A_g.shape[0])) * ((1 - a) * (B_g @ A_g) + a * (B_l @ A_l))):
+    if close(answer, (alpha / (2 * A_g.shape[0])) * ((1 - a) * (B_g @ A_g) + a * (B_l @ A_l))):
         return "each adapter has rank r: scale by alpha / r, not alpha / (2 r)"
     return None
 
@@ -329,7 +285,7 @@ def _similarity_cases(seed: int) -> list[tuple]:
     """Data and parameter similarities between K clients (cosines), their sizes, a temperature and a data share."""
     cases = []
     for offset, (clients, temperature, share) in enumerate([(4, 0.1, 0.5), (3, 1.0, 0.0), (5, 0.5, 0.8)]):
-        gen = torch.Generator().manual_seed(_case_seed(seed, 50 + offset))
+        gen = torch.Generator().manual_seed(case_seed(seed, 50 + offset))
         similarities = []
         for _ in range(2):
             vectors = torch.randn(clients, 6, generator=gen, dtype=torch.float64)
@@ -351,11 +307,11 @@ def _hint_similarity(case: tuple, answer: object) -> str | None:
     if not isinstance(answer, Tensor) or answer.shape != data_similarity.shape:
         return f"return a K x K tensor (row i: the weights of client i's C-bar), K = {len(sizes)}"
     combined = share * data_similarity + (1 - share) * parameter_similarity
-    if _close(answer, torch.softmax(combined / temperature, dim=1)):
+    if close(answer, torch.softmax(combined / temperature, dim=1)):
         return "the sizes are missing: client j also counts by p_j = n_j / sum_l n_l (FedAvg's weight)"
-    if _close(answer.T, _similarity_reference(*case)):
+    if close(answer.T, _similarity_reference(*case)):
         return "the rows and columns are swapped: each row i (client i's weights over all j) sums to one"
-    if _close(answer, _similarity_reference(data_similarity, parameter_similarity, sizes, 1.0, share)):
+    if close(answer, _similarity_reference(data_similarity, parameter_similarity, sizes, 1.0, share)):
         return f"the temperature is missing: divide the similarities by it (here {temperature})"
     return None
 
@@ -364,7 +320,7 @@ def _cluster_cases(seed: int) -> list[tuple]:
     """Flattened client adapters (rows), weights p_k over all clients, cluster labels 0..C-1."""
     cases = []
     for offset, labels in enumerate([[0, 1, 0, 2, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1, 2, 2, 1]]):
-        gen = torch.Generator().manual_seed(_case_seed(seed, 60 + offset))
+        gen = torch.Generator().manual_seed(case_seed(seed, 60 + offset))
         vectors = torch.randn(len(labels), 5, generator=gen, dtype=torch.float64)
         raw = torch.rand(len(labels), generator=gen, dtype=torch.float64) + 0.1
         cases.append((vectors, (raw / raw.sum()).tolist(), labels))
@@ -386,102 +342,71 @@ def _hint_cluster(case: tuple, answer: object) -> str | None:
                f"{len(clusters)} x {vectors.shape[1]}"
     p = torch.tensor(weights, dtype=torch.float64)
     unnormalised = torch.stack([sum(p[k] * vectors[k] for k in range(len(labels)) if labels[k] == c) for c in clusters])
-    if _close(answer, unnormalised):
+    if close(answer, unnormalised):
         return "the weights inside a cluster do not sum to one: divide by the cluster's total weight"
     plain = torch.stack([vectors[[k for k in range(len(labels)) if labels[k] == c]].mean(dim=0) for c in clusters])
-    if _close(answer, plain):
+    if close(answer, plain):
         return "this is the plain mean of each cluster: weight its clients by p_k (renormalised within it)"
     return None
 
 
-EXERCISES: dict[str, Exercise] = {
+_BASICS: dict[str, Exercise] = {
     "ideal_update": Exercise(
         "ideal_update", "survey eq. 4, right side: sum_k p_k B_k A_k",
-        ideal_update, _any_rank_cases, _hint_weighted_sum,
+        ideal_update, any_rank_cases, _hint_weighted_sum, chapter="part1/fedlora",
     ),
     "fedit_average": Exercise(
         "fedit_average", "survey eq. 4, left side: (sum_k p_k A_k, sum_k p_k B_k)",
-        fedit_average, _same_rank_cases, _hint_average,
+        fedit_average, same_rank_cases, _hint_average, chapter="part1/fedlora",
     ),
     "discordance": Exercise(
         "discordance", "|| avg(B) avg(A) - sum_k p_k B_k A_k ||_F",
-        discordance, _same_rank_cases, _hint_discordance,
+        discordance, same_rank_cases, _hint_discordance, chapter="part2/aggregation_discordance",
     ),
     "fedex_residual": Exercise(
         "fedex_residual", "survey eq. 7: R = sum_k p_k B_k A_k - avg(B) avg(A)",
-        fedex_residual, _same_rank_cases, _hint_residual,
+        fedex_residual, same_rank_cases, _hint_residual, chapter="part2/corrective",
     ),
     "lora_forward": Exercise(
         "lora_forward", "survey eq. 2: h = W x + (alpha / r) B A x, for a batch x of rows",
-        _lora_reference, _lora_cases, _hint_lora,
+        _lora_reference, _lora_cases, _hint_lora, chapter="part1/lora",
     ),
     "zero_padding_average": Exercise(
         "zero_padding_average", "HetLoRA (eq. 12): (sum_k p_k pad(A_k), sum_k p_k pad(B_k)), zeros to the largest r_k",
         lambda As, Bs, weights: zero_padding_average(As, Bs, weights), _mixed_rank_cases, _hint_zero_padding,
+        chapter="part3/heterogeneous_ranks",
     ),
     "replication_padding_average": Exercise(
         "replication_padding_average", "replication padding (eq. 12): each rank slot averaged over its holders",
         lambda As, Bs, weights: replication_padding_average(As, Bs, weights), _mixed_rank_cases, _hint_replication,
+        chapter="part3/heterogeneous_ranks",
     ),
     "fedsa_personal_updates": Exercise(
         "fedsa_personal_updates", "FedSA-LoRA (eq. 13): B_k (sum_j p_j A_j) for every client k",
-        _fedsa_reference, _same_rank_cases, _hint_fedsa,
+        _fedsa_reference, same_rank_cases, _hint_fedsa, chapter="part3/personalized",
     ),
     "masked_mean": Exercise(
         "masked_mean", "PerFIT (eq. 14): sum_k p_k m_ke theta_ke / sum_k p_k m_ke, previous value where nobody kept e",
-        masked_mean, _masked_cases, _hint_masked_mean,
+        masked_mean, _masked_cases, _hint_masked_mean, chapter="part3/structure",
     ),
     "feddpa_personal_update": Exercise(
         "feddpa_personal_update", "FedDPA (eq. 13): (alpha / r) ((1 - a) B_g A_g + a B_l A_l)",
-        _feddpa_reference, _dual_cases, _hint_feddpa,
+        _feddpa_reference, _dual_cases, _hint_feddpa, chapter="part3/dual_adapters",
     ),
     "ce_lora_weights": Exercise(
         "ce_lora_weights", "CE-LoRA: w_ij = p_j exp(s_ij / T) / sum_l p_l exp(s_il / T), s = d S_dat + (1 - d) S_par",
-        _similarity_reference, _similarity_cases, _hint_similarity,
+        _similarity_reference, _similarity_cases, _hint_similarity, chapter="part3/personalized",
     ),
     "cluster_averages": Exercise(
         "cluster_averages", "FL-TAC (eq. 16): per cluster c, sum_{k in c} p_k v_k / sum_{k in c} p_k",
-        _cluster_reference, _cluster_cases, _hint_cluster,
+        _cluster_reference, _cluster_cases, _hint_cluster, chapter="part3/clustering",
     ),
 }
 
-
-def _matches(answer: object, expected: object) -> bool:
-    if isinstance(expected, (tuple, list)):
-        return isinstance(answer, (tuple, list)) and len(answer) == len(expected) and all(
-            _matches(a, e) for a, e in zip(answer, expected, strict=True)
-        )
-    if isinstance(expected, float):
-        return isinstance(answer, float) and abs(answer - expected) <= 1e-6 * max(1.0, abs(expected))
-    return _close(answer, expected)
-
-
-def _describe(value: object) -> str:
-    """A short description of an answer or an expected value: its type and shape, never its values."""
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, tuple):
-        return "a tuple of (" + ", ".join(_describe(v) for v in value) + ")"
-    if isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
-        return f"a list of {len(value)} tensors of shapes " + ", ".join(str(tuple(v.shape)) for v in value)
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    return f"a {type(value).__name__}"
-
-
-def _how_far(answer: object, expected: object) -> str:
-    """How far a wrong answer is from the expected one, in numbers that do not give the answer away."""
-    if isinstance(expected, (tuple, list)) and isinstance(answer, (tuple, list)) and len(answer) == len(expected):
-        parts = [_how_far(a, e) for a, e in zip(answer, expected, strict=True)]
-        return "; ".join(f"item {i}: {part}" for i, part in enumerate(parts, start=1) if part)
-    if isinstance(expected, Tensor) and isinstance(answer, Tensor) and answer.shape == expected.shape:
-        gap = (answer.to(expected.dtype) - expected).abs()
-        scale = float(expected.abs().max()) or 1.0
-        return f"largest difference {float(gap.max()):.3g} (the expected values reach {scale:.3g})"
-    if isinstance(expected, float) and isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        gap = abs(float(answer) - expected)
-        return f"off by {gap:.3g} (relative {gap / max(abs(expected), 1e-12):.2g})"
-    return f"expected {_describe(expected)}, got {_describe(answer)}"
+EXERCISES: dict[str, Exercise] = {**_BASICS, **METHOD_EXERCISES, **EXPERIMENT_EXERCISES}
+"""Every exercise :func:`check` knows, by name: Parts I and III here, Parts I, II and IV's method cores in
+:mod:`fedlora_edu.teaching.method_exercises`, experiments to run and explain in
+:mod:`fedlora_edu.teaching.experiments`."""
 
 
 def check(name: str, function: Callable, *, seed: int = 0) -> str:
@@ -501,31 +426,11 @@ def check(name: str, function: Callable, *, seed: int = 0) -> str:
     if not callable(function):
         raise TypeError(f"function must be callable, got {type(function).__name__}")
     try:
-        outcome, message = _check(name, function, seed)
+        outcome, message = run_check(EXERCISES[name], function, seed)
     except ExerciseFailed:
-        _record(name, "failed")
+        record(name, "failed")
         raise
-    _record(name, outcome)
+    record(name, outcome)
     return message
 
 
-def _check(name: str, function: Callable, seed: int) -> tuple[str, str]:
-    """(outcome, the line :func:`check` returns); raises :class:`ExerciseFailed` for a wrong answer."""
-    exercise = EXERCISES[name]
-    cases = exercise.cases(seed)
-    for index, case in enumerate(cases, start=1):
-        where = f"{name}: case {index} of {len(cases)} (inputs: {_describe(case)[len('a tuple of '):]})"
-        expected = exercise.reference(*copy.deepcopy(case))
-        try:
-            answer = function(*copy.deepcopy(case))
-        except NotImplementedError:
-            return "not attempted", f"{name}: not attempted yet ({exercise.equation})"
-        except Exception as error:  # the student's code failed: say where and why, as a check failure
-            raise ExerciseFailed(f"{where}: your function raised {type(error).__name__}: {error}") from error
-        if not _matches(answer, expected):
-            hint = exercise.hints(copy.deepcopy(case), answer)
-            raise ExerciseFailed(
-                f"{where} differs from {exercise.equation}: {_how_far(answer, expected)}"
-                + (f"; hint: {hint}" if hint else "")
-            )
-    return "passed", f"{name}: passed all {len(cases)} cases ({exercise.equation})"

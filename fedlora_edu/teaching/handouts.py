@@ -18,6 +18,7 @@ for the tests that check every solution with :func:`~fedlora_edu.teaching.exerci
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import sys
@@ -85,16 +86,27 @@ def student_version(notebook: dict, name: str = "notebook") -> dict:
     return student
 
 
+def _imports_only(cell: dict) -> bool:
+    """A code cell made of import statements only (the answers' ``import torch``)."""
+    if cell.get("cell_type") != "code":
+        return False
+    try:
+        body = ast.parse(_source(cell)).body
+    except SyntaxError:  # IPython magics (the Colab install cell)
+        return False
+    return bool(body) and all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in body)
+
+
 def solution_namespace(path: Path | str) -> dict[str, Any]:
     """What the answer cells of a solution notebook define, run in order in one fresh namespace.
 
-    Only the cells with a marked answer run (not the install or check cells), so a test can take
-    the reference solutions without executing the notebook.
+    Only the cells with a marked answer and the cells that only import run (not the install or
+    check cells), so a test can take the reference solutions without executing the notebook.
     """
     notebook = json.loads(Path(path).read_text(encoding="utf-8"))
     namespace: dict[str, Any] = {"__name__": f"solutions of {Path(path).name}"}
     for cell in notebook.get("cells", []):
-        if has_solution(cell):
+        if has_solution(cell) or _imports_only(cell):
             exec(compile(_source(cell), str(path), "exec"), namespace)  # noqa: S102 (the book's own notebooks)
     return namespace
 

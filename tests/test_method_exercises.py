@@ -1,0 +1,192 @@
+"""Method-core exercises of Parts I, II and IV: right answers of every form pass, each usual mistake gets its hint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora_edu.teaching.exercises import EXERCISES, ExerciseFailed, check
+from fedlora_edu.teaching.method_exercises import METHOD_EXERCISES
+
+
+def _fails(name, function, hint_fragment):
+    with pytest.raises(ExerciseFailed, match=hint_fragment):
+        check(name, function)
+
+
+def _ideal(As, Bs, w):
+    return sum(p * (B @ A) for p, A, B in zip(w, As, Bs, strict=True))
+
+
+def _avg(tensors, w):
+    return sum(p * t for p, t in zip(w, tensors, strict=True))
+
+
+def _balanced(delta, rank, *, flip=False):
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    root = S[:rank].sqrt()
+    sign = -1.0 if flip else 1.0
+    return sign * root[:, None] * Vh[:rank], sign * U[:, :rank] * root[None, :]
+
+
+def test_every_method_exercise_names_its_chapter_and_is_registered():
+    for name, exercise in METHOD_EXERCISES.items():
+        assert EXERCISES[name] is exercise and exercise.kind == "method"
+        assert exercise.chapter.split("/")[0] in {"part1", "part2", "part4"}, name
+
+
+def test_right_answers_of_other_forms_pass():
+    # FLoRA with the weights on B instead of A; SVD factors with every sign flipped
+    assert "passed" in check("flora_stack", lambda As, Bs, w: (
+        torch.cat(list(As)), torch.cat([p * B for p, B in zip(w, Bs, strict=True)], dim=1)))
+    assert "passed" in check("flexlora_factors", lambda As, Bs, w, r: _balanced(_ideal(As, Bs, w), r, flip=True))
+    assert "passed" in check("svd_init", lambda W, r: _balanced(W, r, flip=True))
+    assert "passed" in check("sparse_payload_bytes", lambda tensors, masks: float(min(
+        8 * sum(int(m.sum()) for m in masks.values()), 4 * sum(t.numel() for t in tensors.values()))))
+
+
+def test_fedavg_mistakes():
+    _fails("fedavg_average", lambda states, sizes: {k: sum(s[k] for s in states) / len(states) for k in states[0]},
+           "plain mean")
+    _fails("fedavg_average", lambda states, sizes: {
+        k: sum(n * s[k] for n, s in zip(sizes, states, strict=True)) for k in states[0]}, "divide by n")
+    _fails("fedavg_average", lambda states, sizes: [states[0]], "return a dict")
+
+
+def test_lora_merge_mistakes():
+    _fails("lora_merge", lambda W, A, B, alpha: W + B @ A, "scaling alpha / r is missing")
+    _fails("lora_merge", lambda W, A, B, alpha: W + alpha * (B @ A), "not alpha")
+    _fails("lora_merge", lambda W, A, B, alpha: (alpha / A.shape[0]) * (B @ A), "frozen W is missing")
+
+
+def test_colr_mistakes():
+    _fails("colr_update", lambda B_t, As, w: _avg(As, w), "averaged A")
+    _fails("colr_update", lambda B_t, As, w: (B_t @ _avg(As, w)).T, "transposed")
+    _fails("colr_update", lambda B_t, As, w: B_t @ (sum(As) / len(As)), "plain mean")
+
+
+def test_flora_mistakes():
+    _fails("flora_stack", lambda As, Bs, w: (torch.cat(list(As)), torch.cat(list(Bs), dim=1)),
+           "weights p_k are missing")
+    _fails("flora_stack", lambda As, Bs, w: (torch.cat([p * A for p, A in zip(w, As, strict=True)]),
+                                             torch.cat([p * B for p, B in zip(w, Bs, strict=True)], dim=1)), "twice")
+    _fails("flora_stack", lambda As, Bs, w: (torch.cat(list(Bs), dim=1), torch.cat(list(As))), "wrong order")
+
+
+def test_flexlora_mistakes():
+    def all_in_b(As, Bs, w, r):
+        U, S, Vh = torch.linalg.svd(_ideal(As, Bs, w), full_matrices=False)
+        return Vh[:r], U[:, :r] * S[:r]
+
+    def fedit(As, Bs, w, r):
+        return _balanced(_avg(Bs, w) @ _avg(As, w), r)
+
+    _fails("flexlora_factors", all_in_b, "all of S sits in B")
+    _fails("flexlora_factors", fedit, "FedIT's product")
+    _fails("flexlora_factors", lambda As, Bs, w, r: _balanced(_ideal(As, Bs, [1 / len(As)] * len(As)), r),
+           "plain mean")
+    _fails("flexlora_factors", lambda As, Bs, w, r: _balanced(_ideal(As, Bs, w), r + 1), "A is")
+
+
+def test_lora_fair_mistakes():
+    def residual(As, Bs, w):
+        return _ideal(As, Bs, w) - _avg(Bs, w) @ _avg(As, w)
+
+    _fails("lora_fair_least_squares", lambda As, Bs, w: residual(As, Bs, w) @ _avg(As, w).T, "pseudo-inverse")
+    _fails("lora_fair_least_squares", lambda As, Bs, w: -residual(As, Bs, w) @ torch.linalg.pinv(_avg(As, w)),
+           "sign is flipped")
+    _fails("lora_fair_least_squares", lambda As, Bs, w: residual(As, Bs, w), "m x r")
+
+
+def test_svd_init_mistakes():
+    def smallest(W, r):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = S[-r:].sqrt()
+        return root[:, None] * Vh[-r:], U[:, -r:] * root[None, :]
+
+    def all_in_b(W, r):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return Vh[:r], U[:, :r] * S[:r]
+
+    _fails("svd_init", smallest, "smallest singular values")
+    _fails("svd_init", all_in_b, "not split evenly")
+    _fails("svd_init", lambda W, r: _balanced(W, r)[::-1], "wrong order")
+
+
+def test_fedloru_mistakes():
+    _fails("fedloru_weight", lambda W, acc, s: W + sum(b @ a for a, b in acc), "scaling")
+    _fails("fedloru_weight", lambda W, acc, s: W + s * (acc[-1][1] @ acc[-1][0]), "only the last adapter")
+    _fails("fedloru_weight", lambda W, acc, s: s * sum(b @ a for a, b in acc), "pre-trained W' is missing")
+
+
+def test_rank_vector_mistakes():
+    _fails("rank_vectors", lambda As, Bs, w: torch.cat([torch.cat([b.T, a], 1) for a, b in zip(As, Bs, strict=True)]),
+           r"\[b_i, a_i\]")
+    _fails("rank_vectors", lambda As, Bs, w: torch.cat([torch.cat([a, b.T], 1) for a, b in zip(As, Bs, strict=True)]).T,
+           "transposed")
+
+
+def test_gain_mistakes():
+    _fails("gain_recovered", lambda acc, probe, c: acc / c, "subtract it")
+    _fails("gain_recovered", lambda acc, probe, c: (acc - probe) / c, "centralized - probe")
+    _fails("gain_recovered", lambda acc, probe, c: (acc - probe).clamp_min(0) / (c - probe), "do not clip")
+
+
+def test_top_k_mistakes():
+    def per_tensor(tensors, d):
+        out = {}
+        for name, t in tensors.items():
+            k = int(torch.tensor(d * t.numel()).ceil())
+            out[name] = t.abs() >= torch.topk(t.abs().reshape(-1), k).values.min()
+        return out
+
+    def signed(tensors, d):
+        flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+        k = int(torch.tensor(d * flat.numel()).ceil())
+        threshold = torch.topk(flat, k).values.min()
+        return {name: t >= threshold for name, t in tensors.items()}
+
+    def floor_k(tensors, d):
+        flat = torch.cat([t.reshape(-1).abs() for t in tensors.values()])
+        threshold = torch.topk(flat, max(1, int(d * flat.numel()) - 1)).values.min()
+        return {name: t.abs() >= threshold for name, t in tensors.items()}
+
+    _fails("flasc_top_k", per_tensor, "per tensor")
+    _fails("flasc_top_k", signed, "magnitude")
+    _fails("flasc_top_k", floor_k, "exactly k")
+
+
+def test_payload_byte_mistakes():
+    _fails("sparse_payload_bytes", lambda tensors, masks: 4 * sum(int(m.sum()) for m in masks.values()), "index")
+    _fails("sparse_payload_bytes", lambda tensors, masks: 8 * sum(int(m.sum()) for m in masks.values()), "densely")
+    _fails("sparse_payload_bytes", lambda tensors, masks: "many", "as an int")
+
+
+def test_the_experiment_catches_its_mistakes_and_a_wrong_explanation():
+    from fedlora_edu.core.factors import discordance
+    from fedlora_edu.teaching.experiments import toy_local_training
+
+    def absolute(seed, steps):
+        return torch.tensor([discordance(*toy_local_training(seed, t)) for t in steps], dtype=torch.float64)
+
+    def from_zero(seed, steps):
+        rounds = [toy_local_training(seed, t) for t in steps]
+        return torch.tensor([discordance(*r) / _ideal(*r).norm().item() for r in rounds], dtype=torch.float64)
+
+    _fails("discordance_growth", absolute, "divide it by")
+    _fails("discordance_growth", from_zero, "subtract B0 A0")
+    _fails("discordance_growth_explained", lambda: "d", "look at your measurement")
+    _fails("discordance_growth_explained", lambda: "z", "one letter")
+    assert "passed" in check("discordance_growth_explained", lambda: " B ")
+
+
+def test_the_toy_federation_starts_where_lora_does_and_its_discordance_grows():
+    from fedlora_edu.core.factors import discordance
+    from fedlora_edu.teaching.experiments import _growth_reference, toy_local_training
+
+    assert discordance(*toy_local_training(0, 1, start_b="zero")) < 1e-12  # with B0 = 0, A does not move in step 1
+    for seed in range(3):
+        curve = _growth_reference(seed, [1, 4, 16])
+        assert bool((curve[1:] > curve[:-1]).all()), curve
+    with pytest.raises(ValueError, match="steps"):
+        toy_local_training(0, -1)
