@@ -340,6 +340,8 @@ def test(fast: bool) -> int:
     if not fast:
         record("ruff check", run([tool("ruff"), "check", "."], unit_env))
     record("unit tests", run([PYTHON, "-m", "pytest", "tests", "-n", "2"], unit_env))
+    # the pytest workers' output is not shown: print the exercise count per chapter here (issue 16)
+    record("exercise count per chapter", run([PYTHON, "-m", "fedlora_edu.teaching.catalogue", ROOT], unit_env))
     if not fast:
         found = notebooks()
         executed = ROOT / "_build" / "smoke-executed"
