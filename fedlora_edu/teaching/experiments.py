@@ -11,6 +11,9 @@ chosen explanation; a wrong choice gets a hint that points at what the numbers s
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -23,22 +26,23 @@ TOY_SHAPE = (12, 10, 2)
 
 
 def toy_local_training(seed: int, steps: int, *, clients: int = 4, lr: float = 0.1,
-                       start_b: str = "small") -> tuple[list[Tensor], list[Tensor], list[float]]:
+                       start_b: str = "small", trained: str = "both") -> tuple[list[Tensor], list[Tensor], list[float]]:
     """One round of the toy federation: every client's ``(A_k, B_k)`` after ``steps`` gradient steps.
 
     The clients' targets ``T_k`` (m x n, rank 3, float64) and the shared start are drawn from
     ``seed``; ``start_b="small"`` starts B at small random values, ``"zero"`` at zero, as LoRA
-    initializes it. Returns ``(As, Bs, weights)`` with weights ``p_k`` proportional to drawn sizes.
+    initializes it. ``trained="both"`` trains both factors; ``"B"`` keeps A frozen at the shared
+    start, as FFA-LoRA does. Returns ``(As, Bs, weights)`` with weights ``p_k`` proportional to drawn
+    sizes. :func:`toy_targets` returns the targets.
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if start_b not in ("small", "zero"):
         raise ValueError(f"start_b must be 'small' or 'zero', got {start_b!r}")
+    if trained not in ("both", "B"):
+        raise ValueError(f"trained must be 'both' or 'B', got {trained!r}")
+    targets, gen = _targets(seed, clients)
     m, n, r = TOY_SHAPE
-    gen = torch.Generator().manual_seed(derive_seed(seed, "toy federation"))
-    targets = [torch.randn(m, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, n, generator=gen,
-                                                                                  dtype=torch.float64) / 3
-               for _ in range(clients)]
     A0 = torch.randn(r, n, generator=gen, dtype=torch.float64) / n ** 0.5
     B0 = 0.1 * torch.randn(m, r, generator=gen, dtype=torch.float64)
     if start_b == "zero":
@@ -49,10 +53,24 @@ def toy_local_training(seed: int, steps: int, *, clients: int = 4, lr: float = 0
         A, B = A0.clone(), B0.clone()
         for _ in range(steps):
             gap = B @ A - target
-            A, B = A - lr * (B.T @ gap), B - lr * (gap @ A.T)
+            A, B = (A if trained == "B" else A - lr * (B.T @ gap)), B - lr * (gap @ A.T)
         As.append(A)
         Bs.append(B)
     return As, Bs, (sizes / sizes.sum()).tolist()
+
+
+def _targets(seed: int, clients: int) -> tuple[list[Tensor], torch.Generator]:
+    m, n, _ = TOY_SHAPE
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy federation"))
+    targets = [torch.randn(m, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, n, generator=gen,
+                                                                                  dtype=torch.float64) / 3
+               for _ in range(clients)]
+    return targets, gen
+
+
+def toy_targets(seed: int, clients: int = 4) -> list[Tensor]:
+    """The targets ``T_k`` (m x n, rank 3) the clients of :func:`toy_local_training` fit."""
+    return _targets(seed, clients)[0]
 
 
 def _relative_discordance(As: list[Tensor], Bs: list[Tensor], weights: list[float], start: Tensor) -> float:
@@ -92,31 +110,421 @@ def _hint_growth(case: tuple, answer: object) -> str | None:
     return None
 
 
-_GROWTH_OPTIONS = {
-    "a": "The clients' learning rates differ, so their factors drift apart.",
-    "b": "Each client's A_k and B_k move away from the shared start together, and the product of the averages "
-         "misses the cross terms sum_k p_k (B_k - avg B)(A_k - avg A), which grow as both factors drift.",
-    "c": "Rounding errors accumulate with every local step.",
-    "d": "The discordance does not grow: it is the same after any number of local steps.",
-}
+# ----- the explanations: one letter, a hint per wrong letter ----------------------------------------
+@dataclass(frozen=True)
+class Question:
+    """Which explanation fits the measurement: the options by letter, the right one, a hint per wrong one."""
 
-
-def _why_reference() -> str:
-    return "b"
-
-
-def _hint_why(case: tuple, answer: object) -> str | None:
-    if not isinstance(answer, str) or answer.strip().lower() not in _GROWTH_OPTIONS:
-        return f"return one letter among {sorted(_GROWTH_OPTIONS)}"
-    return {
-        "a": "every client here runs the same learning rate (toy_local_training's lr): what differs is their target",
-        "c": "the toy runs in float64, where rounding is near 1e-16; your numbers are many orders larger",
-        "d": "look at your measurement again: does it stay the same from 1 step to 16?",
-    }.get(answer.strip().lower())
+    text: str
+    options: dict[str, str]
+    answer: str
+    hints: dict[str, str]
 
 
 def _normalise_letter(answer: object) -> object:
     return answer.strip().lower() if isinstance(answer, str) else answer
+
+
+def _choice(name: str, question: Question, chapter: str) -> Exercise:
+    """The exercise ``name``: a function of no argument that returns the letter of the explanation."""
+    if question.answer not in question.options or set(question.hints) != set(question.options) - {question.answer}:
+        raise ValueError(f"{name}: the answer must be an option and every other option needs a hint")
+
+    def hints(case: tuple, answer: object) -> str | None:
+        letter = _normalise_letter(answer)
+        if letter not in question.options:
+            return f"return one letter among {sorted(question.options)}"
+        return question.hints.get(letter)  # type: ignore[arg-type]
+
+    return Exercise(name, question.text + " (one letter)", lambda: question.answer, lambda seed: [()], hints,
+                    chapter=chapter, kind="experiment", canonical=_normalise_letter)
+
+
+QUESTIONS: dict[str, Question] = {}
+"""Every explanation exercise's question by name; :func:`show_options` prints one in a notebook."""
+
+
+def show_options(name: str) -> None:
+    """Print the question ``name`` and its options, one per line, for the student to choose from."""
+    if name not in QUESTIONS:
+        raise ValueError(f"unknown question {name!r}; choose one of {sorted(QUESTIONS)}")
+    question = QUESTIONS[name]
+    print(question.text)
+    for letter, text in question.options.items():
+        print(f"  ({letter}) {text}")
+
+
+QUESTIONS["discordance_growth_explained"] = Question(
+    "Why does the relative discordance grow with the number of local steps?",
+    {
+        "a": "The clients' learning rates differ, so their factors drift apart.",
+        "b": "Each client's A_k and B_k move away from the shared start together, and the product of the averages "
+             "misses the cross terms sum_k p_k (B_k - avg B)(A_k - avg A), which grow as both factors drift.",
+        "c": "Rounding errors accumulate with every local step.",
+        "d": "The discordance does not grow: it is the same after any number of local steps.",
+    },
+    "b",
+    {
+        "a": "every client here runs the same learning rate (toy_local_training's lr): what differs is their target",
+        "c": "the toy runs in float64, where rounding is near 1e-16; your numbers are many orders larger",
+        "d": "look at your measurement again: does it stay the same from 1 step to 16?",
+    },
+)
+
+
+# ----- Part I, federated learning: FedAvg's fixed point and local steps -------------------------------
+TOY_FEDAVG_ROUNDS = 200
+"""Rounds of :func:`toy_fedavg`: enough for every run of the exercise to reach its fixed point."""
+
+
+def toy_fedavg(seed: int, local_steps: int, *, rounds: int = TOY_FEDAVG_ROUNDS, clients: int = 4,
+               lr: float = 0.1) -> tuple[Tensor, Tensor]:
+    """FedAvg on a toy least-squares federation: ``(the server's final model, the global optimum)``.
+
+    Client k holds ``n_k`` examples ``X_k`` (5 features) with labels ``y_k = X_k w_k`` from its own
+    ``w_k``, and minimises ``f_k(w) = ||X_k w - y_k||^2 / (2 n_k)``. The federation's objective is
+    ``sum_k p_k f_k`` with ``p_k = n_k / n`` (survey eq. 1); its optimum ``w*`` is solved in closed
+    form. Every round, every client takes ``local_steps`` gradient steps from the server's model and
+    the server averages the results with ``p_k`` (FedAvg), from ``w = 0``.
+    """
+    if not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy fedavg"))
+    data = []
+    for _ in range(clients):
+        n = int(torch.randint(10, 60, (1,), generator=gen))
+        X = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+        data.append((X, X @ (2 * torch.randn(5, generator=gen, dtype=torch.float64))))
+    p = torch.tensor([X.shape[0] for X, _ in data], dtype=torch.float64)
+    p = p / p.sum()
+    hessian = sum(p_k * X.T @ X / X.shape[0] for p_k, (X, _) in zip(p, data, strict=True))
+    w_star = torch.linalg.solve(hessian, sum(p_k * X.T @ y / X.shape[0] for p_k, (X, y) in zip(p, data, strict=True)))
+    w = torch.zeros(5, dtype=torch.float64)
+    for _ in range(rounds):
+        local = []
+        for X, y in data:
+            v = w.clone()
+            for _ in range(local_steps):
+                v = v - lr * X.T @ (X @ v - y) / X.shape[0]
+            local.append(v)
+        w = sum(p_k * v for p_k, v in zip(p, local, strict=True))
+    return w, w_star
+
+
+def _fedavg_drift_reference(seed: int, steps: list[int]) -> Tensor:
+    values = []
+    for t in steps:
+        w, w_star = toy_fedavg(seed, t)
+        values.append(float(torch.linalg.vector_norm(w - w_star) / torch.linalg.vector_norm(w_star)))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _fedavg_drift_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 140), [1, 2, 4, 8]), (case_seed(seed, 141), [1, 3, 6])]
+
+
+def _hint_fedavg_drift(case: tuple, answer: object) -> str | None:
+    seed, steps = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(steps),):
+        return f"return a torch.Tensor with one value per entry of steps: {len(steps)} values"
+    runs = [toy_fedavg(seed, t) for t in steps]
+    if close(answer, torch.tensor([float(torch.linalg.vector_norm(w - s)) for w, s in runs], dtype=torch.float64)):
+        return "this is the distance itself: divide it by ||w*|| to make seeds comparable"
+    return None
+
+
+QUESTIONS["fedavg_drift_explained"] = Question(
+    "With one local step FedAvg reaches the global optimum; with more it settles further away. Why?",
+    {
+        "a": "More local steps need more rounds: the runs have not converged yet.",
+        "b": "Each client's local steps pull the model toward its own optimum; the average of those local models is "
+             "not where the federation's gradient vanishes, so FedAvg settles at a biased fixed point (client drift). "
+             "With one step, the average of the clients' steps is a gradient step on the global objective.",
+        "c": "The learning rate is too large for several local steps, so training diverges.",
+        "d": "Rounding errors grow with the number of local steps.",
+    },
+    "b",
+    {
+        "a": "run toy_fedavg with more rounds (rounds=...): the distance stays put, the runs are at a fixed point",
+        "c": "a diverging run would grow without bound; your distances are finite and stable over rounds",
+        "d": "the toy is in float64: rounding is near 1e-16, your distances are many orders larger",
+    },
+)
+
+
+# ----- Part II, single matrix: FFA-LoRA's trade ---------------------------------------------------------
+def _ffa_reference(seed: int, steps: list[int]) -> Tensor:
+    targets = toy_targets(seed)
+    rows = []
+    for t in steps:
+        fits = {}
+        for trained in ("both", "B"):
+            As, Bs, weights = toy_local_training(seed, t, trained=trained)
+            fits[trained] = sum(float(torch.linalg.matrix_norm(B @ A - T) / torch.linalg.matrix_norm(T))
+                                for A, B, T in zip(As, Bs, targets, strict=True)) / len(targets)
+        As, Bs, weights = toy_local_training(seed, t, trained="B")
+        rows.append([discordance(As, Bs, weights), fits["B"] - fits["both"]])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _ffa_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 150), [4, 16, 64]), (case_seed(seed, 151), [8, 32])]
+
+
+def _hint_ffa(case: tuple, answer: object) -> str | None:
+    seed, steps = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(steps), 2):
+        return f"return a torch.Tensor of shape ({len(steps)}, 2): per number of steps, [discordance, fit gap]"
+    expected = _ffa_reference(seed, steps)
+    if close(answer[:, 1], -expected[:, 1]):
+        return "the fit gap's sign is flipped: FFA-LoRA's error minus the error when both factors train"
+    if not close(answer[:, 0], expected[:, 0]):
+        return "measure the discordance of the run that keeps A frozen (trained='B')"
+    return None
+
+
+QUESTIONS["ffa_tradeoff_explained"] = Question(
+    "FFA-LoRA (A frozen) shows no discordance but fits the clients' targets worse. Why?",
+    {
+        "a": "Every client shares the frozen A, so sum_k p_k B_k A = (sum_k p_k B_k) A exactly; but B A can only "
+             "reach the rows spanned by A's r rows, so part of each target stays out of reach.",
+        "b": "Its B matrices are equal across clients, which removes the discordance.",
+        "c": "It trains fewer numbers, which makes every step smaller, and given enough steps it fits as well.",
+        "d": "The discordance is zero only by chance on these seeds.",
+    },
+    "a",
+    {
+        "b": "the clients' B_k differ (each fits its own target): it is A that they share",
+        "c": "look at the gap from 16 to 64 steps: it stays about the same, the frozen A bounds what B A can fit",
+        "d": "(sum_k p_k B_k) A equals sum_k p_k B_k A for any B_k when A is shared: it is zero on every seed",
+    },
+)
+
+
+# ----- Part II, full size and at a glance: how far each aggregation lands from the ideal update -------
+def _aggregation_errors_reference(seed: int, steps: list[int]) -> Tensor:
+    from fedlora_edu.core.factors import fedit_average
+    from fedlora_edu.distributed.full_size import flexlora, flora_stack
+
+    A0s, B0s, _ = toy_local_training(seed, 0)
+    start = B0s[0] @ A0s[0]
+    rows = []
+    for t in steps:
+        As, Bs, weights = toy_local_training(seed, t)
+        ideal = ideal_update(As, Bs, weights)
+        size = float(torch.linalg.matrix_norm(ideal - start))
+        A_avg, B_avg = fedit_average(As, Bs, weights)
+        A_stack, B_stack = flora_stack(As, Bs, weights)
+        (A_flex, B_flex), = flexlora(As, Bs, weights, [TOY_SHAPE[2]])
+        rows.append([float(torch.linalg.matrix_norm(B @ A - ideal)) / size
+                     for A, B in ((A_avg, B_avg), (A_stack, B_stack), (A_flex, B_flex))])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _aggregation_errors_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 160), [1, 4, 16]), (case_seed(seed, 161), [2, 8])]
+
+
+def _hint_aggregation_errors(case: tuple, answer: object) -> str | None:
+    seed, steps = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(steps), 3):
+        return f"return a torch.Tensor of shape ({len(steps)}, 3): per number of steps, FedIT, FLoRA, FlexLoRA"
+    expected = _aggregation_errors_reference(seed, steps)
+    if close(answer[:, [0, 2, 1]], expected):
+        return "the columns are FedIT, FLoRA, FlexLoRA, in that order"
+    return None
+
+
+QUESTIONS["aggregation_errors_explained"] = Question(
+    "FLoRA lands on the ideal update, FlexLoRA near it, FedIT furthest. Why this order?",
+    {
+        "a": "FLoRA's stacks hold every client's factors, so their product is the ideal update (rank up to K r); "
+             "FlexLoRA keeps the best rank-r approximation of it (Eckart-Young), and FedIT's avg(B) avg(A) is "
+             "another rank-r matrix, so it can be no closer than FlexLoRA's.",
+        "b": "FlexLoRA trains longer than FedIT.",
+        "c": "FedIT's error is rounding; FlexLoRA's and FLoRA's are smaller because they work in float64.",
+        "d": "The order changes from seed to seed.",
+    },
+    "a",
+    {
+        "b": "all three aggregate the same uploads of the same local training: only the server's step differs",
+        "c": "every method here runs in float64; FedIT's error is many orders above rounding",
+        "d": "Eckart-Young makes FlexLoRA's error at most FedIT's for any uploads; try other seeds",
+    },
+)
+
+
+# ----- Part II, rank clustering: what a rank vector z = [a, b] does not see ----------------------------
+def toy_adapter(seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A client's rank-3 adapter ``(A, B)`` (A 3 x 5, B 6 x 3) and a random 3 x 3 rotation ``Q``, from ``seed``."""
+    from fedlora_edu.teaching.checking import random_clients
+
+    As, Bs, _ = random_clients(derive_seed(seed, "toy adapter"), [3], m=6, n=5)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy rotation"))
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    return As[0], Bs[0], q
+
+
+def _symmetry_cases(seed: int) -> list[tuple]:
+    return [toy_adapter(case_seed(seed, 170 + offset)) for offset in range(2)]
+
+
+def _symmetry_reference(A: Tensor, B: Tensor, rotation: Tensor) -> Tensor:
+    from fedlora_edu.distributed.rank_clustering import rank_vectors
+
+    r = A.shape[0]
+    scale = torch.diag(torch.linspace(0.5, 2.0, r, dtype=torch.float64))
+    transforms = {"sign": -torch.eye(r, dtype=torch.float64), "scale": scale, "rotation": rotation}
+    Z = rank_vectors([A], [B], [1.0])[0]
+    rows = []
+    for G in transforms.values():
+        A_new, B_new = G @ A, B @ torch.linalg.inv(G)
+        Z_new = rank_vectors([A_new], [B_new], [1.0])[0]
+        rows.append([float(torch.linalg.matrix_norm(B_new @ A_new - B @ A) / torch.linalg.matrix_norm(B @ A)),
+                     float(torch.linalg.matrix_norm(Z_new - Z) / torch.linalg.matrix_norm(Z))])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _hint_symmetry(case: tuple, answer: object) -> str | None:
+    if not isinstance(answer, Tensor) or answer.shape != (3, 2):
+        return "return a torch.Tensor of shape (3, 2): rows sign, scale, rotation; columns product change, z change"
+    A, B, rotation = case
+    expected = _symmetry_reference(A, B, rotation)
+    if close(answer[:, [1, 0]], expected):
+        return "the columns are swapped: first the product's relative change, then the rank vectors'"
+    return None
+
+
+QUESTIONS["rank_vector_symmetry_explained"] = Question(
+    "Re-factoring an adapter as (G A, B G^-1) leaves B A unchanged but moves its rank vectors. What follows?",
+    {
+        "a": "Nothing: k-means on z only sees the products B A.",
+        "b": "A rank vector z = [a_i, b_i] describes one factorization, not the update: two clients with the same "
+             "B A can send components that k-means puts in different clusters, so FedInc's clusters depend on how "
+             "each client's training happened to factor its update.",
+        "c": "The products change too, by rounding, so the change is harmless.",
+        "d": "Only a rotation moves z; signs and scales leave it unchanged.",
+    },
+    "b",
+    {
+        "a": "k-means runs on the rows of Z, which your second column shows moving while B A stays put",
+        "c": "your first column is at rounding level while the second is of order one: the products do not move",
+        "d": "look at the sign and scale rows of your measurement: z moves there as well",
+    },
+)
+
+
+# ----- Part II, server initialization: where a pre-trained weight keeps its energy ---------------------
+@functools.lru_cache(maxsize=1)
+def pretrained_query_weight() -> Tensor:
+    """The query projection of the embedded encoder's first layer (MiniLM), float64, as loaded offline."""
+    from fedlora_edu.assets.models import load_classifier
+
+    model, _ = load_classifier(num_labels=2, seed=0)
+    weights = [p for name, p in model.named_parameters() if name.endswith("layer.0.attention.self.query.weight")]
+    if len(weights) != 1:
+        raise RuntimeError("the embedded encoder has no single layer-0 query weight")
+    return weights[0].detach().to(torch.float64).clone()
+
+
+def gaussian_like(weight: Tensor, seed: int = 0) -> Tensor:
+    """A Gaussian matrix with ``weight``'s shape and entry standard deviation (a weight with no structure)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "gaussian like"))
+    return torch.randn(weight.shape, generator=gen, dtype=torch.float64) * float(weight.std())
+
+
+def _spectrum_reference(ranks: list[int]) -> Tensor:
+    from fedlora_edu.distributed.server_init import spectrum_share
+
+    weight = pretrained_query_weight()
+    return torch.tensor([[spectrum_share(w, r) for r in ranks] for w in (weight, gaussian_like(weight))],
+                        dtype=torch.float64)
+
+
+def _hint_spectrum(case: tuple, answer: object) -> str | None:
+    (ranks,) = case
+    if not isinstance(answer, Tensor) or answer.shape != (2, len(ranks)):
+        return f"return a torch.Tensor of shape (2, {len(ranks)}): the pre-trained weight's row, then the Gaussian's"
+    weight = pretrained_query_weight()
+    plain = torch.tensor([[float(torch.linalg.svdvals(w)[:r].sum() / torch.linalg.svdvals(w).sum()) for r in ranks]
+                          for w in (weight, gaussian_like(weight))], dtype=torch.float64)
+    if close(answer, plain):
+        return "the share of ||W||_F^2 sums the squared singular values, not the singular values"
+    return None
+
+
+QUESTIONS["spectrum_share_explained"] = Question(
+    "The pre-trained weight holds more of its energy in its top-r directions than a Gaussian matrix of the same "
+    "shape and scale. What does FeDeRA make of it?",
+    {
+        "a": "Nothing: both matrices have the same singular values.",
+        "b": "Pre-training concentrates a weight's energy in a few directions; FeDeRA starts the adapter on them "
+             "(B A = the top-r part, W' = W - B A), so training moves the directions that already matter, where "
+             "a random start spreads the adapter evenly.",
+        "c": "The Gaussian matrix is larger in norm, so its shares are smaller.",
+        "d": "FeDeRA needs the smallest singular directions, which a pre-trained weight has fewer of.",
+    },
+    "b",
+    {
+        "a": "compare your two rows: the pre-trained weight's shares are larger at every rank",
+        "c": "the share is a ratio: scaling a matrix does not change it, and the Gaussian has the weight's scale",
+        "d": "FeDeRA keeps the top-r singular directions (the largest), as eq. 10's U[:, :r] and S[:r] say",
+    },
+)
+
+
+# ----- Part II, client initialization: the rank FedLoRU accumulates ------------------------------------
+def toy_global_adapters(seed: int, count: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` rank-r global adapters ``(A_t, B_t)``, one per accumulation round (random, the toy's shapes)."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    m, n, r = TOY_SHAPE
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy global adapters"))
+    return [(torch.randn(r, n, generator=gen, dtype=torch.float64), torch.randn(m, r, generator=gen,
+                                                                                dtype=torch.float64))
+            for _ in range(count)]
+
+
+def _accumulated_rank_reference(seed: int, counts: list[int]) -> Tensor:
+    from fedlora_edu.distributed.client_init import fedloru_global_weight
+
+    ranks = []
+    for count in counts:
+        adapters = toy_global_adapters(seed, count)
+        update = fedloru_global_weight(torch.zeros(TOY_SHAPE[0], TOY_SHAPE[1], dtype=torch.float64), adapters, 1.0)
+        ranks.append(float(torch.linalg.matrix_rank(update)))
+    return torch.tensor(ranks, dtype=torch.float64)
+
+
+def _accumulated_rank_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 180), [1, 2, 3, 4, 5, 6]), (case_seed(seed, 181), [2, 7])]
+
+
+def _hint_accumulated_rank(case: tuple, answer: object) -> str | None:
+    seed, counts = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(counts),):
+        return f"return a torch.Tensor with one rank per entry of counts: {len(counts)} values"
+    if close(answer, torch.tensor([float(TOY_SHAPE[2])] * len(counts), dtype=torch.float64)):
+        return "this is the rank of one adapter; measure the rank of the sum of the first T adapters' B_t A_t"
+    return None
+
+
+QUESTIONS["accumulated_rank_explained"] = Question(
+    "FedLoRU sends rank-r adapters, yet its merged update reaches a higher rank. Why, and where does it stop?",
+    {
+        "a": "Each accumulation round merges B_t A_t into W', and a sum of T rank-r matrices has rank up to T r; "
+             "it stops at min(m, n), the most any m x n matrix has.",
+        "b": "The rank grows because of rounding in the merge.",
+        "c": "Every merged adapter has rank T r.",
+        "d": "It does not: the merged update stays at rank r.",
+    },
+    "a",
+    {
+        "b": "the ranks you measured grow in steps of exactly r: rounding would not do that",
+        "c": "each adapter is m x r times r x n: its rank is at most r",
+        "d": "your measurement grows with the number of accumulated rounds",
+    },
+)
 
 
 EXPERIMENT_EXERCISES: dict[str, Exercise] = {
@@ -125,14 +533,45 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         "(toy_local_training)",
         _growth_reference, _growth_cases, _hint_growth, chapter="part2/aggregation_discordance", kind="experiment",
     ),
-    "discordance_growth_explained": Exercise(
-        "discordance_growth_explained", "why the relative discordance grows with local steps (one letter)",
-        _why_reference, lambda seed: [()], _hint_why, chapter="part2/aggregation_discordance", kind="experiment",
-        canonical=_normalise_letter,
+    "fedavg_drift": Exercise(
+        "fedavg_drift", "||w_T - w*|| / ||w*|| after toy_fedavg with each number of local steps",
+        _fedavg_drift_reference, _fedavg_drift_cases, _hint_fedavg_drift, chapter="part1/federated_learning",
+        kind="experiment",
+    ),
+    "ffa_tradeoff": Exercise(
+        "ffa_tradeoff", "per number of local steps: [FFA-LoRA's discordance, its mean relative fit error minus "
+        "that of training both factors]",
+        _ffa_reference, _ffa_cases, _hint_ffa, chapter="part2/single_matrix", kind="experiment",
+    ),
+    "aggregation_errors": Exercise(
+        "aggregation_errors", "per number of local steps: || B A - ideal ||_F / || ideal - B0 A0 ||_F for FedIT, "
+        "FLoRA and FlexLoRA (rank r)",
+        _aggregation_errors_reference, _aggregation_errors_cases, _hint_aggregation_errors,
+        chapter="part2/at_a_glance", kind="experiment",
+    ),
+    "rank_vector_symmetry": Exercise(
+        "rank_vector_symmetry", "per re-factoring (sign, scale, rotation): relative change of B A and of Z",
+        _symmetry_reference, _symmetry_cases, _hint_symmetry, chapter="part2/rank_clustering", kind="experiment",
+    ),
+    "spectrum_share": Exercise(
+        "spectrum_share", "share of ||W||_F^2 in the top-r singular values, pre-trained query weight and "
+        "gaussian_like of it, per rank",
+        _spectrum_reference, lambda seed: [([1, 4, 16, 64],)], _hint_spectrum,
+        chapter="part2/server_initialization", kind="experiment",
+    ),
+    "accumulated_rank": Exercise(
+        "accumulated_rank", "numerical rank of sum_{t <= T} B_t A_t (toy_global_adapters) for each T",
+        _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
+        chapter="part2/client_initialization", kind="experiment",
     ),
 }
-"""Experiment-and-explanation exercises by name (merged into ``EXERCISES``)."""
+"""Experiment-and-explanation exercises by name (merged into ``EXERCISES``): a measurement each, and its
+explanation as a letter (``<name>_explained``)."""
 
-GROWTH_OPTIONS = dict(_GROWTH_OPTIONS)
-"""The explanations offered for ``discordance_growth_explained``, by letter (printed in the notebook)."""
-
+_CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
+             "fedavg_drift_explained": "part1/federated_learning", "ffa_tradeoff_explained": "part2/single_matrix",
+             "aggregation_errors_explained": "part2/at_a_glance",
+             "rank_vector_symmetry_explained": "part2/rank_clustering",
+             "spectrum_share_explained": "part2/server_initialization",
+             "accumulated_rank_explained": "part2/client_initialization"}
+EXPERIMENT_EXERCISES.update({name: _choice(name, QUESTIONS[name], chapter) for name, chapter in _CHAPTERS.items()})
