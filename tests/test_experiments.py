@@ -80,3 +80,26 @@ def test_the_toys_reject_bad_arguments():
         ex.toy_local_training(0, 1, trained="A")
     with pytest.raises(ValueError, match="count"):
         ex.toy_global_adapters(0, 0)
+
+
+def test_more_measurement_mistakes_get_their_hints():
+    _fails("lora_rank_fit", lambda seed, ranks: ex._lora_fit_reference(seed, ranks) * torch.tensor([1.0, 0.5]),
+           "discarded singular values")
+    _fails("download_size", lambda seed, clients: ex._download_reference(seed, clients) * 4, "not bytes")
+    _fails("residual_rank", lambda seed, clients: torch.tensor([float(min(2 * K, 10)) for K in clients],
+                                                               dtype=torch.float64), "a bound")
+    _fails("kept_energy", lambda seed, densities: ex._kept_energy_reference(seed, densities).flip(0), "swapped")
+    _fails("fedit_one_step", lambda seed, steps: torch.zeros(len(steps) + 1, dtype=torch.float64), "one value per")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_more_effects_hold(seed):
+    fit = ex._lora_fit_reference(seed, [1, 2, 3, 4])
+    assert torch.allclose(fit[:, 0], fit[:, 1], atol=1e-6) and bool((fit[2:, 0] < 1e-6).all())
+    gap = ex._fedit_central_reference(seed, [1, 4, 16])
+    assert gap[0] < 1e-9 and bool((gap[1:] > 1e-3).all())  # equal after one step, not after several
+    sizes = ex._download_reference(seed, [1, 2, 4])
+    assert sizes[:, 1].tolist() == [44.0, 88.0, 176.0] and sizes[:, 0].tolist() == sizes[:, 2].tolist() == [44.0] * 3
+    assert ex._residual_rank_reference(seed, [2, 3, 4, 5]).tolist() == [2.0, 4.0, 6.0, 8.0]  # (K - 1) r
+    kept = ex._kept_energy_reference(seed, [0.05, 0.1, 0.25, 0.5])
+    assert bool((kept[0] >= kept[1]).all())

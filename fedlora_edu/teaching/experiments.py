@@ -527,6 +527,287 @@ QUESTIONS["accumulated_rank_explained"] = Question(
 )
 
 
+# ----- Part I, LoRA: what rank r can fit -----------------------------------------------------------------
+def toy_lora_fit(seed: int, rank: int, *, steps: int = 400, lr: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """One client's LoRA of rank ``rank`` trained on the toy's first target: ``(A, B, T)`` after ``steps`` steps.
+
+    Gradient descent on ``1/2 ||B A - T||_F^2`` from A random and B small (T is ``toy_targets(seed)[0]``,
+    12 x 10 of rank 3).
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    target = toy_targets(seed)[0]
+    m, n, _ = TOY_SHAPE
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy lora fit"))
+    A = torch.randn(rank, n, generator=gen, dtype=torch.float64) / n ** 0.5
+    B = 0.1 * torch.randn(m, rank, generator=gen, dtype=torch.float64)
+    for _ in range(steps):
+        gap = B @ A - target
+        A, B = A - lr * (B.T @ gap), B - lr * (gap @ A.T)
+    return A, B, target
+
+
+def _lora_fit_reference(seed: int, ranks: list[int]) -> Tensor:
+    rows = []
+    for r in ranks:
+        A, B, target = toy_lora_fit(seed, r)
+        sigma = torch.linalg.svdvals(target)
+        rows.append([float(torch.linalg.matrix_norm(B @ A - target) / torch.linalg.matrix_norm(target)),
+                     float(sigma[r:].square().sum().sqrt() / sigma.square().sum().sqrt())])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _lora_fit_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 190), [1, 2, 3, 4]), (case_seed(seed, 191), [2, 5])]
+
+
+def _hint_lora_fit(case: tuple, answer: object) -> str | None:
+    seed, ranks = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(ranks), 2):
+        return f"return a torch.Tensor of shape ({len(ranks)}, 2): per rank, [trained error, Eckart-Young bound]"
+    expected = _lora_fit_reference(seed, ranks)
+    if close(answer[:, 0], expected[:, 0]) and not close(answer[:, 1], expected[:, 1]):
+        return ("the bound is sqrt(sum_{i > r} sigma_i^2) / sqrt(sum_i sigma_i^2): the discarded singular values, "
+                "squared")
+    return None
+
+
+QUESTIONS["lora_rank_fit_explained"] = Question(
+    "The trained LoRA's error equals the bound at every rank and vanishes from r = 3 on. Why?",
+    {
+        "a": "The target has rank 3: a rank-r product B A can be any matrix of rank at most r, so training reaches the "
+             "best rank-r approximation (Eckart-Young), whose error is the discarded singular values, and nothing "
+             "once r reaches the target's rank.",
+        "b": "Larger ranks train longer.",
+        "c": "The bound is a coincidence of these seeds.",
+        "d": "LoRA always fits exactly; the error at r = 1 and 2 is rounding.",
+    },
+    "a",
+    {
+        "b": "every rank trains the same number of steps here",
+        "c": "the trained error and the bound agree on every seed and rank: try others",
+        "d": "the errors at r = 1 and 2 are of order one, far above float64 rounding",
+    },
+)
+
+
+# ----- Part I, FedLoRA: one local step is one centralised step -------------------------------------------
+def toy_central_training(seed: int, steps: int, *, clients: int = 4, lr: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Centralised training on the toy federation's data: ``(A, B)`` after ``steps`` gradient steps.
+
+    Gradient descent on ``sum_k p_k 1/2 ||B A - T_k||_F^2`` (all clients' targets, FedAvg's weights) from the
+    shared start of :func:`toy_local_training`, at the same learning rate.
+    """
+    As0, Bs0, weights = toy_local_training(seed, 0, clients=clients)
+    targets = toy_targets(seed, clients)
+    A, B = As0[0].clone(), Bs0[0].clone()
+    for _ in range(steps):
+        gap = B @ A - sum(p * T for p, T in zip(weights, targets, strict=True))
+        A, B = A - lr * (B.T @ gap), B - lr * (gap @ A.T)
+    return A, B
+
+
+def _fedit_central_reference(seed: int, steps: list[int]) -> Tensor:
+    from fedlora_edu.core.factors import fedit_average
+
+    As0, Bs0, _ = toy_local_training(seed, 0)
+    start = Bs0[0] @ As0[0]
+    values = []
+    for t in steps:
+        A_avg, B_avg = fedit_average(*toy_local_training(seed, t))
+        A_c, B_c = toy_central_training(seed, t)
+        values.append(float(torch.linalg.matrix_norm(B_avg @ A_avg - B_c @ A_c)
+                            / torch.linalg.matrix_norm(B_c @ A_c - start)))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _fedit_central_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 200), [1, 2, 4, 16]), (case_seed(seed, 201), [1, 8])]
+
+
+def _hint_fedit_central(case: tuple, answer: object) -> str | None:
+    seed, steps = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(steps),):
+        return f"return a torch.Tensor with one value per entry of steps: {len(steps)} values"
+    return None
+
+
+QUESTIONS["fedit_one_step_explained"] = Question(
+    "After one local step FedIT's averaged adapter is the centralised one exactly; after more it is not. Why?",
+    {
+        "a": "A gradient is linear in the data, so the average of the clients' one-step updates from a common start "
+             "is one step on the weighted objective; from the second step on each client's gradient depends on its "
+             "own moved factors, and the product of averaged factors is not the average of products.",
+        "b": "The centralised run uses a different learning rate.",
+        "c": "Rounding makes the two differ after many steps.",
+        "d": "FedIT samples different clients each step.",
+    },
+    "a",
+    {
+        "b": "both runs use lr = 0.1 from the same start (toy_central_training's docstring)",
+        "c": "the gap after several steps is far above float64 rounding",
+        "d": "here every client trains every step of the round; nothing is sampled",
+    },
+)
+
+
+# ----- Part II, full size: what each server sends back ------------------------------------------------------
+def _download_reference(seed: int, clients: list[int]) -> Tensor:
+    from fedlora_edu.core.factors import fedit_average
+    from fedlora_edu.distributed.full_size import flexlora, flora_stack
+
+    rows = []
+    for K in clients:
+        As, Bs, weights = toy_local_training(seed, 1, clients=K)
+        sent = (fedit_average(As, Bs, weights), flora_stack(As, Bs, weights),
+                flexlora(As, Bs, weights, [TOY_SHAPE[2]])[0])
+        rows.append([float(sum(x.numel() for x in pair)) for pair in sent])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _download_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 210), [1, 2, 4, 8]), (case_seed(seed, 211), [3, 6])]
+
+
+def _hint_download(case: tuple, answer: object) -> str | None:
+    seed, clients = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(clients), 3):
+        return f"return a torch.Tensor of shape ({len(clients)}, 3): per K, numbers sent by FedIT, FLoRA, FlexLoRA"
+    expected = _download_reference(seed, clients)
+    if close(answer * 4, expected) or close(answer, expected * 4):
+        return "count numbers (tensor.numel()), not bytes"
+    return None
+
+
+QUESTIONS["download_size_explained"] = Question(
+    "FLoRA's download grows with the number of clients; FedIT's and FlexLoRA's do not. Why?",
+    {
+        "a": "FLoRA sends the stacks themselves, r_k rows and columns per client, so its download is "
+             "(sum_k r_k)(m + n); FedIT averages to one rank-r pair and FlexLoRA re-factors the ideal update to "
+             "rank r, r (m + n) each.",
+        "b": "FLoRA sends the dense m x n update.",
+        "c": "FedIT compresses its download.",
+        "d": "The sizes depend on the clients' data.",
+    },
+    "a",
+    {
+        "b": "m x n here is 120 numbers; compare with what you counted for FLoRA at K = 8",
+        "c": "FedIT sends two plain averaged factors: count them",
+        "d": "the sizes depend only on m, n, the ranks and K: the data never enter them",
+    },
+)
+
+
+# ----- Part II, corrective: the rank of FedEx-LoRA's residual ---------------------------------------------
+def _residual_rank_reference(seed: int, clients: list[int]) -> Tensor:
+    from fedlora_edu.distributed.corrective import fedex_residual
+
+    return torch.tensor([float(torch.linalg.matrix_rank(fedex_residual(*toy_local_training(seed, 8, clients=K))))
+                         for K in clients], dtype=torch.float64)
+
+
+def _residual_rank_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 220), [2, 3, 4, 5]), (case_seed(seed, 221), [2, 6])]
+
+
+def _hint_residual_rank(case: tuple, answer: object) -> str | None:
+    seed, clients = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(clients),):
+        return f"return a torch.Tensor with one rank per entry of clients: {len(clients)} values"
+    if close(answer, torch.tensor([float(min(K * TOY_SHAPE[2], 10)) for K in clients], dtype=torch.float64)):
+        return "K r is a bound, not the measurement: take torch.linalg.matrix_rank of the residual itself"
+    return None
+
+
+QUESTIONS["residual_rank_explained"] = Question(
+    "FedEx-LoRA's residual has rank (K - 1) r, not K r. Why?",
+    {
+        "a": "The residual is sum_k p_k (B_k - avg B)(A_k - avg A); the K weighted deviations B_k - avg B sum to "
+             "zero, so only K - 1 of them are independent: the residual's column space has dimension at most "
+             "(K - 1) r.",
+        "b": "One client's update is always zero.",
+        "c": "The numerical rank drops one block by rounding.",
+        "d": "The residual is FedIT's product, of rank r.",
+    },
+    "a",
+    {
+        "b": "every client trains 8 steps from the start on its own target: none is zero",
+        "c": "the rank falls short by exactly r = 2 for every K: rounding would not be that regular",
+        "d": "FedIT's product has rank r = 2; your ranks grow with K",
+    },
+)
+
+
+# ----- Part IV, sparse: how much a top-k payload keeps ---------------------------------------------------
+def random_mask(tensors: dict[str, Tensor], density: float, seed: int = 0) -> dict[str, Tensor]:
+    """Masks keeping ``ceil(density x total)`` entries chosen uniformly at random over all ``tensors`` together."""
+    total = sum(t.numel() for t in tensors.values())
+    k = int(torch.tensor(density * total).ceil())
+    gen = torch.Generator().manual_seed(derive_seed(seed, "random mask"))
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=gen)[:k]] = True
+    masks, start = {}, 0
+    for name, t in tensors.items():
+        masks[name] = keep[start:start + t.numel()].reshape(t.shape)
+        start += t.numel()
+    return masks
+
+
+def toy_adapter_change(seed: int, steps: int = 16) -> dict[str, Tensor]:
+    """What client 0 of the toy federation changed in a round: ``{"A": A - A0, "B": B - B0}``."""
+    As0, Bs0, _ = toy_local_training(seed, 0)
+    As, Bs, _ = toy_local_training(seed, steps)
+    return {"A": As[0] - As0[0], "B": Bs[0] - Bs0[0]}
+
+
+def _kept_energy_reference(seed: int, densities: list[float]) -> Tensor:
+    from fedlora_edu.efficiency.sparse import top_k_mask
+
+    change = toy_adapter_change(seed)
+    total = sum(float(t.square().sum()) for t in change.values())
+    rows = []
+    for masks_of in (lambda d: top_k_mask(change, d), lambda d: random_mask(change, d, seed)):
+        row = []
+        for density in densities:
+            masks = masks_of(density)
+            row.append(sum(float(change[name][masks[name]].square().sum()) for name in change) / total)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _kept_energy_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 230), [0.05, 0.1, 0.25, 0.5]), (case_seed(seed, 231), [0.2])]
+
+
+def _hint_kept_energy(case: tuple, answer: object) -> str | None:
+    seed, densities = case
+    if not isinstance(answer, Tensor) or answer.shape != (2, len(densities)):
+        return f"return a torch.Tensor of shape (2, {len(densities)}): the top-k row, then the random row"
+    expected = _kept_energy_reference(seed, densities)
+    if close(answer.flip(0), expected):
+        return "the rows are swapped: top-k first, then the random mask"
+    return None
+
+
+QUESTIONS["kept_energy_explained"] = Question(
+    "At each density the top-k mask keeps more of the change's squared norm than a random mask of the same size. "
+    "Why, and what does the random mask keep?",
+    {
+        "a": "Top-k keeps the k largest entries, so no other choice of k entries keeps more of the squared norm; a "
+             "random mask keeps about the density's share of it on average.",
+        "b": "Top-k keeps more entries than the random mask.",
+        "c": "The random mask keeps the smallest entries.",
+        "d": "The change is sparse, so any mask keeps almost all of it.",
+    },
+    "a",
+    {
+        "b": "both keep exactly ceil(density x total) entries: count them",
+        "c": "it draws entries uniformly: compare its row with the densities themselves",
+        "d": "look at the random row: a sparse change would make it far from the density",
+    },
+)
+
+
 EXPERIMENT_EXERCISES: dict[str, Exercise] = {
     "discordance_growth": Exercise(
         "discordance_growth", "discordance / || sum_k p_k B_k A_k - B0 A0 ||_F after each number of local steps "
@@ -559,6 +840,28 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         _spectrum_reference, lambda seed: [([1, 4, 16, 64],)], _hint_spectrum,
         chapter="part2/server_initialization", kind="experiment",
     ),
+    "lora_rank_fit": Exercise(
+        "lora_rank_fit", "per rank r: [relative error of toy_lora_fit's B A, the Eckart-Young bound]",
+        _lora_fit_reference, _lora_fit_cases, _hint_lora_fit, chapter="part1/lora", kind="experiment",
+    ),
+    "fedit_one_step": Exercise(
+        "fedit_one_step", "|| avg(B) avg(A) - B_c A_c ||_F / || B_c A_c - B0 A0 ||_F after each number of local steps",
+        _fedit_central_reference, _fedit_central_cases, _hint_fedit_central, chapter="part1/fedlora",
+        kind="experiment",
+    ),
+    "download_size": Exercise(
+        "download_size", "per number of clients K: numbers sent back by FedIT, FLoRA and FlexLoRA (rank r)",
+        _download_reference, _download_cases, _hint_download, chapter="part2/full_size", kind="experiment",
+    ),
+    "residual_rank": Exercise(
+        "residual_rank", "per number of clients K: the numerical rank of FedEx-LoRA's residual after 8 local steps",
+        _residual_rank_reference, _residual_rank_cases, _hint_residual_rank, chapter="part2/corrective",
+        kind="experiment",
+    ),
+    "kept_energy": Exercise(
+        "kept_energy", "share of the change's squared norm kept by top_k_mask and by random_mask, per density",
+        _kept_energy_reference, _kept_energy_cases, _hint_kept_energy, chapter="part4/sparse", kind="experiment",
+    ),
     "accumulated_rank": Exercise(
         "accumulated_rank", "numerical rank of sum_{t <= T} B_t A_t (toy_global_adapters) for each T",
         _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
@@ -573,5 +876,7 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "aggregation_errors_explained": "part2/at_a_glance",
              "rank_vector_symmetry_explained": "part2/rank_clustering",
              "spectrum_share_explained": "part2/server_initialization",
-             "accumulated_rank_explained": "part2/client_initialization"}
+             "accumulated_rank_explained": "part2/client_initialization", "lora_rank_fit_explained": "part1/lora",
+             "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
+             "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse"}
 EXPERIMENT_EXERCISES.update({name: _choice(name, QUESTIONS[name], chapter) for name, chapter in _CHAPTERS.items()})
