@@ -74,3 +74,21 @@ def test_the_solution_namespace_holds_the_answers_and_runs_no_check(tmp_path, mo
         namespace = solution_namespace(source)
         assert any(callable(value) and name in EXERCISES for name, value in namespace.items()), source
     assert not report.exists()  # no check cell ran: a check would have written its outcome here
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "exercises").glob("*.ipynb")), ids=lambda p: p.name)
+def test_an_untouched_student_version_reports_every_check_as_not_attempted(path, capsys):
+    """Run the student's notebook as handed out (answers are stubs): each check says "not attempted", none fails."""
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    namespace: dict = {"__name__": "__main__"}
+    checks = 0
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        if "google.colab" in source:  # the Colab install cell (an IPython magic)
+            continue
+        exec(compile(source, f"{path.name} cell", "exec"), namespace)  # noqa: S102 (our own notebooks)
+        checks += source.count("print(check(")
+    printed = [line for line in capsys.readouterr().out.splitlines() if ": not attempted yet (" in line]
+    assert checks > 0 and len(printed) == checks, (checks, printed)
