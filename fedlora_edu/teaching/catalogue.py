@@ -49,15 +49,33 @@ def autograded_exercises(folder: Path | str) -> dict[str, list[str]]:
     """Chapter (as ``part2/full_size``) -> the exercises the teacher's notebooks in ``folder`` check for it."""
     by_chapter: dict[str, list[str]] = {}
     for path in sorted(Path(folder).glob("*.ipynb")):
-        for cell in _cells(path):
-            if cell.get("cell_type") != "code":
-                continue
-            for name in _CHECK.findall("".join(cell.get("source", []))):
-                if name not in EXERCISES:
-                    raise ValueError(f"{path.name} checks an unknown exercise {name!r}")
-                chapter = EXERCISES[name].chapter
-                if name not in by_chapter.setdefault(chapter, []):
-                    by_chapter[chapter].append(name)
+        for chapter, names in autograded_exercises_in(path).items():
+            known = by_chapter.setdefault(chapter, [])
+            known.extend(name for name in names if name not in known)
+    return by_chapter
+
+
+def notebooks_by_chapter(folder: Path | str) -> dict[str, list[str]]:
+    """Chapter -> the names of the notebooks in ``folder`` that check one of its exercises (where to link)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(Path(folder).glob("*.ipynb")):
+        for chapter in autograded_exercises_in(path):
+            found.setdefault(chapter, []).append(path.name)
+    return found
+
+
+def autograded_exercises_in(path: Path | str) -> dict[str, list[str]]:
+    """Chapter -> the exercises the one notebook at ``path`` checks for it."""
+    by_chapter: dict[str, list[str]] = {}
+    for cell in _cells(Path(path)):
+        if cell.get("cell_type") != "code":
+            continue
+        for name in _CHECK.findall("".join(cell.get("source", []))):
+            if name not in EXERCISES:
+                raise ValueError(f"{Path(path).name} checks an unknown exercise {name!r}")
+            names = by_chapter.setdefault(EXERCISES[name].chapter, [])
+            if name not in names:
+                names.append(name)
     return by_chapter
 
 
