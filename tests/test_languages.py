@@ -169,3 +169,29 @@ def test_rank_budgets_draw_light_and_heavy_tails():
         rank_budgets("medium", 3, np.random.default_rng(0))
     with pytest.raises(ValueError, match="count must be an integer >= 1"):
         rank_budgets("light-tailed", 0, np.random.default_rng(0))
+
+
+def test_multitask_federation_gives_each_client_one_task_in_a_joint_label_space():
+    from fedlora_edu.distributed.discordance import FedIT
+    from fedlora_edu.federations import MULTITASK_TASKS, build_multitask, load_multitask
+
+    table, names = load_multitask()
+    assert len(names) == 5 + 3 + 16 and names[0].startswith("topics: ") and names[-1].startswith("outlet: ")
+    for offset, task in ((0, "topics"), (5, "sentiment"), (8, "outlet")):  # each task's labels in its own block
+        labels = table[table["task"] == task]["label"]
+        assert labels.min() == offset and labels.max() == offset + {"topics": 4, "sentiment": 2, "outlet": 15}[task]
+    profile = TINY.with_overrides(train_examples=72, test_examples=24)
+    federation = build_multitask(profile=profile, clients_per_task=2, seed=0)
+    assert federation.client_tasks == ["topics", "topics", "sentiment", "sentiment", "outlet", "outlet"]
+    assert federation.tasks == tuple(MULTITASK_TASKS) and federation.label_names == names
+    examples = federation.examples
+    assert (examples[examples["client"] == -1]["task"].value_counts() == 8).all() and len(federation.test) == 24
+    for k, task in enumerate(federation.client_tasks):
+        assert set(examples[examples["client"] == k]["task"]) == {task}
+        assert len(federation.clients[k]) + len(federation.client_tests[k]) == (examples["client"] == k).sum()
+    history = federation.run(FedIT(), rounds=1, progress=False, evaluate_clients=True)
+    assert history["client_accuracy"].notna().all()
+    with pytest.raises(ValueError, match="tasks must be distinct"):
+        load_multitask(("topics", "topics"))
+    with pytest.raises(ValueError, match="clients_per_task"):
+        build_multitask(profile=profile, clients_per_task=0)
