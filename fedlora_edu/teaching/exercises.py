@@ -42,6 +42,7 @@ from fedlora_edu.teaching.checking import (
     same_rank_cases,
 )
 from fedlora_edu.teaching.experiments import EXPERIMENT_EXERCISES
+from fedlora_edu.teaching.heterogeneity_experiments import HETEROGENEITY_EXPERIMENTS
 from fedlora_edu.teaching.method_exercises import METHOD_EXERCISES
 
 __all__ = ["EXERCISES", "GRADE_REPORT_ENV", "Exercise", "ExerciseFailed", "check"]
@@ -403,7 +404,7 @@ _BASICS: dict[str, Exercise] = {
     ),
 }
 
-EXERCISES: dict[str, Exercise] = {**_BASICS, **METHOD_EXERCISES, **EXPERIMENT_EXERCISES}
+EXERCISES: dict[str, Exercise] = {**_BASICS, **METHOD_EXERCISES, **EXPERIMENT_EXERCISES, **HETEROGENEITY_EXPERIMENTS}
 """Every exercise :func:`check` knows, by name: Parts I and III here, Parts I, II and IV's method cores in
 :mod:`fedlora_edu.teaching.method_exercises`, experiments to run and explain in
 :mod:`fedlora_edu.teaching.experiments`."""
