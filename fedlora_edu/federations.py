@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedlora_edu.assets.data import _package_dir
+from fedlora_edu.assets.data import _package_dir, load_text_classification
 from fedlora_edu.assets.models import MeanPoolingClassifier, load_classifier
 from fedlora_edu.foundations.fedavg import best_linear_probe
 from fedlora_edu.foundations.training import ClientData, tokenize
@@ -245,8 +245,6 @@ def load_multitask(tasks: tuple[str, ...] = tuple(MULTITASK_TASKS)) -> tuple[pd.
     The label space is the union of the tasks' classes, each named ``"<task>: <class>"`` and
     numbered task after task in the order of ``tasks``: one classifier over all of them.
     """
-    from fedlora_edu.assets.data import load_text_classification
-
     unknown = sorted(set(tasks) - set(MULTITASK_TASKS))
     if unknown or not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct names among {sorted(MULTITASK_TASKS)}, got {tasks!r}")

@@ -17,9 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora_edu.core.factors import discordance, ideal_update
+from fedlora_edu.assets.models import load_classifier
+from fedlora_edu.core.factors import discordance, fedit_average, ideal_update
 from fedlora_edu.core.seeds import derive_seed
-from fedlora_edu.teaching.checking import Exercise, case_seed, close
+from fedlora_edu.distributed.client_init import fedloru_global_weight
+from fedlora_edu.distributed.corrective import fedex_residual
+from fedlora_edu.distributed.full_size import flexlora, flora_stack
+from fedlora_edu.distributed.rank_clustering import rank_vectors
+from fedlora_edu.distributed.server_init import spectrum_share
+from fedlora_edu.efficiency.sparse import top_k_mask
+from fedlora_edu.teaching.checking import Exercise, case_seed, close, random_clients
 
 TOY_SHAPE = (12, 10, 2)
 """m, n and the rank r of the toy federation's adapter."""
@@ -114,7 +121,6 @@ def _hint_growth(case: tuple, answer: object) -> str | None:
 @dataclass(frozen=True)
 class Question:
     """Which explanation fits the measurement: the options by letter, the right one, a hint per wrong one."""
-
     text: str
     options: dict[str, str]
     answer: str
@@ -303,8 +309,6 @@ QUESTIONS["ffa_tradeoff_explained"] = Question(
 
 # ----- Part II, full size and at a glance: how far each aggregation lands from the ideal update -------
 def _aggregation_errors_reference(seed: int, steps: list[int]) -> Tensor:
-    from fedlora_edu.core.factors import fedit_average
-    from fedlora_edu.distributed.full_size import flexlora, flora_stack
 
     A0s, B0s, _ = toy_local_training(seed, 0)
     start = B0s[0] @ A0s[0]
@@ -357,8 +361,6 @@ QUESTIONS["aggregation_errors_explained"] = Question(
 # ----- Part II, rank clustering: what a rank vector z = [a, b] does not see ----------------------------
 def toy_adapter(seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """A client's rank-3 adapter ``(A, B)`` (A 3 x 5, B 6 x 3) and a random 3 x 3 rotation ``Q``, from ``seed``."""
-    from fedlora_edu.teaching.checking import random_clients
-
     As, Bs, _ = random_clients(derive_seed(seed, "toy adapter"), [3], m=6, n=5)
     gen = torch.Generator().manual_seed(derive_seed(seed, "toy rotation"))
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
@@ -370,7 +372,6 @@ def _symmetry_cases(seed: int) -> list[tuple]:
 
 
 def _symmetry_reference(A: Tensor, B: Tensor, rotation: Tensor) -> Tensor:
-    from fedlora_edu.distributed.rank_clustering import rank_vectors
 
     r = A.shape[0]
     scale = torch.diag(torch.linspace(0.5, 2.0, r, dtype=torch.float64))
@@ -418,8 +419,6 @@ QUESTIONS["rank_vector_symmetry_explained"] = Question(
 @functools.lru_cache(maxsize=1)
 def pretrained_query_weight() -> Tensor:
     """The query projection of the embedded encoder's first layer (MiniLM), float64, as loaded offline."""
-    from fedlora_edu.assets.models import load_classifier
-
     model, _ = load_classifier(num_labels=2, seed=0)
     weights = [p for name, p in model.named_parameters() if name.endswith("layer.0.attention.self.query.weight")]
     if len(weights) != 1:
@@ -434,7 +433,6 @@ def gaussian_like(weight: Tensor, seed: int = 0) -> Tensor:
 
 
 def _spectrum_reference(ranks: list[int]) -> Tensor:
-    from fedlora_edu.distributed.server_init import spectrum_share
 
     weight = pretrained_query_weight()
     return torch.tensor([[spectrum_share(w, r) for r in ranks] for w in (weight, gaussian_like(weight))],
@@ -486,7 +484,6 @@ def toy_global_adapters(seed: int, count: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def _accumulated_rank_reference(seed: int, counts: list[int]) -> Tensor:
-    from fedlora_edu.distributed.client_init import fedloru_global_weight
 
     ranks = []
     for count in counts:
@@ -608,7 +605,6 @@ def toy_central_training(seed: int, steps: int, *, clients: int = 4, lr: float =
 
 
 def _fedit_central_reference(seed: int, steps: list[int]) -> Tensor:
-    from fedlora_edu.core.factors import fedit_average
 
     As0, Bs0, _ = toy_local_training(seed, 0)
     start = Bs0[0] @ As0[0]
@@ -653,8 +649,6 @@ QUESTIONS["fedit_one_step_explained"] = Question(
 
 # ----- Part II, full size: what each server sends back ------------------------------------------------------
 def _download_reference(seed: int, clients: list[int]) -> Tensor:
-    from fedlora_edu.core.factors import fedit_average
-    from fedlora_edu.distributed.full_size import flexlora, flora_stack
 
     rows = []
     for K in clients:
@@ -700,7 +694,6 @@ QUESTIONS["download_size_explained"] = Question(
 
 # ----- Part II, corrective: the rank of FedEx-LoRA's residual ---------------------------------------------
 def _residual_rank_reference(seed: int, clients: list[int]) -> Tensor:
-    from fedlora_edu.distributed.corrective import fedex_residual
 
     return torch.tensor([float(torch.linalg.matrix_rank(fedex_residual(*toy_local_training(seed, 8, clients=K))))
                          for K in clients], dtype=torch.float64)
@@ -761,7 +754,6 @@ def toy_adapter_change(seed: int, steps: int = 16) -> dict[str, Tensor]:
 
 
 def _kept_energy_reference(seed: int, densities: list[float]) -> Tensor:
-    from fedlora_edu.efficiency.sparse import top_k_mask
 
     change = toy_adapter_change(seed)
     total = sum(float(t.square().sum()) for t in change.values())
