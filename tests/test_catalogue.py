@@ -7,7 +7,13 @@ import json
 import pytest
 from helpers import ROOT
 
-from fedlora_edu.teaching.catalogue import autograded_exercises, exercise_table, format_table, in_book_exercises
+from fedlora_edu.teaching.catalogue import (
+    autograded_exercises,
+    exercise_table,
+    format_table,
+    in_book_exercises,
+    notebooks_by_chapter,
+)
 from fedlora_edu.teaching.exercises import EXERCISES
 
 
@@ -49,3 +55,20 @@ def test_print_the_exercise_count_per_chapter(capsys):
     with capsys.disabled():
         print("\nexercises per chapter (issue 16 asks for >= 3 in the book with a solution and >= 2 autograded, "
               "one of them an experiment):\n" + format_table(rows))
+
+
+def test_every_chapter_has_three_solved_exercises_and_two_autograded_one_an_experiment():
+    short = [row for row in exercise_table(ROOT)
+             if row["with solution"] < 3 or row["autograded"] < 2 or row["experiment"] < 1]
+    assert not short, format_table(short)
+
+
+def test_every_chapter_links_the_notebooks_that_hold_its_autograded_exercises():
+    missing = {}
+    for chapter, notebooks in notebooks_by_chapter(ROOT / "exercises" / "source").items():
+        cells = json.loads((ROOT / "book" / f"{chapter}.ipynb").read_text(encoding="utf-8"))["cells"]
+        text = "".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+        absent = [name for name in notebooks if f"exercises/{name}" not in text]
+        if absent:
+            missing[chapter] = absent
+    assert not missing
