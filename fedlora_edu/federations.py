@@ -141,12 +141,7 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     for the shared test set).
     """
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
-    if isinstance(clients_per_language, bool) or not isinstance(clients_per_language, int) or clients_per_language < 1:
-        raise ValueError(f"clients_per_language must be an integer >= 1, got {clients_per_language!r}")
-    if head not in ("probe", "trained"):
-        raise ValueError(f"head must be 'probe' or 'trained', got {head!r}")
-    if not 0.0 < client_test_fraction < 1.0:
-        raise ValueError(f"client_test_fraction must be in (0, 1), got {client_test_fraction!r}")
+    _check_settings("clients_per_language", clients_per_language, head, client_test_fraction)
     speeches = load_parlspeech(tuple(languages), task)
     labels = TASKS[task]
     rng = np.random.default_rng(seed)
@@ -162,6 +157,16 @@ def build_multilingual(*, profile: Profile | str | None = None, clients_per_lang
     federation.languages = tuple(languages)
     federation.speeches = speeches
     return federation
+
+
+def _check_settings(count_name: str, count: object, head: object, client_test_fraction: float) -> None:
+    """The checks every federation builder here makes before it reads any data."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{count_name} must be an integer >= 1, got {count!r}")
+    if head not in ("probe", "trained"):
+        raise ValueError(f"head must be 'probe' or 'trained', got {head!r}")
+    if not 0.0 < client_test_fraction < 1.0:
+        raise ValueError(f"client_test_fraction must be in (0, 1), got {client_test_fraction!r}")
 
 
 def _deal(table: pd.DataFrame, column: str, groups: tuple[str, ...], profile: Profile, clients_per_group: int,
@@ -277,12 +282,7 @@ def build_multitask(*, profile: Profile | str | None = None, clients_per_task: i
     table each example came from, with its ``client``: -1 for the shared test set).
     """
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
-    if isinstance(clients_per_task, bool) or not isinstance(clients_per_task, int) or clients_per_task < 1:
-        raise ValueError(f"clients_per_task must be an integer >= 1, got {clients_per_task!r}")
-    if head not in ("probe", "trained"):
-        raise ValueError(f"head must be 'probe' or 'trained', got {head!r}")
-    if not 0.0 < client_test_fraction < 1.0:
-        raise ValueError(f"client_test_fraction must be in (0, 1), got {client_test_fraction!r}")
+    _check_settings("clients_per_task", clients_per_task, head, client_test_fraction)
     examples, labels = load_multitask(tuple(tasks))
     rng = np.random.default_rng(seed)
     examples, client_tasks = _deal(examples, "task", tuple(tasks), profile, clients_per_task, rng, "examples")

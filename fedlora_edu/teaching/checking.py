@@ -57,7 +57,6 @@ class Exercise:
     (an SVD's factors up to signs: compared through their product and the norms of their components)."""
 
 
-
 def random_clients(seed: int, ranks: list[int], m: int = 7, n: int = 5,
                    ) -> tuple[list[Tensor], list[Tensor], list[float]]:
     """Clients' factors (A_k r_k x n, B_k m x r_k, float64) and weights p_k summing to one, from ``seed``."""
@@ -89,7 +88,6 @@ def close(answer: object, expected: Tensor) -> bool:
     if not expected.is_floating_point():
         return torch.equal(answer.to(expected.dtype), expected)
     return torch.allclose(answer.to(expected.dtype), expected, rtol=1e-6, atol=1e-8)
-
 
 
 def matches(answer: object, expected: object) -> bool:

@@ -86,9 +86,9 @@ def _relative_discordance(As: list[Tensor], Bs: list[Tensor], weights: list[floa
 
 
 def _growth_reference(seed: int, steps: list[int]) -> Tensor:
+    A0s, B0s, _ = toy_local_training(seed, 0)
     values = []
     for t in steps:
-        A0s, B0s, _ = toy_local_training(seed, 0)
         As, Bs, weights = toy_local_training(seed, t)
         values.append(_relative_discordance(As, Bs, weights, B0s[0] @ A0s[0]))
     return torch.tensor(values, dtype=torch.float64)
@@ -131,10 +131,14 @@ def _normalise_letter(answer: object) -> object:
     return answer.strip().lower() if isinstance(answer, str) else answer
 
 
-def _choice(name: str, question: Question, chapter: str) -> Exercise:
-    """The exercise ``name``: a function of no argument that returns the letter of the explanation."""
+def explanation_exercise(name: str, question: Question, chapter: str) -> Exercise:
+    """The exercise ``name``: a function of no argument that returns the letter of the explanation.
+
+    Registers ``question`` in :data:`QUESTIONS` (so :func:`show_options` prints it).
+    """
     if question.answer not in question.options or set(question.hints) != set(question.options) - {question.answer}:
         raise ValueError(f"{name}: the answer must be an option and every other option needs a hint")
+    QUESTIONS[name] = question
 
     def hints(case: tuple, answer: object) -> str | None:
         letter = _normalise_letter(answer)
@@ -264,11 +268,10 @@ def _ffa_reference(seed: int, steps: list[int]) -> Tensor:
     rows = []
     for t in steps:
         fits = {}
-        for trained in ("both", "B"):
+        for trained in ("both", "B"):  # the frozen-A run last: its discordance is measured below
             As, Bs, weights = toy_local_training(seed, t, trained=trained)
             fits[trained] = sum(float(torch.linalg.matrix_norm(B @ A - T) / torch.linalg.matrix_norm(T))
                                 for A, B, T in zip(As, Bs, targets, strict=True)) / len(targets)
-        As, Bs, weights = toy_local_training(seed, t, trained="B")
         rows.append([discordance(As, Bs, weights), fits["B"] - fits["both"]])
     return torch.tensor(rows, dtype=torch.float64)
 
@@ -871,4 +874,5 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "accumulated_rank_explained": "part2/client_initialization", "lora_rank_fit_explained": "part1/lora",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
              "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse"}
-EXPERIMENT_EXERCISES.update({name: _choice(name, QUESTIONS[name], chapter) for name, chapter in _CHAPTERS.items()})
+EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
+                             for name, chapter in _CHAPTERS.items()})

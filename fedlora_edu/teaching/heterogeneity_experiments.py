@@ -25,6 +25,7 @@ from fedlora_edu.heterogeneity.clustering import kmeans
 from fedlora_edu.heterogeneity.ranks import replication_padding_average, zero_padding_average
 from fedlora_edu.heterogeneity.structure import masked_mean
 from fedlora_edu.teaching.checking import Exercise, case_seed, close
+from fedlora_edu.teaching.experiments import Question, explanation_exercise
 
 _F64 = torch.float64
 
@@ -39,16 +40,6 @@ def _weights(gen: torch.Generator, clients: int, low: int = 20, high: int = 200)
     return (sizes / sizes.sum()).tolist()
 
 
-def _normalise_letter(answer: object) -> object:
-    return answer.strip().lower() if isinstance(answer, str) else answer
-
-
-def _letter_problem(answer: object, options: dict[str, str]) -> str | None:
-    if not isinstance(answer, str) or answer.strip().lower() not in options:
-        return f"return one letter among {sorted(options)}"
-    return None
-
-
 def _tensor_problem(answer: object, shape: tuple[int, ...], what: str) -> str | None:
     if not isinstance(answer, Tensor) or tuple(answer.shape) != shape:
         return f"return a torch.Tensor of shape {shape}: {what}"
@@ -57,15 +48,10 @@ def _tensor_problem(answer: object, shape: tuple[int, ...], what: str) -> str | 
 
 def _explanation(name: str, chapter: str, question: str, options: dict[str, str], right: str,
                  wrong_hints: dict[str, str]) -> Exercise:
-    """The letter exercise: ``right`` passes, every other letter gets its hint from ``wrong_hints``."""
-    if set(wrong_hints) | {right} != set(options):
-        raise ValueError(f"{name}: every wrong letter needs a hint")
-
-    def hint(case: tuple, answer: object) -> str | None:
-        return _letter_problem(answer, options) or wrong_hints.get(answer.strip().lower())
-
-    return Exercise(name, question, lambda: right, lambda seed: [()], hint, chapter=chapter, kind="experiment",
-                    canonical=_normalise_letter)
+    """The letter exercise, through :func:`fedlora_edu.teaching.experiments.explanation_exercise`: ``right``
+    passes, every other letter gets its hint from ``wrong_hints``; the question joins ``QUESTIONS``."""
+    return explanation_exercise(name, Question(question.removesuffix(" (one letter)"), options, right, wrong_hints),
+                                chapter)
 
 
 # ----- heterogeneous ranks (eq. 12): zero padding against replication padding -------------------------------
