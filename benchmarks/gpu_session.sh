@@ -45,7 +45,7 @@ step() {  # run one measurement; a failure is reported and the others still run
     echo "== $*"
     "$@" || { echo "== FAILED ($?): $*"; status=1; }
 }
-"$python" -c "from fedlora_edu.profiles import describe_environment; print(describe_environment())"
+"$python" -c "from fedlora_edu import describe_environment; print(describe_environment())"
 step "$python" benchmarks/round_time.py --weights random --check --k "${ks[@]}" --steps "$steps" \
     --batch-size 16 --max-length 64 --repeats "$repeats" --output "$out/round_time_gpu_b16_l64.json"
 step "$python" benchmarks/round_time.py --weights random --check --k "${ks[@]}" --steps "$gpu_steps" \

@@ -8,7 +8,8 @@ and centralised LoRA on the pooled data with as many steps as a federated run (a
 centralised learning rate), so that a method's result can be read as the share of centralised LoRA's
 gain over the probe that it recovers. And FedIT once more per seed at each of :data:`VARIANTS`: the
 centralised rate and three times the testbed's federated rate (what the choice of the federated rate
-changes), and fewer or more local steps (how the discordance grows with them). One JSON line per
+changes), and fewer or more local steps (how the discordance grows with them); under ``gpu``
+:data:`PROFILE_VARIANTS`. One JSON line per
 run in ``fedlora_edu/results/part2.jsonl``; interrupt and rerun to continue
 (``FEDLORA_RESULTS=/tmp/trial`` writes elsewhere, for a trial). Shown in
 ``book/part2/at_a_glance.ipynb`` and the method chapters.
@@ -49,19 +50,32 @@ ANCHORS = ("probe and centralized",)
 VARIANTS: tuple[dict, ...] = ({"learning_rate": 3e-3}, {"learning_rate": 3e-2}, {"local_steps": 1}, {"local_steps": 10})
 """FedIT's runs with one setting changed from the testbed's (learning rate 1e-2, 5 local steps under cpu): the
 centralised runs' rate and a rate three times the testbed's, and fewer or more local steps."""
+PROFILE_VARIANTS: dict[str, tuple[dict, ...]] = {
+    "gpu": ({"learning_rate": 3e-3}, {"learning_rate": 1e-2}, {"local_steps": 1}, {"local_steps": 10})}
+""":data:`VARIANTS` for the profiles that need others. Under ``gpu`` (learning rate 1e-3, every layer adapted, 20
+local steps) the federated rate is the question: three and ten times the testbed's (1e-2 is the ``cpu``
+testbed's federated rate), and fewer or more local steps."""
+
+
+def variants_of(profile: str) -> tuple[dict, ...]:
+    """FedIT's variant settings under ``profile``: :data:`PROFILE_VARIANTS` where it names it, else :data:`VARIANTS`."""
+    return PROFILE_VARIANTS.get(profile, VARIANTS)
 VARIED_METHOD = "FedIT"
 PART2_METHODS = list(methods_in_branch("distributed"))
 """Part II's methods: those of the survey's section 3 (the distributed branch of the package)."""
 
 
 def grid(seeds: list[int], methods: list[str], profile: str, anchors: bool = True,
-         variants: bool = True) -> list[dict]:
-    names = [*ANCHORS, *methods] if anchors else list(methods)
+         variants: bool = True, only_variants: bool = False) -> list[dict]:
+    """The runs: per seed the anchors (unless not ``anchors``), ``methods`` and, if ``methods`` holds
+    :data:`VARIED_METHOD`, its :func:`variants_of` the profile (unless not ``variants``); with
+    ``only_variants``, those variants alone."""
+    names = [] if only_variants else [*ANCHORS, *methods] if anchors else list(methods)
     runs = []
     for seed in seeds:
         runs += [{"method": name, "seed": seed} for name in names]
-        if variants and VARIED_METHOD in methods:
-            runs += [{"method": VARIED_METHOD, "seed": seed, **variant} for variant in VARIANTS]
+        if (variants or only_variants) and VARIED_METHOD in methods:
+            runs += [{"method": VARIED_METHOD, "seed": seed, **variant} for variant in variants_of(profile)]
     return [{**run, "profile": profile} for run in runs]
 
 
@@ -77,7 +91,8 @@ def by_priority(runs: list[dict], methods: list[str]) -> list[dict]:
     names = [*ANCHORS, *methods]
 
     def rank(run: dict) -> tuple[int, int]:
-        variant = next((i for i, v in enumerate(VARIANTS) if all(run.get(k) == x for k, x in v.items())), -1)
+        variants = variants_of(run["profile"])
+        variant = next((i for i, v in enumerate(variants) if all(run.get(k) == x for k, x in v.items())), -1)
         place = len(names) + variant if variant >= 0 else names.index(run["method"])
         return place, run["seed"]
 
@@ -124,14 +139,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=PART2_METHODS)
     parser.add_argument("--no-anchors", action="store_true",
                         help="skip the probe and centralised runs (for a second process that runs other methods)")
-    parser.add_argument("--no-variants", action="store_true", help=f"skip {VARIED_METHOD}'s runs at {VARIANTS}")
+    parser.add_argument("--no-variants", action="store_true",
+                        help=f"skip {VARIED_METHOD}'s runs at other settings ({VARIANTS}; {PROFILE_VARIANTS})")
+    parser.add_argument("--only-variants", action="store_true",
+                        help=f"run only {VARIED_METHOD}'s runs at other settings (for a process of their own)")
     parser.add_argument("--shard", metavar="I/N",
                         help="run only every N-th run of the grid by priority, from the I-th (0 <= I < N)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    runs = grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors, variants=not args.no_variants)
+    if args.only_variants and (args.no_variants or VARIED_METHOD not in args.methods):
+        parser.error(f"--only-variants runs {VARIED_METHOD}'s variants: it needs {VARIED_METHOD} among --methods "
+                     "and no --no-variants")
+    runs = grid(args.seeds, args.methods, args.profile, anchors=not args.no_anchors, variants=not args.no_variants,
+                only_variants=args.only_variants)
     if args.shard:
         try:
             runs = shard(runs, args.shard, args.methods)
