@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedlora_edu import studies
 from fedlora_edu.studies import run_study
-from fedlora_edu.teaching.comparison import ANCHORS, Comparison, mean_accuracy
+from fedlora_edu.teaching.comparison import ANCHORS, Comparison, mean_accuracy, where_and_when
 
 
 @pytest.fixture
@@ -124,3 +125,17 @@ def test_each_profile_is_read_apart(stored):
     assert again.table(again.methods).equals(stored.table(stored.methods))
     with pytest.raises(ValueError, match=r"no runs under the profile 'cpu'; it has \['gpu', 'smoke'\]"):
         Comparison("part2")
+
+
+def test_provenance_names_every_machine_commit_and_date_of_a_study_filled_over_sessions():
+    def rows(entries):
+        return pd.DataFrame([{"device_name": device, "commit": commit, "date": date}
+                             for device, commit, date in entries])
+
+    one = rows([("H200", "aaa", "2026-12-04T10:00:00")] * 2)
+    assert where_and_when(one) == "H200, commit aaa, 2026-12-04"
+    two = rows([("H200", "bbb", "2026-12-05T10:00:00"), ("H200", "aaa", "2026-12-04T10:00:00"),
+                ("EPYC", "aaa", "2026-12-04T11:00:00")])
+    assert where_and_when(two) == "H200, EPYC, commits aaa, bbb, 2026-12-04 to 2026-12-05"
+    many = rows([("cpu", f"c{i}", f"2026-12-0{i}T00:00:00") for i in range(1, 6)])
+    assert where_and_when(many) == "cpu, 5 commits from c1 to c5, 2026-12-01 to 2026-12-05"

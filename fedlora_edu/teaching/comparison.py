@@ -58,6 +58,22 @@ def median_server_seconds(rows: pd.DataFrame) -> pd.Series:
     return rows["server_seconds"].apply(np.median)
 
 
+def where_and_when(study: pd.DataFrame) -> str:
+    """The machines, commits and dates of a stored study's rows, for a provenance line.
+
+    A study filled over several sessions names every machine, its commits in the order they ran (the
+    first and last of more than three) and its first and last date.
+    """
+    rows = study.sort_values("date")
+    devices = ", ".join(dict.fromkeys(rows["device_name"]))
+    commits = list(dict.fromkeys(rows["commit"]))
+    commits_text = (f"commit {commits[0]}" if len(commits) == 1 else
+                    f"commits {', '.join(commits)}" if len(commits) <= 3 else
+                    f"{len(commits)} commits from {commits[0]} to {commits[-1]}")
+    first, last = rows["date"].iloc[0][:10], rows["date"].iloc[-1][:10]
+    return f"{devices}, {commits_text}, {first if first == last else f'{first} to {last}'}"
+
+
 def side_of(gap: Interval) -> str | None:
     """``"ahead"`` when a paired interval lies above zero, ``"behind"`` below it, None when it holds zero."""
     return "ahead" if gap.low > 0 else "behind" if gap.high < 0 else None
@@ -193,8 +209,6 @@ class Comparison:
         return paired_difference(rows["final_accuracy"], self.runs(method)["final_accuracy"])
 
     def provenance(self) -> str:
-        """One line: how many runs, on which machine, at which commit and date, and how many are stale."""
-        first = self.study.iloc[0]
+        """One line: how many runs, on which machines, at which commits and dates, and how many are stale."""
         return (f"stored study {self.study.attrs['name']} (profile {self.profile}): {len(self.study)} runs over seeds "
-                f"{self.seeds}, {first['device_name']}, commit {first['commit']}, {self.study['date'].min()[:10]}; "
-                f"rows whose code has changed since: {self.stale}")
+                f"{self.seeds}, {where_and_when(self.study)}; rows whose code has changed since: {self.stale}")

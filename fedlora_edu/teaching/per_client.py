@@ -29,7 +29,7 @@ from fedlora_edu.core.adapters import set_head_state, set_lora_factors
 from fedlora_edu.foundations.training import evaluate
 from fedlora_edu.simulation.metrics import Interval, interval, paired_difference
 from fedlora_edu.studies import load_study
-from fedlora_edu.teaching.comparison import Measure, final_accuracy, side_of, verdict_of
+from fedlora_edu.teaching.comparison import Measure, final_accuracy, side_of, verdict_of, where_and_when
 
 
 def keeping_client_states(cls: type) -> type:
@@ -198,10 +198,6 @@ class PerClientComparison:
         return pd.DataFrame(rows).set_index("method")
 
     def provenance(self) -> str:
-        """One line: how many runs, on which machine, at which commit and date, and how many are stale."""
-        first = self.study.iloc[0]
-        commits = sorted(set(self.study["commit"]))
+        """One line: how many runs, on which machines, at which commits and dates, and how many are stale."""
         return (f"stored study {self.study.attrs['name']}: {len(self.study)} runs of {len(self.methods)} methods over "
-                f"seeds {self.seeds}, {first['device_name']}, commit{'s' if len(commits) > 1 else ''} "
-                f"{', '.join(commits)}, {self.study['date'].min()[:10]} to {self.study['date'].max()[:10]}; "
-                f"rows whose code has changed since: {self.stale}")
+                f"seeds {self.seeds}, {where_and_when(self.study)}; rows whose code has changed since: {self.stale}")
