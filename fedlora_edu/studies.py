@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,6 +102,27 @@ def _module_file(module: str) -> Path:
     return path
 
 
+def _method_files(methods: Iterable[str], depends_on: Iterable[str]) -> set[Path]:
+    """The package files a run of ``methods`` depends on beyond :data:`SHARED_PACKAGES` (:func:`code_fingerprint`)."""
+    files = {_module_file(module) for module in depends_on}
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+        for cls in METHODS[name].__mro__:
+            module = sys.modules.get(cls.__module__)
+            if module is not None and cls.__module__.startswith("fedlora_edu."):
+                files.add(Path(inspect.getfile(module)))
+    return files
+
+
+def _fingerprint_of(sources: Mapping[Path, str]) -> str:
+    """The hash of a set of package files, given as {path relative to the package: source text}."""
+    digest = hashlib.sha256()
+    for relative in sorted(sources):
+        digest.update(str(relative).encode() + b"\0" + _text_fingerprint(sources[relative]).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def code_fingerprint(methods: Iterable[str] = (), depends_on: Iterable[str] = ()) -> str:
     """A short hash of the code a run of ``methods`` (registry names) executes.
 
@@ -110,18 +132,39 @@ def code_fingerprint(methods: Iterable[str] = (), depends_on: Iterable[str] = ()
     modules of ``fedlora_edu`` named in ``depends_on`` (``"testbed"`` for a study on the testbed).
     """
     files = {path for package in SHARED_PACKAGES for path in _package_files(package)}
-    files |= {_module_file(module) for module in depends_on}
-    for name in methods:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-        for cls in METHODS[name].__mro__:
-            module = sys.modules.get(cls.__module__)
-            if module is not None and cls.__module__.startswith("fedlora_edu."):
-                files.add(Path(inspect.getfile(module)))
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + source_fingerprint(path).encode() + b"\0")
-    return digest.hexdigest()[:16]
+    files |= _method_files(methods, depends_on)
+    return _fingerprint_of({path.relative_to(PACKAGE): path.read_text(encoding="utf-8") for path in files})
+
+
+def _git(*arguments: str) -> str | None:
+    """The output of a git command in the package's checkout, or None (no git, not a checkout, unknown commit)."""
+    try:
+        done = subprocess.run(["git", *arguments], cwd=PACKAGE.parent, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def fingerprint_at(commit: str, methods: Iterable[str] = (), depends_on: Iterable[str] = ()) -> str | None:
+    """:func:`code_fingerprint` of the same run as the code stood at git ``commit``, or None if it cannot be read.
+
+    The files are the ones the run depends on today (the method's modules, ``depends_on``) and the
+    shared packages as they were at ``commit``, read from git; None when a file did not exist then
+    or git is not at hand (an installed package has no history).
+    """
+    package = PACKAGE.name
+    listing = _git("ls-tree", "-r", "--name-only", commit, "--", *(f"{package}/{name}" for name in SHARED_PACKAGES))
+    if listing is None:
+        return None
+    relatives = {Path(line).relative_to(package) for line in listing.splitlines() if line.endswith(".py")}
+    relatives |= {path.relative_to(PACKAGE) for path in _method_files(methods, depends_on)}
+    sources = {}
+    for relative in relatives:
+        text = _git("show", f"{commit}:{package}/{relative.as_posix()}")
+        if text is None:
+            return None
+        sources[relative] = text
+    return _fingerprint_of(sources)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,6 +265,47 @@ def stale_rows(name: str) -> list[dict]:
         if row.get("code") != current[key]:
             stale.append(row)
     return stale
+
+
+def carry_forward(name: str, base: str, reason: str) -> int:
+    """Mark as current the stored rows that were current at git commit ``base``; return how many.
+
+    For a change to the shared code that provably leaves every stored run's computation as it was
+    (a new hook whose default does nothing, a renamed private helper, a faster path checked to give
+    identical results), which would otherwise make every study stale. Only a row whose fingerprint
+    equals its code's fingerprint at ``base`` (:func:`fingerprint_at`) is carried: rows already
+    stale at ``base`` stay stale. Each carried row keeps its old fingerprint, ``base`` and the
+    ``reason`` (say what changed and how its neutrality was checked) under
+    ``provenance["carried"]``, so the step can be audited. The file is rewritten whole, atomically.
+    """
+    if not isinstance(reason, str) or len(reason.split()) < 4:
+        raise ValueError(f"reason must say what changed and how it was checked, got {reason!r}")
+    if _git("rev-parse", "--verify", f"{base}^{{commit}}") is None:
+        raise ValueError(f"base must be a commit of this checkout's history, got {base!r}")
+    rows = read_rows(name)
+    now: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+    then: dict[tuple[tuple[str, ...], tuple[str, ...]], str | None] = {}
+    carried = 0
+    for row in rows:
+        key = (tuple(row.get("methods", ())), tuple(row.get("depends_on", ())))
+        if key not in now:
+            now[key] = code_fingerprint(*key)
+        if row.get("code") == now[key]:
+            continue
+        if key not in then:
+            then[key] = fingerprint_at(base, *key)
+        if then[key] is not None and row.get("code") == then[key]:
+            row["provenance"].setdefault("carried", []).append(
+                {"from": row["code"], "base": base, "reason": reason,
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            row["code"] = now[key]
+            carried += 1
+    if carried:
+        path = result_path(name)
+        partial = path.with_suffix(".jsonl.partial")
+        partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+        partial.replace(path)
+    return carried
 
 
 def load_study(name: str) -> pd.DataFrame:

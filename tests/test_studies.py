@@ -9,7 +9,9 @@ import pytest
 from fedlora_edu import studies
 from fedlora_edu.studies import (
     RESULTS,
+    carry_forward,
     code_fingerprint,
+    fingerprint_at,
     load_study,
     read_rows,
     run_study,
@@ -154,3 +156,40 @@ def test_the_fingerprint_is_the_same_on_every_python_version():
     assert _canonical(newer) == _canonical(tree)
     changed = ast.parse(source.replace("x + 1", "x + 2"))
     assert _canonical(changed) != _canonical(tree)
+
+
+def _checkout_matches_head() -> bool:
+    """Whether the package's files are as HEAD has them (true on CI's fresh clone; not mid-edit)."""
+    status = studies._git("status", "--porcelain", "--", studies.PACKAGE.name)
+    return status is not None and not status.strip()
+
+
+@pytest.mark.skipif(not _checkout_matches_head(), reason="needs a git checkout whose package files are committed")
+def test_the_fingerprint_at_a_commit_reads_the_code_as_git_has_it():
+    for methods, depends_on in (([], []), (["FedIT"], ["testbed"]), (["mFedLoRU"], [])):
+        assert fingerprint_at("HEAD", methods, depends_on) == code_fingerprint(methods, depends_on)
+    assert fingerprint_at("no-such-commit", ["FedIT"]) is None
+
+
+def test_carrying_forward_marks_only_rows_current_at_the_base_and_records_why(results, monkeypatch):
+    runs = [{"method": "FedIT", "seed": seed} for seed in range(3)]
+    run_study("demo", runs, lambda s: {"x": s["seed"]}, profile="smoke", progress=False)
+    rows = read_rows("demo")
+    current = rows[0]["code"]
+    rows[1]["code"] = "b" * 16  # current at the base, stale now: to be carried
+    rows[2]["code"] = "c" * 16  # stale at the base already: stays stale
+    (results / "demo.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(studies, "fingerprint_at", lambda commit, methods=(), depends_on=(): "b" * 16)
+    reason = "a hook whose default does nothing; checked by rerunning one run"
+    with pytest.raises(ValueError, match="reason must say"):
+        carry_forward("demo", "HEAD", "neutral")
+    with pytest.raises(ValueError, match="base must be a commit"):
+        carry_forward("demo", "no-such-commit", reason)
+    assert carry_forward("demo", "HEAD", reason) == 1
+    after = read_rows("demo")
+    assert [row["code"] for row in after] == [current, current, "c" * 16]
+    assert after[1]["provenance"]["carried"][0]["from"] == "b" * 16
+    assert after[1]["provenance"]["carried"][0]["reason"] == reason and "carried" not in after[0]["provenance"]
+    assert [row["measured"] for row in after] == [row["measured"] for row in rows]  # nothing measured changes
+    assert [row["settings"] for row in stale_rows("demo")] == [runs[2]]
+    assert carry_forward("demo", "HEAD", reason) == 0  # nothing more to carry
