@@ -36,6 +36,7 @@ from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
+from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
 from fedlora_edu.heterogeneity.languages import FedHLT, FedLFC
 from fedlora_edu.heterogeneity.local_models import PFedLoRA
@@ -57,8 +58,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     AvgInitial, ReInitial, LocalInitial, FedLoRU, PFedLoRU, MFedLoRU, FRLoRA,
     # 4.1 heterogeneous rank
     HetLoRA, ReplicationPadding,
-    # 4.2 personalized LoRA (a personal structure, eq. 14; the hypernetwork, eq. 15)
-    FedDPA, FDLoRA, FedSALoRA, CELoRA, PFedLoRA, PerFIT, HyperFloRA,
+    # 4.2 personalized LoRA (a personal structure, eq. 14: PerFIT and the mixtures of LoRA experts; eq. 15)
+    FedDPA, FDLoRA, FedSALoRA, CELoRA, PFedLoRA, PerFIT, FedLEASE, FedMoE, HyperFloRA,
     # 4.3 clustering (searched: FL-TAC; known in advance, languages: FedLFC, FedHLT)
     FLTAC, FedLFC, FedHLT,
     # 5 efficiency: sparse learning (and FSLoRA's sketches)

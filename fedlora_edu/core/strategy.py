@@ -258,6 +258,19 @@ class Strategy(ABC):
         """Client k's own (adapters, head) for evaluation on its own data; None means the global model."""
         return None
 
+    def serving(
+        self, model: torch.nn.Module, server: ServerState, client_id: int, client_state: Any
+    ) -> contextlib.AbstractContextManager[None]:
+        """The context client k's served model is evaluated in, once its factors and head are loaded into ``model``.
+
+        Nothing by default: a served model is a LoRA adapter and a head (``personal_model``'s, or
+        the server's). A method whose served model computes something a plain adapter cannot (a
+        per-client router over LoRA experts: FedLEASE and FedMoE,
+        :mod:`fedlora_edu.heterogeneity.experts`) installs that forward here and undoes it on exit,
+        as :meth:`local_training` does for training.
+        """
+        return contextlib.nullcontext()
+
     # ----- server side --------------------------------------------------------------
     @abstractmethod
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:

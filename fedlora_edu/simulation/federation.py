@@ -437,7 +437,8 @@ class Federation:
                 if personal is not None:
                     adapter_io.set_lora_factors(model, personal[0])
                     adapter_io.set_head_state(model, personal[1])
-                scores.append(evaluate(model, data, device=self.device)[0])
+                with strategy.serving(model, server, k, client_states[k]):
+                    scores.append(evaluate(model, data, device=self.device)[0])
                 if personal is not None:
                     adapter_io.set_lora_factors(model, server.adapters)
                     adapter_io.set_head_state(model, server.head)

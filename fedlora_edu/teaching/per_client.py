@@ -53,7 +53,8 @@ def served_accuracies(federation, strategy, server, client_states: Sequence[Any]
     """Each client's served model on its own held-out split, and whether that model is personal.
 
     The served model is ``strategy.personal_model(server, k, state_k)`` where the method has one
-    for client k, else the server's adapter and head.
+    for client k, else the server's adapter and head, evaluated inside ``strategy.serving`` (a
+    router over LoRA experts, for the methods that have one).
     """
     if federation.client_tests is None:
         raise ValueError("served_accuracies needs a federation built with client_tests (a held-out split per client)")
@@ -69,7 +70,8 @@ def served_accuracies(federation, strategy, server, client_states: Sequence[Any]
             models[rank] = federation.fresh_model(rank=rank)
         set_lora_factors(models[rank], adapters)
         set_head_state(models[rank], head)
-        accuracies.append(evaluate(models[rank], federation.client_tests[k])[0])
+        with strategy.serving(models[rank], server, k, client_states[k]):
+            accuracies.append(evaluate(models[rank], federation.client_tests[k])[0])
         personal.append(served is not None)
     return accuracies, personal
 
