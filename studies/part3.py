@@ -33,20 +33,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from fedlora_edu import METHODS, build_testbed, testbed_profile  # noqa: E402
+from fedlora_edu.federations import rank_budgets  # noqa: E402
 from fedlora_edu.foundations.training import evaluate  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
 
-PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "pFedLoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC")
-"""FedIT, one global adapter, and the personalization methods of Part III that serve each client a model."""
+PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "pFedLoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC",
+                 "HetLoRA", "replication padding")
+"""FedIT, one global adapter, the personalization methods of Part III that serve each client a model, and the
+heterogeneous-rank methods (one global model for all, each client training at its own rank: :func:`rank_budget`)."""
 CLIENTS = 8
 """Sixteen outlets, two per client."""
+
+
+def rank_budget(profile: str) -> list[int]:
+    """The clients' ranks for the heterogeneous-rank methods: heavy-tailed (most clients at rank 1 or 2, a few at the
+    profile's rank), drawn once with seed 0, the same on every seed of the study (as in Part III at a glance)."""
+    return rank_budgets("heavy-tailed", CLIENTS, np.random.default_rng(0), max_rank=testbed_profile(profile).rank)
 
 
 def options(method: str, profile: str) -> dict:
     """The arguments a method runs with here, as in its chapter (everything else is its default)."""
     bed = testbed_profile(profile)
+    if method in ("HetLoRA", "replication padding"):
+        return {"ranks": rank_budget(profile)}  # HetLoRA's own penalty and tail (lambda 1e-3, gamma 0.99)
     if method in ("FedDPA", "FDLoRA", "PerFIT", "pFedLoRA"):
         return {"rank": bed.rank}  # each adapter (or the budget, or the shared adapter) of the profile's rank
     if method == "HyperFloRA":

@@ -9,7 +9,13 @@ from torch import nn
 
 from fedlora_edu import make_strategy
 from fedlora_edu.core import adapters as adapter_io
-from fedlora_edu.efficiency.costs import OPTIMIZER_STATES, _Tally, client_costs
+from fedlora_edu.efficiency.costs import (
+    OPTIMIZER_STATES,
+    _Tally,
+    client_costs,
+    costs_by_rank,
+    ranks_within_memory,
+)
 from fedlora_edu.foundations.lora import lora_parameter_count
 
 
@@ -96,3 +102,31 @@ def test_a_client_below_the_models_rank_trains_its_own_rank_and_costs_about_the_
     assert sketched.trainable_parameters == small.trainable_parameters < costs["FedIT"].trainable_parameters
     assert sketched.flops == costs["FedIT"].flops  # what ran: the rank-R model
     assert 0 < sketched.flops - small.flops < 0.01 * small.flops
+
+
+def test_a_local_step_needs_more_memory_at_a_higher_rank_by_what_the_factors_and_their_activations_add(
+        shards_federation):
+    peaks = {rank: cost.peak_bytes for rank, cost in costs_by_rank(shards_federation, [2, 1, TINY.rank, 1]).items()}
+    assert list(peaks) == [1, 2, TINY.rank] and peaks[1] < peaks[2] < peaks[TINY.rank]
+    one = client_costs(shards_federation, make_strategy("FedIT", rank=1), rounds=1)
+    two = client_costs(shards_federation, make_strategy("FedIT", rank=2), rounds=1)
+    layers = adapter_io.lora_layers(shards_federation.fresh_model(rank=1))
+    per_rank = sum(lay.lora_B[adapter_io.ADAPTER].weight.shape[0] + lay.lora_A[adapter_io.ADAPTER].weight.shape[1]
+                   for lay in layers.values())  # m + n numbers per layer for each rank
+    # one more rank: m + n more numbers per layer, each held as a weight, a gradient and two moments
+    assert two.weight_bytes - one.weight_bytes == 4 * per_rank
+    assert two.optimizer_bytes - one.optimizer_bytes == 4 * (1 + OPTIMIZER_STATES) * per_rank
+    assert two.activation_bytes > one.activation_bytes  # x A^T (r numbers per token and layer) is saved too
+    assert peaks[1] == one.peak_bytes and peaks[2] == two.peak_bytes
+    with pytest.raises(ValueError, match="ranks must be integers >= 1"):
+        costs_by_rank(shards_federation, [0, 2])
+
+
+def test_each_client_gets_the_largest_rank_its_memory_holds_and_none_below_the_smallest():
+    peaks = {1: 100, 2: 150, 4: 250, 8: 450}
+    assert ranks_within_memory([99, 100, 149, 150, 449, 450, 10**6], peaks) == [0, 1, 1, 2, 4, 8, 8]
+    assert ranks_within_memory([], peaks) == []
+    with pytest.raises(ValueError, match="budgets must be integers >= 0"):
+        ranks_within_memory([-1], peaks)
+    with pytest.raises(ValueError, match="peak_by_rank must hold"):
+        ranks_within_memory([10], {})

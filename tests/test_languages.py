@@ -171,6 +171,33 @@ def test_rank_budgets_draw_light_and_heavy_tails():
         rank_budgets("light-tailed", 0, np.random.default_rng(0))
 
 
+def test_memory_budgets_draw_light_and_heavy_tails_below_the_largest():
+    import numpy as np
+
+    from fedlora_edu.federations import memory_budgets
+
+    largest = 10**9
+    light = np.array(memory_budgets("light-tailed", 4000, np.random.default_rng(0), largest=largest))
+    assert light.min() >= largest // 2 and light.max() <= largest
+    for exponent in (0.5, 1.0, 3.0):
+        heavy = np.array(memory_budgets("heavy-tailed", 4000, np.random.default_rng(1), largest=largest,
+                                        exponent=exponent))
+        assert heavy.min() >= 1 and heavy.max() <= largest
+        for share in (0.1, 0.5):  # P(budget <= share * largest) = share^exponent
+            assert abs(np.mean(heavy <= share * largest) - share ** exponent) < 0.03
+    thin = memory_budgets("heavy-tailed", 4000, np.random.default_rng(1), largest=largest, exponent=0.5)
+    assert abs(np.median(thin) / largest - 0.25) < 0.03  # P(budget <= largest / 4) = (1/4)^(1/2): half the clients
+    assert np.median(thin) < np.median(light) / 2
+    assert memory_budgets("heavy-tailed", 5, np.random.default_rng(2), largest=largest) == \
+        memory_budgets("heavy-tailed", 5, np.random.default_rng(2), largest=largest)
+    for bad, match in (({"tail": "medium"}, "tail must be one of"), ({"count": 0}, "count must be"),
+                       ({"largest": 0}, "largest must be"), ({"exponent": 0.0}, "exponent must be > 0")):
+        arguments = {"tail": "heavy-tailed", "count": 3, "largest": largest, "exponent": 1.0, **bad}
+        tail, count = arguments.pop("tail"), arguments.pop("count")
+        with pytest.raises(ValueError, match=match):
+            memory_budgets(tail, count, np.random.default_rng(0), **arguments)
+
+
 def test_multitask_federation_gives_each_client_one_task_in_a_joint_label_space():
     from fedlora_edu.distributed.discordance import FedIT
     from fedlora_edu.federations import MULTITASK_TASKS, build_multitask, load_multitask

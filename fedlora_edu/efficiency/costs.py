@@ -26,6 +26,11 @@ reference path) and, around each client's local training, counts
 - **bytes** up and down of the client's round: the simulator's own count of what is serialized
   (each method's :class:`~fedlora_edu.core.strategy.Payload`), read from the run's history.
 
+The memory of a local step grows with the LoRA rank; :func:`costs_by_rank` counts it at
+each rank and :func:`ranks_within_memory` gives each client the largest rank its memory budget
+holds (Part III's clients that differ in resources, budgets drawn by
+:func:`fedlora_edu.federations.memory_budgets`).
+
 Our choice of what "a client's cost" is: one client per round, ``rounds`` rounds (the last one is
 reported, so that a method whose later rounds differ from its first, FedDPA's for instance, is
 counted in its steady state).
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.strategy import ClientStart, Strategy
+from fedlora_edu.distributed.discordance import FedIT
 
 OPTIMIZER_STATES = 2
 """Numbers AdamW keeps per trainable number (first and second moments), as every method's clients here use AdamW."""
@@ -185,3 +191,35 @@ def client_costs(federation: Any, strategy: Strategy, *, rounds: int = 2, seed: 
                       weight_bytes=last.weight_bytes, trainable_bytes=last.trainable_bytes,
                       activation_bytes=last.activation_bytes, bytes_up=int(row["bytes_up"]),
                       bytes_down=int(row["bytes_down"]))
+
+
+def costs_by_rank(federation: Any, ranks: Sequence[int], *, seed: int = 0, **run_options: Any) -> dict[int, ClientCost]:
+    """The cost of one client's round of LoRA training at each rank in ``ranks`` (FedIT, the model built at that rank).
+
+    Each is :func:`client_costs` of one round; its :attr:`ClientCost.peak_bytes` is the memory of a
+    local step at that rank (weights, a gradient and AdamW's moments per trainable number, and the
+    saved activations, all of which grow with r), what :func:`ranks_within_memory` compares budgets
+    with. ``run_options`` go to the federation's ``run`` (``local_steps=1, evaluate=False`` is
+    enough for memory: a step's memory does not depend on how many follow it).
+    """
+    chosen = sorted(set(ranks))
+    if not chosen or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in chosen):
+        raise ValueError(f"ranks must be integers >= 1, got {list(ranks)!r}")
+    return {rank: client_costs(federation, FedIT(rank=rank), rounds=1, seed=seed, **run_options) for rank in chosen}
+
+
+def ranks_within_memory(budgets: Sequence[int], peak_by_rank: Mapping[int, int]) -> list[int]:
+    """For each client's memory budget, the largest rank whose counted local step fits in it.
+
+    ``peak_by_rank`` maps ranks to the bytes a local step needs at that rank
+    (``{r: cost.peak_bytes}`` of :func:`costs_by_rank`); only those ranks are candidates. A client whose budget holds
+    none of them gets 0: it cannot train at any rank and should not be sampled (a method that
+    needs r_k >= 1 rejects it, rather than the client silently training beyond its memory).
+    """
+    if not peak_by_rank:
+        raise ValueError("peak_by_rank must hold at least one rank")
+    ordered = sorted(peak_by_rank.items())
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budgets must be integers >= 0 (bytes), got {budget!r}")
+    return [max((rank for rank, peak in ordered if peak <= budget), default=0) for budget in budgets]
