@@ -3,6 +3,7 @@ sub-mixtures with modular aggregation and expert recommendation."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -13,6 +14,7 @@ from helpers import recording
 from fedlora_edu.core import adapters as adapter_io
 from fedlora_edu.core.adapters import tensor_bytes
 from fedlora_edu.core.strategy import normalized_weights
+from fedlora_edu.distributed.discordance import FedIT
 from fedlora_edu.heterogeneity.clustering import cluster_averages, matched_accuracy
 from fedlora_edu.heterogeneity.experts import (
     ROUTER,
@@ -207,6 +209,22 @@ def test_the_installed_mixture_is_the_equation_on_a_real_layer_and_is_undone(sha
     model.zero_grad(set_to_none=True)
     assert torch.allclose(layer(x), before) and ROUTER not in layer._modules
     assert layer.scaling[adapter_io.ADAPTER] == layer.lora_alpha[adapter_io.ADAPTER] / 4
+
+
+def test_the_simulator_and_served_accuracies_evaluate_each_client_inside_serving(shards_federation):
+    """Strategy.serving is the context a client's served model is scored in, in the simulator and after a run."""
+
+    class Counting(keeping_client_states(FedIT)):
+        def serving(self, model, server, client_id, client_state):
+            self.__dict__.setdefault("calls", []).append(client_id)
+            return contextlib.nullcontext()
+
+    strategy = Counting()
+    shards_federation.run(strategy, rounds=1, evaluate=False, evaluate_clients=True, progress=False)
+    assert strategy.calls == [0, 1, 2]
+    served_accuracies(shards_federation, strategy, shards_federation.last_server, strategy.client_states[-3:])
+    assert strategy.calls == [0, 1, 2, 0, 1, 2]
+    assert isinstance(FedIT().serving(None, None, 0, None), contextlib.nullcontext)  # nothing by default
 
 
 # ----- FedLEASE in the simulator ---------------------------------------------------------------
