@@ -11,13 +11,20 @@ the server's where it has none) and whether that model was personal; and the pro
 each client's tweets (where every run starts). The per-client numbers are computed here from the
 run's final server state and client states, so the simulator is not changed for them.
 
-One JSON line per run in ``fedlora_edu/results/part3.jsonl``; interrupt and rerun to continue.
+With ``--federation languages`` the same measurements on the multilingual federation of Part III's
+Languages chapter instead (ParlSpeech speeches in four languages, two clients per language, the
+testbed's schedule; :func:`fedlora_edu.federations.build_multilingual`), for the methods that need
+clients that know their language (FedLFC, FedHLT) beside FedIT and FL-TAC: study ``part3_languages``.
+
+One JSON line per run in ``fedlora_edu/results/part3.jsonl`` (``part3_languages.jsonl``); interrupt and
+rerun to continue.
 Shown in "Part III at a glance" (``book/part3/at_a_glance.ipynb``, through
 :class:`fedlora_edu.teaching.per_client.PerClientComparison`).
 
     python studies/part3.py                               # the cpu profile, seeds 0 to 2
     python studies/part3.py --methods FedIT PerFIT        # some methods only
     FEDLORA_RESULTS=/tmp/second python studies/part3.py --methods ...   # a second process
+    python studies/part3.py --federation languages        # FedIT, FL-TAC, FedLFC, FedHLT by language
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from fedlora_edu import METHODS, build_testbed, testbed_profile  # noqa: E402
-from fedlora_edu.federations import rank_budgets  # noqa: E402
+from fedlora_edu.federations import LANGUAGE_TREE, build_multilingual, language_path, rank_budgets  # noqa: E402
 from fedlora_edu.foundations.training import evaluate  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
@@ -45,8 +52,13 @@ PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "pFedLoRA", "FedDPA", "FDLoRA
                  "HetLoRA", "replication padding")
 """FedIT, one global adapter, the personalization methods of Part III that serve each client a model, and the
 heterogeneous-rank methods (one global model for all, each client training at its own rank: :func:`rank_budget`)."""
+LANGUAGE_METHODS = ("FedIT", "FL-TAC", "FedLFC", "FedHLT")
+"""On the multilingual federation: one global adapter, clusters found by k-means, and the two methods told each
+client's language (FedLFC by family, FedHLT along the language tree)."""
 CLIENTS = 8
-"""Sixteen outlets, two per client."""
+"""Sixteen outlets, two per client; four languages, two clients each."""
+STUDIES = {"shards": "part3", "languages": "part3_languages"}
+"""The study each federation's runs are stored under."""
 
 
 def rank_budget(profile: str) -> list[int]:
@@ -55,9 +67,18 @@ def rank_budget(profile: str) -> list[int]:
     return rank_budgets("heavy-tailed", CLIENTS, np.random.default_rng(0), max_rank=testbed_profile(profile).rank)
 
 
-def options(method: str, profile: str) -> dict:
-    """The arguments a method runs with here, as in its chapter (everything else is its default)."""
+def options(method: str, profile: str, federation=None) -> dict:
+    """The arguments a method runs with here, as in its chapter (everything else is its default).
+
+    On the multilingual ``federation`` (which knows each client's language): FL-TAC with one cluster per
+    language family, FedLFC grouping the clients by family, FedHLT along each client's path in the tree.
+    """
     bed = testbed_profile(profile)
+    languages = getattr(federation, "client_languages", None)
+    if languages is not None and method in ("FL-TAC", "FedLFC", "FedHLT"):
+        return {"FL-TAC": {"num_clusters": len(LANGUAGE_TREE)},
+                "FedLFC": {"groups": [language_path(language)[1] for language in languages]},
+                "FedHLT": {"paths": [language_path(language) for language in languages]}}[method]
     if method in ("HetLoRA", "replication padding"):
         return {"ranks": rank_budget(profile)}  # HetLoRA's own penalty and tail (lambda 1e-3, gamma 0.99)
     if method in ("FedDPA", "FDLoRA", "PerFIT", "pFedLoRA"):
@@ -72,17 +93,19 @@ def grid(seeds: list[int], methods: list[str], profile: str) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=1)
-def federation_for(profile: str, seed: int):
+def federation_for(profile: str, seed: int, kind: str = "shards"):
     """The seed's federation, built once for all the runs of that seed (a run never changes it)."""
+    if kind == "languages":
+        return build_multilingual(profile=testbed_profile(profile), clients_per_language=CLIENTS // 4, seed=seed)
     split = testbed_profile(profile).with_overrides(num_clients=CLIENTS)
     return build_testbed(scheme="shards", classes_per_client=2, profile=split, seed=seed)
 
 
-def run_one(settings: dict, profile: str) -> dict:
-    federation = federation_for(profile, settings["seed"])
+def run_one(settings: dict, profile: str, kind: str = "shards") -> dict:
+    federation = federation_for(profile, settings["seed"], kind)
     method = settings["method"]
     cls = METHODS[method]
-    strategy = keeping_client_states(cls)(**options(method, profile))
+    strategy = keeping_client_states(cls)(**options(method, profile, federation))
     history = federation.run(strategy, seed=settings["seed"], progress=False, evaluate_clients=True)
     states = strategy.client_states[-federation.num_clients:]
     accuracies, personal = served_accuracies(federation, strategy, federation.last_server, states)
@@ -107,14 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(PART3_METHODS))
+    parser.add_argument("--federation", choices=sorted(STUDIES), default="shards",
+                        help="two outlets per client (study part3) or one language per client (part3_languages)")
+    parser.add_argument("--methods", nargs="+",
+                        help=f"default: {', '.join(PART3_METHODS)} (shards); {', '.join(LANGUAGE_METHODS)} (languages)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(METHODS))
+    methods = args.methods or list(LANGUAGE_METHODS if args.federation == "languages" else PART3_METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    frame = run_study("part3", grid(args.seeds, args.methods, args.profile),
-                      lambda settings: run_one(settings, args.profile),
-                      profile=args.profile, depends_on=["testbed"])
+    frame = run_study(STUDIES[args.federation], grid(args.seeds, methods, args.profile),
+                      lambda settings: run_one(settings, args.profile, args.federation),
+                      profile=args.profile,
+                      depends_on=["testbed", "federations"] if args.federation == "languages" else ["testbed"])
     frame["mean_over_clients"] = frame["client_accuracies"].map(lambda values: sum(values) / len(values))
     print(frame.groupby("method")["mean_over_clients"].agg(["mean", "std", "count"]).round(3))
 
