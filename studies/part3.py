@@ -14,7 +14,12 @@ run's final server state and client states, so the simulator is not changed for 
 With ``--federation languages`` the same measurements on the multilingual federation of Part III's
 Languages chapter instead (ParlSpeech speeches in four languages, two clients per language, the
 testbed's schedule; :func:`fedlora_edu.federations.build_multilingual`), for the methods that need
-clients that know their language (FedLFC, FedHLT) beside FedIT and FL-TAC: study ``part3_languages``.
+clients that know their language (FedLFC, FedHLT) beside FedIT and FL-TAC: study ``part3_languages``. With
+``--federation tasks``, on the multi-task federation (:func:`fedlora_edu.federations.build_multitask`: two
+clients each on BBC topics, tweet sentiment and health-tweet outlets, one joint label space), FedIT,
+FL-TAC with one cluster per task (the paper's setting) and FedSA-LoRA: study ``part3_tasks``. FL-TAC's rows
+also hold, per round, the matched accuracy of its clusters against the planted groups (tasks, or
+language families).
 
 One JSON line per run in ``fedlora_edu/results/part3.jsonl`` (``part3_languages.jsonl``); interrupt and
 rerun to continue.
@@ -25,6 +30,7 @@ Shown in "Part III at a glance" (``book/part3/at_a_glance.ipynb``, through
     python studies/part3.py --methods FedIT PerFIT        # some methods only
     FEDLORA_RESULTS=/tmp/second python studies/part3.py --methods ...   # a second process
     python studies/part3.py --federation languages        # FedIT, FL-TAC, FedLFC, FedHLT by language
+    python studies/part3.py --federation tasks            # FedIT, FL-TAC, FedSA-LoRA, one task per client
 """
 
 from __future__ import annotations
@@ -43,8 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from fedlora_edu import METHODS, build_testbed, testbed_profile  # noqa: E402
-from fedlora_edu.federations import LANGUAGE_TREE, build_multilingual, language_path, rank_budgets  # noqa: E402
+from fedlora_edu.federations import (  # noqa: E402
+    LANGUAGE_TREE,
+    build_multilingual,
+    build_multitask,
+    language_path,
+    rank_budgets,
+)
 from fedlora_edu.foundations.training import evaluate  # noqa: E402
+from fedlora_edu.heterogeneity.clustering import matched_accuracy  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
 
@@ -57,7 +70,10 @@ LANGUAGE_METHODS = ("FedIT", "FL-TAC", "FedLFC", "FedHLT")
 client's language (FedLFC by family, FedHLT along the language tree)."""
 CLIENTS = 8
 """Sixteen outlets, two per client; four languages, two clients each."""
-STUDIES = {"shards": "part3", "languages": "part3_languages"}
+TASK_METHODS = ("FedIT", "FL-TAC", "FedSA-LoRA")
+"""On the multi-task federation: one global adapter, one per cluster found by k-means (the paper's setting: each
+client holds one task), and a personal B per client."""
+STUDIES = {"shards": "part3", "languages": "part3_languages", "tasks": "part3_tasks"}
 """The study each federation's runs are stored under."""
 
 
@@ -74,6 +90,8 @@ def options(method: str, profile: str, federation=None) -> dict:
     language family, FedLFC grouping the clients by family, FedHLT along each client's path in the tree.
     """
     bed = testbed_profile(profile)
+    if getattr(federation, "client_tasks", None) is not None and method == "FL-TAC":
+        return {"num_clusters": len(federation.tasks)}
     languages = getattr(federation, "client_languages", None)
     if languages is not None and method in ("FL-TAC", "FedLFC", "FedHLT"):
         return {"FL-TAC": {"num_clusters": len(LANGUAGE_TREE)},
@@ -97,6 +115,8 @@ def federation_for(profile: str, seed: int, kind: str = "shards"):
     """The seed's federation, built once for all the runs of that seed (a run never changes it)."""
     if kind == "languages":
         return build_multilingual(profile=testbed_profile(profile), clients_per_language=CLIENTS // 4, seed=seed)
+    if kind == "tasks":
+        return build_multitask(profile=testbed_profile(profile), clients_per_task=2, seed=seed)
     split = testbed_profile(profile).with_overrides(num_clients=CLIENTS)
     return build_testbed(scheme="shards", classes_per_client=2, profile=split, seed=seed)
 
@@ -123,7 +143,21 @@ def run_one(settings: dict, profile: str, kind: str = "shards") -> dict:
         "client_test_sizes": [len(data) for data in federation.client_tests],
         "engine": history["engine"].iloc[0],
     })
+    planted = planted_groups(federation)
+    if method == "FL-TAC" and planted is not None:  # did k-means find the planted groups, round by round?
+        measured["cluster_matched"] = [
+            matched_accuracy([labels[k] for k in sorted(labels)], [planted[k] for k in sorted(labels)])
+            for labels in federation.last_server.method_state.history]
     return measured
+
+
+def planted_groups(federation) -> list[int] | None:
+    """Each client's planted group, where the federation has one: its task, or its language's family."""
+    if getattr(federation, "client_tasks", None) is not None:
+        return [federation.tasks.index(task) for task in federation.client_tasks]
+    if getattr(federation, "client_languages", None) is not None:
+        return [list(LANGUAGE_TREE).index(language_path(language)[1]) for language in federation.client_languages]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,18 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--federation", choices=sorted(STUDIES), default="shards",
-                        help="two outlets per client (study part3) or one language per client (part3_languages)")
+                        help="two outlets per client (study part3), one language per client (part3_languages) or "
+                             "one task per client (part3_tasks)")
     parser.add_argument("--methods", nargs="+",
-                        help=f"default: {', '.join(PART3_METHODS)} (shards); {', '.join(LANGUAGE_METHODS)} (languages)")
+                        help=f"default: {', '.join(PART3_METHODS)} (shards); {', '.join(LANGUAGE_METHODS)} "
+                             f"(languages); {', '.join(TASK_METHODS)} (tasks)")
     args = parser.parse_args(argv)
-    methods = args.methods or list(LANGUAGE_METHODS if args.federation == "languages" else PART3_METHODS)
+    methods = args.methods or list({"languages": LANGUAGE_METHODS, "tasks": TASK_METHODS}.get(args.federation,
+                                                                                           PART3_METHODS))
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     frame = run_study(STUDIES[args.federation], grid(args.seeds, methods, args.profile),
                       lambda settings: run_one(settings, args.profile, args.federation),
                       profile=args.profile,
-                      depends_on=["testbed", "federations"] if args.federation == "languages" else ["testbed"])
+                      depends_on=["testbed"] if args.federation == "shards" else ["testbed", "federations"])
     frame["mean_over_clients"] = frame["client_accuracies"].map(lambda values: sum(values) / len(values))
     print(frame.groupby("method")["mean_over_clients"].agg(["mean", "std", "count"]).round(3))
 
