@@ -37,7 +37,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -420,7 +420,28 @@ def _settings(federation: Any, steps: int | None, seed: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 # FedLEASE
 # ----------------------------------------------------------------------------------------
-class FedLEASE(Strategy):
+class _ExpertSlots(Strategy):
+    """What FedLEASE and FedMoE share: a model of expert slots of rank r each, stacked in one adapter
+    (:func:`stack_experts`); ``slots_setting`` names the attribute that holds the number of slots."""
+
+    slots_setting: ClassVar[str]
+
+    @property
+    def slots(self) -> int:
+        """The model's expert slots."""
+        return getattr(self, self.slots_setting)
+
+    def max_rank(self, num_clients: int) -> int | None:
+        return None if self.rank is None else self.slots * self.rank
+
+    def expert_rank(self, server: ServerState) -> int:
+        """r: each expert's rank, the model's rank over its expert slots."""
+        if server.rank % self.slots:
+            raise ValueError(f"the model's rank {server.rank} is not a multiple of {self.slots_setting}={self.slots}")
+        return server.rank // self.slots
+
+
+class FedLEASE(_ExpertSlots):
     """FedLEASE (Wang, Bian, Zhang, Xu, NeurIPS 2025, arXiv 2509.15087): experts by clusters, an adaptive top-M router.
 
     Survey eq. 14 with theta = M LoRA experts, one per cluster of clients, and client k's
@@ -463,6 +484,7 @@ class FedLEASE(Strategy):
     """
 
     name = "FedLEASE"
+    slots_setting = "max_experts"
     paper = "Wang et al. 2025, NeurIPS, arXiv 2509.15087"
     chapter = "book/part3/structure"
     batched_training = False
@@ -497,15 +519,6 @@ class FedLEASE(Strategy):
         self.num_experts = num_experts
         self.warmup_steps = None if warmup_steps is None else _positive_int(warmup_steps, "warmup_steps")
         self._settings: dict[str, Any] = {}
-
-    def max_rank(self, num_clients: int) -> int | None:
-        return None if self.rank is None else self.max_experts * self.rank
-
-    def expert_rank(self, server: ServerState) -> int:
-        """r: each expert's rank, the model's rank over ``max_experts`` slots."""
-        if server.rank % self.max_experts:
-            raise ValueError(f"the model's rank {server.rank} is not a multiple of max_experts={self.max_experts}")
-        return server.rank // self.max_experts
 
     def init_server(self, server: ServerState, seed: int) -> None:
         self.expert_rank(server)
@@ -634,7 +647,7 @@ class FedLEASE(Strategy):
 # ----------------------------------------------------------------------------------------
 # FedMoE
 # ----------------------------------------------------------------------------------------
-class FedMoE(Strategy):
+class FedMoE(_ExpertSlots):
     """FedMoE (Mei, Cai, Zhou, Wang, Xu 2024, arXiv 2408.11304): a sub-mixture of LoRA experts per client.
 
     Survey eq. 14 with theta a global mixture of E experts and client k's architecture its
@@ -680,6 +693,7 @@ class FedMoE(Strategy):
     """
 
     name = "FedMoE"
+    slots_setting = "num_experts"
     paper = "Mei et al. 2024, arXiv 2408.11304"
     chapter = "book/part3/structure"
     batched_training = False
@@ -719,15 +733,6 @@ class FedMoE(Strategy):
             raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
         self.margin = float(margin)
         self._settings: dict[str, Any] = {}
-
-    def max_rank(self, num_clients: int) -> int | None:
-        return None if self.rank is None else self.num_experts * self.rank
-
-    def expert_rank(self, server: ServerState) -> int:
-        """r: each expert's rank, the model's rank over ``num_experts``."""
-        if server.rank % self.num_experts:
-            raise ValueError(f"the model's rank {server.rank} is not a multiple of num_experts={self.num_experts}")
-        return server.rank // self.num_experts
 
     def init_server(self, server: ServerState, seed: int) -> None:
         """The E experts from the model's initial adapter (A random, B = 0) and a random global router."""
