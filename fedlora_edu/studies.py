@@ -186,6 +186,11 @@ def run_key(settings: Mapping[str, Any]) -> str:
     return json.dumps(dict(settings), sort_keys=True)
 
 
+def _line(row: Mapping[str, Any]) -> str:
+    """A row as the study file stores it: one JSON line, keys sorted."""
+    return json.dumps(row, sort_keys=True) + "\n"
+
+
 def read_rows(name: str) -> list[dict]:
     """Every stored row of the study (empty if it never ran); a last line cut off by a crash is skipped."""
     path = result_path(name)
@@ -246,7 +251,7 @@ def run_study(
                "methods": methods, **({"depends_on": depends_on} if depends_on else {}),
                "code": code_fingerprint(methods, depends_on),
                "provenance": {**provenance(profile), "command": command}}
-        line = json.dumps(row, sort_keys=True) + "\n"
+        line = _line(row)
         with path.open("a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -254,17 +259,27 @@ def run_study(
     return load_study(name)
 
 
-def stale_rows(name: str) -> list[dict]:
-    """The stored rows whose code fingerprint no longer matches the code (empty when the study is current)."""
-    current: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+CodeKey = tuple[tuple[str, ...], tuple[str, ...]]
+"""What a row's fingerprint covers: its methods and the modules it depends on."""
+
+
+def _stale_among(rows: Iterable[dict]) -> list[tuple[dict, CodeKey, str]]:
+    """The rows whose fingerprint differs from the code's now, each with its key and the current fingerprint
+    (computed once per key)."""
+    current: dict[CodeKey, str] = {}
     stale = []
-    for row in read_rows(name):
+    for row in rows:
         key = (tuple(row.get("methods", ())), tuple(row.get("depends_on", ())))
         if key not in current:
             current[key] = code_fingerprint(*key)
         if row.get("code") != current[key]:
-            stale.append(row)
+            stale.append((row, key, current[key]))
     return stale
+
+
+def stale_rows(name: str) -> list[dict]:
+    """The stored rows whose code fingerprint no longer matches the code (empty when the study is current)."""
+    return [row for row, _, _ in _stale_among(read_rows(name))]
 
 
 def carry_forward(name: str, base: str, reason: str) -> int:
@@ -283,27 +298,21 @@ def carry_forward(name: str, base: str, reason: str) -> int:
     if _git("rev-parse", "--verify", f"{base}^{{commit}}") is None:
         raise ValueError(f"base must be a commit of this checkout's history, got {base!r}")
     rows = read_rows(name)
-    now: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
-    then: dict[tuple[tuple[str, ...], tuple[str, ...]], str | None] = {}
+    then: dict[CodeKey, str | None] = {}
     carried = 0
-    for row in rows:
-        key = (tuple(row.get("methods", ())), tuple(row.get("depends_on", ())))
-        if key not in now:
-            now[key] = code_fingerprint(*key)
-        if row.get("code") == now[key]:
-            continue
+    for row, key, now in _stale_among(rows):
         if key not in then:
             then[key] = fingerprint_at(base, *key)
         if then[key] is not None and row.get("code") == then[key]:
             row["provenance"].setdefault("carried", []).append(
                 {"from": row["code"], "base": base, "reason": reason,
                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            row["code"] = now[key]
+            row["code"] = now
             carried += 1
     if carried:
         path = result_path(name)
         partial = path.with_suffix(".jsonl.partial")
-        partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+        partial.write_text("".join(_line(row) for row in rows), encoding="utf-8")
         partial.replace(path)
     return carried
 
