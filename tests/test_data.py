@@ -7,6 +7,8 @@ from collections import Counter
 
 import datasets
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedlora_edu.assets import data
 
@@ -62,6 +64,31 @@ def test_health_tweets_has_16_outlets_and_no_urls():
     assert (frame["text"].str.len() > 0).all()
     leaks = frame["text"][frame["text"].str.contains(URL_LIKE)]
     assert leaks.empty, leaks.head().tolist()
+
+
+# Characters that make or break a link, the Unicode case folds the regex ignores case through
+# (long s, Kelvin sign), and whitespace of several kinds.
+LINKISH = st.text(alphabet="abhtpsw:/.-_ HTPSW()\u2026\u017f\u212a09\t\n", max_size=40)
+
+
+@given(LINKISH)
+def test_strip_urls_word_by_word_is_the_whole_text_regex(text):
+    # _strip_urls runs the regex only on words that could hold a link; it must remove exactly what
+    # the regex removes from the whole text.
+    assert data._strip_urls(text) == " ".join(data._URL.sub(" ", text).split())
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("Flu season http://nyti.ms/1abc is here", "Flu season is here"),
+        ("Read (http\u2026", "Read ("),
+        ("lat.ms/16ADjSS Ebola", "Ebola"),
+        ("ttp://ow.ly/x and WWW.bbc.co.uk news", "and news"),
+    ],
+)
+def test_strip_urls_examples(text, clean):
+    assert data._strip_urls(text) == clean
 
 
 def test_tweet_sentiment_has_3_classes():

@@ -86,7 +86,17 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 
 def _strip_urls(text: str) -> str:
-    return " ".join(_URL.sub(" ", text).split())
+    # A match of _URL never contains whitespace, so each word can be cleaned on its own, and a word
+    # with no "/", "http" or "www." cannot match: only those words go through the regex, whose
+    # leading \S* makes it slow on long texts (1.6 s for the health tweets against 0.2 s; the
+    # output is the same, checked on every tweet).
+    words = []
+    for word in text.split():
+        lowered = word.lower()
+        if "/" in word or "http" in lowered or "www." in lowered:
+            word = _URL.sub(" ", word)
+        words.append(word)
+    return " ".join(" ".join(words).split())
 
 
 def _read_bbc_news() -> _RawCorpus:
