@@ -62,9 +62,17 @@ from fedlora_edu.studies import run_study  # noqa: E402
 from fedlora_edu.teaching.per_client import keeping_client_states, served_accuracies  # noqa: E402
 
 PART3_METHODS = ("FedIT", "FedSA-LoRA", "CE-LoRA", "pFedLoRA", "FedDPA", "FDLoRA", "PerFIT", "HyperFloRA", "FL-TAC",
-                 "HetLoRA", "replication padding")
-"""FedIT, one global adapter, the personalization methods of Part III that serve each client a model, and the
-heterogeneous-rank methods (one global model for all, each client training at its own rank: :func:`rank_budget`)."""
+                 "HetLoRA", "replication padding", "FlexLoRA", "FLoRA", "FedInc", "FedLEASE", "FedMoE")
+"""FedIT, one global adapter, the personalization methods of Part III that serve each client a model, the
+heterogeneous-rank methods (one global model for all, each client training at its own rank: :func:`rank_budget`;
+FlexLoRA, FLoRA and FedInc of Part II among them, run with that budget as section 4.1 says they can) and the two
+mixtures of LoRA experts (each client served its own router over shared experts)."""
+RANKED = ("HetLoRA", "replication padding", "FlexLoRA", "FLoRA", "FedInc")
+"""The methods run with the heavy-tailed rank budget (:func:`rank_budget`)."""
+EXPERTS = {"FedLEASE": 4, "FedMoE": 4}
+"""The mixtures' expert slots, as in the structure chapter: FedLEASE chooses at most 4 clusters (one expert each, of
+the profile's rank); FedMoE has 4 experts of half the profile's rank in each layer and 2 per client, so a client
+trains the profile's rank in all, as FedIT's clients do."""
 LANGUAGE_METHODS = ("FedIT", "FL-TAC", "FedLFC", "FedHLT")
 """On the multilingual federation: one global adapter, clusters found by k-means, and the two methods told each
 client's language (FedLFC by family, FedHLT along the language tree)."""
@@ -97,12 +105,16 @@ def options(method: str, profile: str, federation=None) -> dict:
         return {"FL-TAC": {"num_clusters": len(LANGUAGE_TREE)},
                 "FedLFC": {"groups": [language_path(language)[1] for language in languages]},
                 "FedHLT": {"paths": [language_path(language) for language in languages]}}[method]
-    if method in ("HetLoRA", "replication padding"):
-        return {"ranks": rank_budget(profile)}  # HetLoRA's own penalty and tail (lambda 1e-3, gamma 0.99)
+    if method in RANKED:  # HetLoRA's own penalty and tail (lambda 1e-3, gamma 0.99)
+        return {"ranks": rank_budget(profile)}
     if method in ("FedDPA", "FDLoRA", "PerFIT", "pFedLoRA"):
         return {"rank": bed.rank}  # each adapter (or the budget, or the shared adapter) of the profile's rank
     if method == "HyperFloRA":
         return {"server_learning_rate": bed.learning_rate}
+    if method == "FedLEASE":  # its warm-up as long as a round's local training (the default)
+        return {"rank": bed.rank, "max_experts": EXPERTS[method]}
+    if method == "FedMoE":
+        return {"rank": max(1, bed.rank // 2), "num_experts": EXPERTS[method], "experts_per_client": 2}
     return {}
 
 
