@@ -140,7 +140,8 @@ def run_one(settings: dict, profile: str, kind: str = "shards") -> dict:
     strategy = keeping_client_states(cls)(**options(method, profile, federation))
     history = federation.run(strategy, seed=settings["seed"], progress=False, evaluate_clients=True)
     states = strategy.client_states[-federation.num_clients:]
-    accuracies, personal = served_accuracies(federation, strategy, federation.last_server, states)
+    accuracies, personal = served_accuracies(federation, strategy, federation.last_server, states,
+                                             base=federation.last_model)  # FLoRA's merges into W'
     if abs(sum(accuracies) / len(accuracies) - float(history["client_accuracy"].iloc[-1])) > 1e-9:
         raise RuntimeError(f"{method}: the served models rebuilt after the run do not score what the simulator "
                            "recorded in the last round; the client states kept are not the run's")

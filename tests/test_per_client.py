@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedlora_edu import METHODS, studies
+from fedlora_edu.core.adapters import lora_layers
 from fedlora_edu.heterogeneity.personalized import FedSALoRA
 from fedlora_edu.teaching.per_client import (
     PerClientComparison,
@@ -35,6 +36,23 @@ def test_kept_states_are_the_runs_and_rebuild_what_the_simulator_scored(shards_f
     # The same run without keeping: identical history (keeping changes nothing the method does).
     plain = shards_federation.run(FedSALoRA(), rounds=2, progress=False, evaluate_clients=True)
     pd.testing.assert_series_equal(plain["client_accuracy"], history["client_accuracy"])
+
+
+def test_served_models_take_the_runs_base_weights_for_a_method_that_changes_them(shards_federation):
+    # FLoRA merges each round's stack into W': the server's state holds only the last round's change, so the served
+    # models rebuild the run's scores only with the run's W' (base=federation.last_model), not with the pre-trained one.
+    strategy = keeping_client_states(METHODS["FLoRA"])()
+    history = shards_federation.run(strategy, rounds=2, progress=False, evaluate_clients=True)
+    states = strategy.client_states[-shards_federation.num_clients:]
+    server, model = shards_federation.last_server, shards_federation.last_model
+    with_base, _ = served_accuracies(shards_federation, strategy, server, states, base=model)
+    assert np.isclose(np.mean(with_base), history["client_accuracy"].iloc[-1], atol=1e-12)
+    fresh = shards_federation.fresh_model()
+    changed = [name for name, layer in lora_layers(model).items()
+               if not torch.equal(layer.get_base_layer().weight, lora_layers(fresh)[name].get_base_layer().weight)]
+    assert changed  # W' did change, so the default (pre-trained W') serves other models
+    with pytest.raises(ValueError, match="base must be a model of the same federation"):
+        served_accuracies(shards_federation, strategy, server, states, base=torch.nn.Linear(2, 2))
 
 
 def test_served_accuracies_checks_its_inputs(federation, shards_federation):

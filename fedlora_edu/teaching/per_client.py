@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedlora_edu.core.adapters import set_head_state, set_lora_factors
+from fedlora_edu.core.adapters import lora_layers, set_head_state, set_lora_factors
 from fedlora_edu.foundations.training import evaluate
 from fedlora_edu.simulation.metrics import Interval, interval, paired_difference
 from fedlora_edu.studies import load_study
@@ -49,12 +49,17 @@ def keeping_client_states(cls: type) -> type:
     return Keeping
 
 
-def served_accuracies(federation, strategy, server, client_states: Sequence[Any]) -> tuple[list[float], list[bool]]:
+def served_accuracies(federation, strategy, server, client_states: Sequence[Any], *,
+                      base: torch.nn.Module | None = None) -> tuple[list[float], list[bool]]:
     """Each client's served model on its own held-out split, and whether that model is personal.
 
     The served model is ``strategy.personal_model(server, k, state_k)`` where the method has one
     for client k, else the server's adapter and head, evaluated inside ``strategy.serving`` (a
-    router over LoRA experts, for the methods that have one).
+    router over LoRA experts, for the methods that have one). Its frozen weights W' are the
+    pre-trained ones, or those of ``base`` where given: pass the run's model
+    (``federation.last_model``, right after the run) for a method that changes W' as it goes
+    (FLoRA merges each round's stack into W', FedEx-LoRA adds a residual), since the server's
+    state holds only the last round's change.
     """
     if federation.client_tests is None:
         raise ValueError("served_accuracies needs a federation built with client_tests (a held-out split per client)")
@@ -68,12 +73,28 @@ def served_accuracies(federation, strategy, server, client_states: Sequence[Any]
         rank = next(iter(adapters.values()))[0].shape[0]
         if rank not in models:
             models[rank] = federation.fresh_model(rank=rank)
+            if base is not None:
+                _copy_base_weights(models[rank], base)
         set_lora_factors(models[rank], adapters)
         set_head_state(models[rank], head)
         with strategy.serving(models[rank], server, k, client_states[k]):
             accuracies.append(evaluate(models[rank], federation.client_tests[k])[0])
         personal.append(served is not None)
     return accuracies, personal
+
+
+def _copy_base_weights(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """W' of every LoRA layer of ``model`` set to that of ``source`` (the same base model, any rank)."""
+    targets = lora_layers(model)
+    try:
+        sources = lora_layers(source)
+    except ValueError:  # no LoRA layers at all
+        sources = {}
+    if set(targets) != set(sources):
+        raise ValueError("base must be a model of the same federation: its LoRA layers differ from the served model's")
+    with torch.no_grad():
+        for name, layer in targets.items():
+            layer.get_base_layer().weight.copy_(sources[name].get_base_layer().weight)
 
 
 def numbers_kept(state: Any) -> int:
