@@ -2,7 +2,8 @@
 """Set up, build and test the fedlora-edu book with one command each.
 
     python3 tasks.py book         build the book (default profile) into _build/html, executing every chapter
-    python3 tasks.py test         ruff, unit tests, every notebook executed once, book build with -W
+    python3 tasks.py test         ruff, unit tests, every notebook executed once, book build with -W,
+                                  every page opened in headless Chromium
     python3 tasks.py test --fast  unit tests only
     python3 tasks.py repository   write _config.yml's repository address into every place that names it
     python3 tasks.py site         build the book (cpu profile) into site/, ready for any static host
@@ -321,6 +322,33 @@ def site(output: Path) -> int:
     return 0
 
 
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+"""Where ``test``'s browser check keeps its screenshots (a few pages, and pages with problems): CI artifacts."""
+BROWSER_NOT_RUN = 3
+"""The exit code of .ci/browser_check.py when Chromium is not installed and cannot be (no apt-get, no root)."""
+
+
+def browser_check(html: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Open every page of the built site at ``html`` in headless Chromium (``.ci/browser_check.py``).
+
+    The check installs Debian's ``chromium`` with apt-get when it is missing (playwright, which
+    drives it, comes with the test extra). Returns its exit code and, when it could not run, its
+    ``NOT RUN: <why>`` line.
+    """
+    cmd = [str(PYTHON), str(ROOT / ".ci" / "browser_check.py"), str(html), "--screenshots", str(SCREENSHOTS)]
+    say("$ " + " ".join(cmd))
+    started = time.monotonic()
+    not_run = ""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("NOT RUN:"):
+                not_run = line.strip()
+    say(f"exit code {process.returncode} after {time.monotonic() - started:.0f} s")
+    return process.returncode, not_run
+
+
 def test(fast: bool) -> int:
     env = {**os.environ, **OFFLINE_ENV, "FEDLORA_PROFILE": "smoke"}
     # Two pytest workers share the 2-core CI machine: one thread each, not two (oversubscribed
@@ -353,17 +381,30 @@ def test(fast: bool) -> int:
             record("book build -W", build_book(kernel_env, ROOT / "_build" / "smoke", strict=True, source=stage),
                    " (from the executed notebooks, no execution)")
             record("offline MathJax", record_offline_math(ROOT / "_build" / "smoke" / "_build" / "html"))
+            html = ROOT / "_build" / "smoke" / "_build" / "html"
+            if (html / "index.html").is_file():
+                code, not_run = browser_check(html, env)
+                if code == BROWSER_NOT_RUN:
+                    results.append(("browser check", not_run or "NOT RUN"))
+                else:
+                    record("browser check", code, f" (screenshots in {SCREENSHOTS.relative_to(ROOT)})")
+            else:
+                record("browser check", 1, " (skipped: the build wrote no index.html)")
         else:
             record("book build -W", 1, " (skipped: a notebook failed)")
+            record("browser check", 1, " (skipped: a notebook failed)")
 
     print("\n[tasks] summary (FEDLORA_PROFILE=smoke):", flush=True)
     for name, outcome in results:
         print(f"[tasks]   {name:<20} {outcome}", flush=True)
-    failed = [name for name, outcome in results if not outcome.startswith("passed")]
+    # NOT RUN (the browser check where Chromium cannot be installed) is shown, but does not fail.
+    not_run = [name for name, outcome in results if outcome.startswith("NOT RUN")]
+    failed = [name for name, outcome in results if not outcome.startswith(("passed", "NOT RUN"))]
     if failed:
         say(f"{len(failed)} of {len(results)} steps failed: {', '.join(failed)}")
         return 1
-    say("all steps passed: " + ", ".join(name for name, _ in results))
+    say("all steps passed: " + ", ".join(name for name, _ in results if name not in not_run)
+        + "".join(f"; NOT RUN: {name}" for name in not_run))
     return 0
 
 
