@@ -542,8 +542,11 @@ def check_site(html: Path, chromium: str, pages: list[str], links: Links | None 
                                                 or (problems and problem_shots < PROBLEM_SCREENSHOTS)):
                     problem_shots += bool(problems) and name not in screenshot_pages
                     shot = screenshots / (name.replace("/", "__") + ".png")
-                    page.screenshot(path=str(shot))
-                    report.screenshots.append(shot)
+                    try:
+                        page.screenshot(path=str(shot))
+                        report.screenshots.append(shot)
+                    except PlaywrightError as error:
+                        report.notes.append(f"{where}: no screenshot: {str(error).splitlines()[0]}")
 
             if (html / "index.html").is_file():
                 try:
@@ -628,7 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.pages and toc_pages(args.toc)[0] not in pages:
         pages = [toc_pages(args.toc)[0], *pages]
     say(f"{chromium}: opening {len(pages)} pages of {args.html}")
-    report = check_site(args.html, chromium, pages, Links.from_config(args.config), args.search, args.screenshots)
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:
+        report = check_site(args.html, chromium, pages, Links.from_config(args.config), args.search, args.screenshots)
+    except PlaywrightError as error:  # Chromium is there but does not start (or dies): not a site problem
+        say(f"set-up FAILED: the browser: {str(error).splitlines()[0]}")
+        return 2
     for note in report.notes:
         say(f"note: {note}")
     for shot in report.screenshots:
