@@ -269,3 +269,12 @@ def test_without_chromium_the_check_says_not_run_and_does_not_fail(monkeypatch, 
     monkeypatch.setattr(browser_check, "prepare", lambda: (None, "there is no apt-get to install it"))
     assert browser_check.main([str(tmp_path)]) == browser_check.NOT_RUN_EXIT
     assert "NOT RUN: there is no apt-get to install it" in capsys.readouterr().out
+
+
+def test_chromium_that_cannot_be_installed_gives_the_reason(monkeypatch):
+    monkeypatch.setattr(browser_check.shutil, "which", lambda name: None)
+    assert browser_check.install_chromium() == (None, "Chromium is not installed and there is no apt-get to install it")
+    monkeypatch.setattr(browser_check.shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get" else None)
+    monkeypatch.setattr(browser_check.os, "geteuid", lambda: 1000, raising=False)
+    path, why = browser_check.install_chromium()
+    assert path is None and why == "Chromium is not installed, and installing it needs root (not root, no sudo)"
