@@ -34,6 +34,7 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
+from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
 from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
@@ -62,8 +63,9 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FedDPA, FDLoRA, FedSALoRA, CELoRA, PFedLoRA, PerFIT, FedLEASE, FedMoE, HyperFloRA,
     # 4.3 clustering (searched: FL-TAC; known in advance, languages: FedLFC, FedHLT)
     FLTAC, FedLFC, FedHLT,
-    # 5 efficiency: sparse learning (and FSLoRA's sketches)
+    # 5 efficiency: sparse learning (and FSLoRA's sketches); at the layer level
     FLASC, FSLoRA,
+    FibecFed, FedPiLot, FedFMSL, FedRA,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}
