@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -160,6 +162,44 @@ def test_payload_byte_mistakes():
     _fails("sparse_payload_bytes", lambda tensors, masks: 4 * sum(int(m.sum()) for m in masks.values()), "index")
     _fails("sparse_payload_bytes", lambda tensors, masks: 8 * sum(int(m.sum()) for m in masks.values()), "densely")
     _fails("sparse_payload_bytes", lambda tensors, masks: "many", "as an int")
+
+
+def _layerwise(current, uploads, weights, *, renormalise=True, keep_unheld=True):
+    out = {}
+    for name, (a, b) in current.items():
+        held = [(w, upload[name]) for w, upload in zip(weights, uploads, strict=True) if name in upload]
+        if not held:
+            out[name] = (a, b) if keep_unheld else (torch.zeros_like(a), torch.zeros_like(b))
+            continue
+        total = sum(w for w, _ in held) if renormalise else 1.0
+        out[name] = (sum(w / total * fa for w, (fa, _) in held), sum(w / total * fb for w, (_, fb) in held))
+    return out
+
+
+def test_layerwise_average_mistakes():
+    assert "passed" in check("layerwise_average", _layerwise)
+    _fails("layerwise_average", lambda c, u, w: _layerwise(c, u, w, renormalise=False), "renormalise")
+    _fails("layerwise_average", lambda c, u, w: _layerwise(c, u, w, keep_unheld=False), "keeps its value")
+
+
+def test_layer_knapsack_mistakes():
+    def brute(values, costs, capacity):
+        best = max((subset for size in range(len(values) + 1) for subset in itertools.combinations(range(len(values)),
+                                                                                                     size)
+                    if sum(costs[i] for i in subset) <= capacity), key=lambda subset: sum(values[i] for i in subset))
+        return tuple(reversed(best))  # any order, a tuple
+
+    def greedy(values, costs, capacity):
+        chosen, spent = [], 0
+        for i in sorted(range(len(values)), key=lambda i: values[i] / costs[i], reverse=True):
+            if spent + costs[i] <= capacity:
+                chosen.append(i)
+                spent += costs[i]
+        return chosen
+
+    assert "passed" in check("layer_knapsack", brute)
+    _fails("layer_knapsack", greedy, "greedy")
+    _fails("layer_knapsack", lambda values, costs, capacity: list(range(len(values))), "more than the budget")
 
 
 def test_the_toy_federation_starts_where_lora_does_and_its_discordance_grows():

@@ -25,6 +25,7 @@ from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.distributed.full_size import flexlora, flora_stack
 from fedlora_edu.distributed.rank_clustering import rank_vectors
 from fedlora_edu.distributed.server_init import spectrum_share
+from fedlora_edu.efficiency.layers import allocation_matrix
 from fedlora_edu.efficiency.sparse import top_k_mask
 from fedlora_edu.teaching.checking import Exercise, case_seed, close, random_clients
 
@@ -784,6 +785,52 @@ def _hint_kept_energy(case: tuple, answer: object) -> str | None:
     return None
 
 
+def _unheld_layers_reference(client_counts: list[int], num_layers: int, budget: int, rounds: int,
+                             seed: int) -> Tensor:
+    measured, formula = [], []
+    for clients in client_counts:
+        unheld = [~allocation_matrix([budget] * clients, num_layers, seed + t).any(axis=0) for t in range(rounds)]
+        measured.append(float(sum(int(row.sum()) for row in unheld)) / (rounds * num_layers))
+        formula.append((1 - budget / num_layers) ** clients)
+    return torch.tensor([measured, formula], dtype=torch.float64)
+
+
+def _unheld_layers_cases(seed: int) -> list[tuple]:
+    return [([1, 2, 4, 8], 6, 2, 200, case_seed(seed, 240)), ([1, 3], 4, 1, 50, case_seed(seed, 241))]
+
+
+def _hint_unheld_layers(case: tuple, answer: object) -> str | None:
+    client_counts = case[0]
+    if not isinstance(answer, Tensor) or answer.shape != (2, len(client_counts)):
+        return f"return a torch.Tensor of shape (2, {len(client_counts)}): the measured row, then (1 - b / L) ** K"
+    expected = _unheld_layers_reference(*case)
+    if close(answer.flip(0), expected):
+        return "the rows are swapped: the measured share first, then the formula"
+    if close(answer[1], expected[1]) and close(1 - answer[0], expected[0]):
+        return "count the (round, layer) pairs that NO client holds, not those some client holds"
+    return None
+
+
+QUESTIONS["unheld_layers_explained"] = Question(
+    "With a fixed number of layers per client, the share of layers no client holds in a round falls as the round "
+    "has more clients, and matches (1 - b / L) ** K. Why, and what happens to such a layer?",
+    {
+        "a": "Each client holds a given layer with probability b / L, independently of the others, so nobody holds it "
+             "with probability (1 - b / L) ** K, which falls geometrically with K; a layer nobody holds keeps its "
+             "value that round, so with few clients per round some layers stall.",
+        "b": "The allocation matrix gives every layer to at least one client, so the share is zero.",
+        "c": "With more clients each client holds more layers.",
+        "d": "The share does not depend on the number of clients; it is 1 - b / L.",
+    },
+    "a",
+    {
+        "b": "look at your measured row: it is not zero for one or two clients",
+        "c": "every row of the allocation matrix holds exactly b ones, whatever K is",
+        "d": "1 - b / L is the share for one client: compare your row for K = 1 with the others",
+    },
+)
+
+
 QUESTIONS["kept_energy_explained"] = Question(
     "At each density the top-k mask keeps more of the change's squared norm than a random mask of the same size. "
     "Why, and what does the random mask keep?",
@@ -857,6 +904,12 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         "kept_energy", "share of the change's squared norm kept by top_k_mask and by random_mask, per density",
         _kept_energy_reference, _kept_energy_cases, _hint_kept_energy, chapter="part4/sparse", kind="experiment",
     ),
+    "unheld_layers": Exercise(
+        "unheld_layers", "per number of clients K: the share of (round, layer) pairs FedRA's allocation_matrix gives "
+        "to no client, and (1 - b / L) ** K",
+        _unheld_layers_reference, _unheld_layers_cases, _hint_unheld_layers, chapter="part4/layers",
+        kind="experiment",
+    ),
     "accumulated_rank": Exercise(
         "accumulated_rank", "numerical rank of sum_{t <= T} B_t A_t (toy_global_adapters) for each T",
         _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
@@ -873,6 +926,7 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "spectrum_share_explained": "part2/server_initialization",
              "accumulated_rank_explained": "part2/client_initialization", "lora_rank_fit_explained": "part1/lora",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
-             "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse"}
+             "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse",
+             "unheld_layers_explained": "part4/layers"}
 EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
                              for name, chapter in _CHAPTERS.items()})

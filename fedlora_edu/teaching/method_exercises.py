@@ -22,6 +22,7 @@ from fedlora_edu.distributed.full_size import flexlora, flora_stack
 from fedlora_edu.distributed.rank_clustering import rank_vectors
 from fedlora_edu.distributed.server_init import svd_init
 from fedlora_edu.distributed.single_matrix import colr_merge
+from fedlora_edu.efficiency.layers import aggregate_by_layer, knapsack
 from fedlora_edu.efficiency.sparse import sparse_bytes, top_k_mask
 from fedlora_edu.foundations.fedavg import fedavg
 from fedlora_edu.simulation.metrics import gain_recovered
@@ -400,6 +401,85 @@ def _hint_bytes(case: tuple, answer: object) -> str | None:
     return None
 
 
+def _layerwise_cases(seed: int) -> list[tuple]:
+    """A global adapter of a few modules, the modules each client trained (a subset), and the clients' p_k; in each
+    case one module nobody trained."""
+    cases = []
+    for offset, (modules, held) in enumerate([(3, [[0], [0, 1], [1]]), (4, [[0, 1], [1], [0, 1, 2], [2]]),
+                                              (2, [[0], [0]])]):
+        gen = torch.Generator().manual_seed(case_seed(seed, 140 + offset))
+        names = [f"layer{i}.query" for i in range(modules)]
+        current = {name: (torch.randn(2, 5, generator=gen, dtype=torch.float64),
+                          torch.randn(4, 2, generator=gen, dtype=torch.float64)) for name in names}
+        uploads = [{names[i]: (torch.randn(2, 5, generator=gen, dtype=torch.float64),
+                               torch.randn(4, 2, generator=gen, dtype=torch.float64)) for i in kept} for kept in held]
+        raw = torch.rand(len(held), generator=gen, dtype=torch.float64) + 0.1
+        cases.append((current, uploads, (raw / raw.sum()).tolist()))
+    return cases
+
+
+def _layerwise_reference(current: dict, uploads: list, weights: list) -> dict:
+    return aggregate_by_layer(current, uploads, weights)[0]
+
+
+def _hint_layerwise(case: tuple, answer: object) -> str | None:
+    current, uploads, weights = case
+    if not isinstance(answer, dict) or set(answer) != set(current):
+        return f"return a dict with every module of the global adapter: {sorted(current)}"
+    unheld = [name for name in current if not any(name in upload for upload in uploads)]
+    if any(not matches(answer[name], current[name]) for name in unheld):
+        return "a module no client trained keeps its value (the global adapter's A and B, unchanged)"
+    plain = {name: tuple(sum(w * upload[name][i] for w, upload in zip(weights, uploads, strict=True)
+                             if name in upload) for i in (0, 1))
+             for name in current if name not in unheld}
+    if all(matches(answer[name], plain[name]) for name in plain):
+        return "renormalise p_k over the clients that trained the module: divide by the sum of their weights"
+    return None
+
+
+def _knapsack_cases(seed: int) -> list[tuple]:
+    """Layers' scores (distinct, so one choice is best) and memory costs, and a client's budget."""
+    cases = []
+    for offset, (items, capacity) in enumerate([(4, 10), (6, 17), (5, 3)]):
+        gen = torch.Generator().manual_seed(case_seed(seed, 150 + offset))
+        values = (torch.rand(items, generator=gen, dtype=torch.float64) * 10).tolist()
+        costs = torch.randint(1, 9, (items,), generator=gen).tolist()
+        cases.append((values, costs, capacity))
+    # One where taking layers by score per cost misses the best pair.
+    return [([10.0, 7.1, 6.9], [6, 5, 5], 10)] + cases
+
+
+def _knapsack_reference(values: list, costs: list, capacity: int) -> Tensor:
+    return torch.tensor(knapsack(values, costs, capacity), dtype=torch.int64)
+
+
+def _chosen_form(answer: object) -> object:
+    """A choice of items as a sorted integer tensor (any order, list or tuple of ints)."""
+    if isinstance(answer, Tensor):
+        answer = answer.tolist()
+    if isinstance(answer, (list, tuple, set)) and all(isinstance(i, int) and not isinstance(i, bool) for i in answer):
+        return torch.tensor(sorted(answer), dtype=torch.int64)
+    return answer
+
+
+def _hint_knapsack(case: tuple, answer: object) -> str | None:
+    values, costs, capacity = case
+    chosen = _chosen_form(answer)
+    if not isinstance(chosen, Tensor):
+        return "return the chosen layers' indices as a list of ints"
+    if sum(costs[i] for i in chosen.tolist()) > capacity:
+        return "the chosen layers' costs add up to more than the budget"
+    by_ratio = sorted(range(len(values)), key=lambda i: values[i] / costs[i], reverse=True)
+    greedy, spent = [], 0
+    for i in by_ratio:
+        if spent + costs[i] <= capacity:
+            greedy.append(i)
+            spent += costs[i]
+    if torch.equal(chosen, torch.tensor(sorted(greedy), dtype=torch.int64)):
+        return "taking layers by score per cost is greedy, not the best choice: try every subset that fits"
+    return None
+
+
 METHOD_EXERCISES: dict[str, Exercise] = {
     "fedavg_average": Exercise(
         "fedavg_average", "FedAvg (eq. 1): sum_k p_k W_k with p_k = n_k / sum_l n_l, per tensor of the state dict",
@@ -453,6 +533,16 @@ METHOD_EXERCISES: dict[str, Exercise] = {
         "sparse_payload_bytes", "a sparse payload's bytes: 4 for the value and 4 for the index of each kept entry, "
         "or 4 per entry sent densely, whichever is fewer",
         _bytes_reference, _bytes_cases, _hint_bytes, chapter="part4/sparse", canonical=_bytes_form,
+    ),
+    "layerwise_average": Exercise(
+        "layerwise_average", "FedRA's aggregation (eq. 4 per module): each module's A and B averaged over the clients "
+        "that trained it, p_k renormalised over them; a module nobody trained unchanged",
+        _layerwise_reference, _layerwise_cases, _hint_layerwise, chapter="part4/layers",
+    ),
+    "layer_knapsack": Exercise(
+        "layer_knapsack", "Fed-piLot's choice: the layers of largest total score whose memory fits the budget "
+        "(0/1 knapsack)",
+        _knapsack_reference, _knapsack_cases, _hint_knapsack, chapter="part4/layers", canonical=_chosen_form,
     ),
 }
 """The exercises of Parts I, II and IV on a method's core, by name (merged into ``EXERCISES``)."""
