@@ -8,6 +8,7 @@ from helpers import ROOT, load_script
 
 tasks = load_script("tasks.py")
 WORKFLOW = ROOT / ".github" / "workflows" / "publish.yml"
+TEST_WORKFLOW = ROOT / ".github" / "workflows" / "test.yml"
 
 
 def built_book(path):
@@ -60,6 +61,17 @@ def test_the_workflow_builds_with_tasks_py_and_deploys_that_folder_to_pages_on_p
     deploy = workflow["jobs"]["deploy"]
     assert deploy["needs"] == "build" and deploy["environment"]["name"] == "github-pages"
     assert any(step.get("uses", "").startswith("actions/deploy-pages@") for step in deploy["steps"])
+
+
+def test_the_test_workflow_runs_ci_and_keeps_the_browser_checks_screenshots_even_when_it_fails():
+    workflow = yaml.safe_load(TEST_WORKFLOW.read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "push" in triggers and "pull_request" in triggers
+    steps = workflow["jobs"]["test"]["steps"]
+    assert [step["run"] for step in steps if "run" in step] == ["bash .ci/run"]
+    uploads = [step for step in steps if step.get("uses", "").startswith("actions/upload-artifact@")]
+    assert len(uploads) == 1 and uploads[0]["if"] == "always()"
+    assert uploads[0]["with"]["path"] == str(tasks.SCREENSHOTS.relative_to(ROOT))
 
 
 def test_the_site_command_is_offered_with_an_output_folder():
