@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,10 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script(relative: str) -> ModuleType:
-    """A Python file of the repository that is not in the package (tasks.py, a study, a solution), as a module."""
+    """A Python file of the repository that is not in the package (tasks.py, a study, a solution), as a module.
+
+    Registered in ``sys.modules`` under its file name before it runs: a dataclass defined in it looks
+    its module up there (``.ci/browser_check.py`` has some).
+    """
     path = ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -10,28 +10,16 @@ cannot be installed (no apt-get, not root and no sudo, or the installation faile
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import shutil
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, load_script
 
-
-def load_browser_check():
-    """.ci/browser_check.py as a module, registered in sys.modules (its dataclasses look themselves up there)."""
-    spec = importlib.util.spec_from_file_location("browser_check", ROOT / ".ci" / "browser_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-browser_check = load_browser_check()
+browser_check = load_script(".ci/browser_check.py")
 
 REPOSITORY = "https://github.com/example/book"
 LINKS = browser_check.Links(REPOSITORY, "main", "https://colab.research.google.com")

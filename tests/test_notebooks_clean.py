@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
+browser_check = load_script(".ci/browser_check.py")
 NOTEBOOK_DIRS = ("book", "exercises")
 PAGE_SUFFIXES = (".ipynb", ".md")
 # Text left for a measurement to fill in ("<CPU>", "TODO"): a chapter must say what was measured.
@@ -97,20 +98,8 @@ def page_start_problems(notebook: dict) -> list[str]:
 
 
 def toc_files() -> list[str]:
-    """Every page named in _toc.yml (root, chapters, sections), without suffix."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    names = [toc["root"]]
-
-    def walk(entries: list[dict]) -> None:
-        for entry in entries:
-            if "file" in entry:
-                names.append(entry["file"])
-            walk(entry.get("sections", []))
-
-    for part in toc.get("parts", []):
-        walk(part.get("chapters", []))
-    walk(toc.get("chapters", []))
-    return names
+    """Every page named in _toc.yml (root, chapters, sections), without suffix: the pages the browser check opens."""
+    return browser_check.toc_pages(ROOT / "_toc.yml")
 
 
 def page_path(name: str) -> Path | None:
