@@ -34,6 +34,7 @@ from fedlora_edu.distributed.full_size import FedPipe, FlexLoRA, FLoRA
 from fedlora_edu.distributed.rank_clustering import FedInc
 from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
+from fedlora_edu.efficiency.compression import CGFedLLM, FwdLLM, QuantizedUpdates, TopKUpdates
 from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
 from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
@@ -66,6 +67,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     # 5 efficiency: sparse learning (and FSLoRA's sketches); at the layer level
     FLASC, FSLoRA,
     FibecFed, FedPiLot, FedFMSL, FedRA,
+    # 5 efficiency: compressed learning (quantized and top-k uploads as baselines) and forward-only training
+    QuantizedUpdates, TopKUpdates, CGFedLLM, FwdLLM,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

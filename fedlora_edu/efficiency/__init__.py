@@ -4,7 +4,9 @@ The leaves of the survey's taxonomy: sparse learning at parameter and layer leve
 FLASC, FSLoRA, FedRA), split learning (e.g. SplitLoRA) and compressed learning, one module per
 leaf: :mod:`~fedlora_edu.efficiency.sparse` (parameter-level sparsity: FLASC's top-k payloads,
 FSLoRA's sketches), :mod:`~fedlora_edu.efficiency.layers` (layer-level sparsity: FedRA, Fed-piLot,
-FibecFed, FedFMSL) and :mod:`~fedlora_edu.efficiency.costs` (what a method costs a client, counted
+FibecFed, FedFMSL), :mod:`~fedlora_edu.efficiency.compression` (compressed uploads: quantized and
+top-k baselines, CG-FedLLM's autoencoder; FwdLLM's forward-only gradients) and
+:mod:`~fedlora_edu.efficiency.costs` (what a method costs a client, counted
 in one place for every method: compute, memory and bytes of a round).
 Modules here may import :mod:`fedlora_edu.core`,
 :mod:`fedlora_edu.foundations`, :mod:`fedlora_edu.distributed` and
