@@ -380,3 +380,35 @@ def test_update_size_is_the_weighted_change_the_clients_trained(federation):
         total += float(ideal_update([a[name] for a, _ in pairs], [b[name] for _, b in pairs], weights).square().sum())
     scaling = federation.last_server.scaling
     assert history.loc[0, "update_size"] == pytest.approx(scaling * math.sqrt(total), rel=1e-5)
+
+
+def test_evaluate_scores_every_example_as_if_alone_whatever_the_batching():
+    """``evaluate`` visits the examples shortest first and cuts each batch to its own longest example:
+    accuracy and loss are those of scoring each example alone, untrimmed, for any batch size."""
+    from fedlora_edu.foundations.training import ClientData, evaluate
+
+    federation = build_federation("health_tweets", profile=TINY, seed=0)  # tweets of many lengths
+    model = federation.fresh_model()
+    adapter_io.set_lora_factors(model, {name: (a, torch.randn_like(b)) for name, (a, b)
+                                        in adapter_io.get_lora_factors(model).items()})
+    data = federation.test
+    model.eval()
+    correct, losses = 0, []
+    with torch.no_grad():
+        for i in range(len(data)):
+            one = data.subset([i])
+            batch = {"input_ids": one.input_ids, "attention_mask": one.attention_mask, "labels": one.labels}
+            if one.hidden is not None:
+                batch["hidden_states"] = one.hidden
+            output = model(**batch)
+            correct += int(output.logits.argmax(dim=-1).item() == one.labels.item())
+            losses.append(float(output.loss))
+    lengths = data.attention_mask.sum(dim=1)
+    assert int(lengths.min()) < int(lengths.max())  # the batches are really trimmed differently
+    for batch_size in (1, 3, 64, len(data) + 5):
+        accuracy, loss = evaluate(model, data, batch_size=batch_size)
+        assert accuracy == correct / len(data)
+        assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, data, batch_size=0)
+    assert isinstance(data, ClientData)

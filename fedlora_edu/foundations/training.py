@@ -175,12 +175,22 @@ def local_train(
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ClientData, *, batch_size: int = 64,
              device: torch.device | None = None) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+
+    The examples are visited shortest first, so that each batch is cut to the length of its own
+    longest example (:func:`trim_batch`) rather than to that of a random one: on the testbed's
+    tweets this runs about 30% fewer token positions than batches in the stored order, for the
+    same per-example predictions (padding is masked out). Accuracy and loss do not depend on the
+    order; the loss is summed in another order, so it can differ in the last float bits.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = default_device() if device is None else device
     model.eval()
     correct, loss_sum = 0, 0.0
+    order = torch.argsort(data.attention_mask.sum(dim=1), stable=True).tolist()
     for start in range(0, len(data), batch_size):
-        batch = trim_batch(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
+        batch = trim_batch(data.subset(order[start:start + batch_size]), device)
         output = model(**batch)
         loss_sum += float(output.loss) * batch["labels"].shape[0]
         correct += int((output.logits.argmax(dim=-1) == batch["labels"]).sum())
