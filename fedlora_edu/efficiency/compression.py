@@ -61,6 +61,7 @@ from fedlora_edu.core.strategy import (
     Upload,
     normalized_weights,
 )
+from fedlora_edu.core.threads import one_thread
 from fedlora_edu.efficiency.sparse import top_k_mask
 
 VALUE_BYTES = 4
@@ -156,7 +157,7 @@ def quantize(tensor: Tensor, bits: int, *, stochastic: bool = True,
     nearest point (off by at most half a step, biased).
     """
     bits = _check_bits(bits)
-    values = tensor.detach().float()
+    values = tensor.detach().double()  # float64 on the way, so that 16-bit grids are not blurred by float32 rounding
     low, high = float(values.min()), float(values.max())
     levels = 2 ** bits - 1
     step = (high - low) / levels
@@ -173,8 +174,8 @@ def quantize(tensor: Tensor, bits: int, *, stochastic: bool = True,
 
 
 def dequantize(codes: Tensor, low: float, step: float) -> Tensor:
-    """``low + step * codes``: the values the codes stand for (float32)."""
-    return low + step * codes.float()
+    """``low + step * codes``: the values the codes stand for (computed in float64, returned as float32)."""
+    return (low + step * codes.double()).float()
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -341,6 +342,7 @@ def from_chunks(rows: Tensor, scale: float, shape: torch.Size) -> Tensor:
     return (rows.reshape(-1)[:math.prod(shape)] * scale).reshape(shape)
 
 
+@one_thread()  # a small network: several threads' hand-offs cost more than its arithmetic
 def pretrain_autoencoder(autoencoder: UpdateAutoencoder, updates: Sequence[Mapping[str, Tensor]], *, steps: int = 300,
                          learning_rate: float = 3e-3, batch_size: int = 256, seed: int = 0) -> list[float]:
     """TGAP (our reading): fit the autoencoder to reconstruct the chunks of ``updates`` pooled over time (MSE, Adam).
@@ -365,7 +367,7 @@ def pretrain_autoencoder(autoencoder: UpdateAutoencoder, updates: Sequence[Mappi
 def encode_update(update: Mapping[str, Tensor], encoder: nn.Module, chunk: int) -> dict[str, Tensor]:
     """The client's side: per tensor, the codes of its chunks (float32) and its scale (one float32)."""
     out = {}
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         for key, value in update.items():
             rows, scale = to_chunks(value, chunk)
             out[f"{key}.code"] = encoder(rows).float()
@@ -376,7 +378,7 @@ def encode_update(update: Mapping[str, Tensor], encoder: nn.Module, chunk: int) 
 def decode_update(tensors: Mapping[str, Tensor], decoder: nn.Module,
                   shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     """The server's side: each tensor of ``shapes`` decoded from its codes and scale."""
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         return {key: from_chunks(decoder(tensors[f"{key}.code"]), float(tensors[f"{key}.scale"][0]), shape)
                 for key, shape in shapes.items()}
 
