@@ -212,3 +212,72 @@ def test_the_toy_federation_starts_where_lora_does_and_its_discordance_grows():
         assert bool((curve[1:] > curve[:-1]).all()), curve
     with pytest.raises(ValueError, match="steps"):
         toy_local_training(0, -1)
+
+
+def _top_k(tensors, density, *, by_magnitude=True, per_tensor=False):
+    if per_tensor:
+        values, indices, start = [], [], 0
+        for t in tensors.values():
+            k = int(torch.ceil(torch.tensor(density * t.numel())).item())
+            chosen = torch.topk(t.reshape(-1).abs(), k).indices
+            values.append(t.reshape(-1)[chosen])
+            indices.append(chosen + start)
+            start += t.numel()
+        return torch.cat(values), torch.cat(indices).to(torch.int32)
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    k = int(torch.ceil(torch.tensor(density * flat.numel())).item())
+    chosen = torch.topk(flat.abs() if by_magnitude else flat, k).indices
+    return flat[chosen], chosen
+
+
+def test_top_k_payload_mistakes():
+    assert "passed" in check("top_k_payload", _top_k)  # int64 positions, in any order, pass
+    _fails("top_k_payload", lambda t, d: _top_k(t, d, by_magnitude=False), "magnitude")
+    _fails("top_k_payload", lambda t, d: _top_k(t, d, per_tensor=True), "all tensors together")
+    _fails("top_k_payload", lambda t, d: (_top_k(t, d)[0].abs(), _top_k(t, d)[1]), "sign")
+
+
+def _forward_estimate(weight, inputs, labels, directions, step, *, central=True, mean=True):
+    def loss(w):
+        return float(torch.nn.functional.cross_entropy(inputs @ w.T, labels))
+
+    total = torch.zeros_like(weight)
+    for v in directions:
+        if central:
+            total += (loss(weight + step * v) - loss(weight - step * v)) / (2 * step) * v
+        else:
+            total += (loss(weight + step * v) - loss(weight)) / step * v
+    return total / len(directions) if mean else total
+
+
+def test_forward_gradient_mistakes():
+    assert "passed" in check("forward_gradient_estimate", _forward_estimate)
+    _fails("forward_gradient_estimate", lambda *case: _forward_estimate(*case, mean=False), "average")
+    _fails("forward_gradient_estimate", lambda *case: _forward_estimate(*case, central=False), "central")
+
+    def autograd(weight, inputs, labels, directions, step):
+        w = weight.clone().requires_grad_(True)
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(inputs @ w.T, labels), w)[0]
+
+    _fails("forward_gradient_estimate", autograd, "autograd")
+
+
+def test_quantization_error_experiment_and_its_mistakes():
+    from fedlora_edu.teaching.experiments import _quantization_error_reference
+
+    measured = _quantization_error_reference(0, [1, 2, 4, 8])
+    errors, sizes = measured
+    assert all(a > b for a, b in itertools.pairwise(errors.tolist()))  # each bit more, less error
+    assert float(errors[2] / errors[3]) > 8  # about 2 ** 4 from 4 to 8 bits
+    steps = (sizes[1:] - sizes[:-1]) / torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    assert float(steps.max() - steps.min()) <= 2  # bytes grow linearly with the bits (up to the packing's rounding)
+    assert "passed" in check("quantization_error", lambda seed, bits: _quantization_error_reference(seed, bits))
+    _fails("quantization_error", lambda seed, bits: _quantization_error_reference(seed, bits).flip(0), "swapped")
+
+    def without_grid(seed, bits):
+        answer = _quantization_error_reference(seed, bits).clone()
+        answer[1] -= 16  # two factors, 8 bytes of grid each
+        return answer
+
+    _fails("quantization_error", without_grid, "grid")
+    assert "passed" in check("quantization_error_explained", lambda: "a")

@@ -12,6 +12,7 @@ chosen explanation; a wrong choice gets a hint that points at what the numbers s
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from fedlora_edu.distributed.corrective import fedex_residual
 from fedlora_edu.distributed.full_size import flexlora, flora_stack
 from fedlora_edu.distributed.rank_clustering import rank_vectors
 from fedlora_edu.distributed.server_init import spectrum_share
+from fedlora_edu.efficiency.compression import dequantize, pack_codes, quantize
 from fedlora_edu.efficiency.layers import allocation_matrix
 from fedlora_edu.efficiency.sparse import top_k_mask
 from fedlora_edu.teaching.checking import Exercise, case_seed, close, random_clients
@@ -850,6 +852,63 @@ QUESTIONS["kept_energy_explained"] = Question(
 )
 
 
+# ----- Part IV, compression: what a bit buys ----------------------------------------------------------------------
+def _quantization_error_reference(seed: int, bits: list[int]) -> Tensor:
+    change = toy_adapter_change(seed)
+    norm = math.sqrt(sum(float(t.square().sum()) for t in change.values()))
+    errors, sizes = [], []
+    for b in bits:
+        squared, nbytes = 0.0, 0
+        for value in change.values():
+            codes, low, step = quantize(value, b, stochastic=False)
+            squared += float((dequantize(codes, low, step).double() - value.double()).square().sum())
+            nbytes += pack_codes(codes, b).numel() + 8
+        errors.append(math.sqrt(squared) / norm)
+        sizes.append(float(nbytes))
+    return torch.tensor([errors, sizes], dtype=torch.float64)
+
+
+def _quantization_error_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 260), [1, 2, 4, 8]), (case_seed(seed, 261), [3, 6])]
+
+
+def _hint_quantization_error(case: tuple, answer: object) -> str | None:
+    seed, bits = case
+    if not isinstance(answer, Tensor) or answer.shape != (2, len(bits)):
+        return f"return a torch.Tensor of shape (2, {len(bits)}): the error row, then the bytes row"
+    expected = _quantization_error_reference(seed, bits)
+    if close(answer.flip(0), expected):
+        return "the rows are swapped: the relative error first, then the bytes"
+    change = toy_adapter_change(seed)
+    if close(answer[1], torch.tensor([float(sum(math.ceil(t.numel() * b / 8) for t in change.values()))
+                                      for b in bits], dtype=torch.float64)):
+        return "each factor also sends its grid: low and step, two float32 numbers (8 bytes)"
+    if close(answer[1], torch.tensor([float(sum(t.numel() * b for t in change.values()) + 64 * len(change))
+                                      for b in bits], dtype=torch.float64)):
+        return "count bytes, not bits: ceil(numel x b / 8) bytes of packed codes per factor"
+    return None
+
+
+QUESTIONS["quantization_error_explained"] = Question(
+    "Rounding to the nearest level, each bit more roughly halves the relative error of the decoded change, while the "
+    "bytes grow by one eighth of a byte per entry. Why?",
+    {
+        "a": "b bits give 2^b - 1 steps between the minimum and the maximum, so one bit more halves the step and with "
+             "it the largest rounding error (half a step); the codes cost b / 8 bytes per entry, so each bit adds the "
+             "same number of bytes.",
+        "b": "Each bit more keeps twice as many entries of the change.",
+        "c": "The error halves because the grid's minimum and maximum are sent with more precision.",
+        "d": "The bytes double with each bit, like the number of levels.",
+    },
+    "a",
+    {
+        "b": "quantization keeps every entry: it is top-k that keeps some entries",
+        "c": "low and step are two float32 numbers whatever the bits: look at what changes with b",
+        "d": "look at your bytes row: it grows by the same amount for each bit, it does not double",
+    },
+)
+
+
 EXPERIMENT_EXERCISES: dict[str, Exercise] = {
     "discordance_growth": Exercise(
         "discordance_growth", "discordance / || sum_k p_k B_k A_k - B0 A0 ||_F after each number of local steps "
@@ -910,6 +969,12 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         _unheld_layers_reference, _unheld_layers_cases, _hint_unheld_layers, chapter="part4/layers",
         kind="experiment",
     ),
+    "quantization_error": Exercise(
+        "quantization_error", "per number of bits b: the relative error of the change quantized to the nearest level "
+        "(one min-max grid per factor), and the bytes of its packed codes and grids",
+        _quantization_error_reference, _quantization_error_cases, _hint_quantization_error,
+        chapter="part4/compression", kind="experiment",
+    ),
     "accumulated_rank": Exercise(
         "accumulated_rank", "numerical rank of sum_{t <= T} B_t A_t (toy_global_adapters) for each T",
         _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
@@ -927,6 +992,6 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "accumulated_rank_explained": "part2/client_initialization", "lora_rank_fit_explained": "part1/lora",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
              "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse",
-             "unheld_layers_explained": "part4/layers"}
+             "unheld_layers_explained": "part4/layers", "quantization_error_explained": "part4/compression"}
 EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
                              for name, chapter in _CHAPTERS.items()})

@@ -22,6 +22,7 @@ from fedlora_edu.distributed.full_size import flexlora, flora_stack
 from fedlora_edu.distributed.rank_clustering import rank_vectors
 from fedlora_edu.distributed.server_init import svd_init
 from fedlora_edu.distributed.single_matrix import colr_merge
+from fedlora_edu.efficiency.compression import forward_gradient, top_k_encode
 from fedlora_edu.efficiency.layers import aggregate_by_layer, knapsack
 from fedlora_edu.efficiency.sparse import sparse_bytes, top_k_mask
 from fedlora_edu.foundations.fedavg import fedavg
@@ -480,6 +481,89 @@ def _hint_knapsack(case: tuple, answer: object) -> str | None:
     return None
 
 
+# ----- Part IV, compression: a top-k payload and FwdLLM's forward gradient ------------------------------
+def _top_k_payload_cases(seed: int) -> list[tuple]:
+    """A client's change as named float32 tensors of different scales, and a density (FLASC's cases, in float32)."""
+    return [({name: t.float() for name, t in tensors.items()}, density) for tensors, density in _top_k_cases(seed)]
+
+
+def _top_k_payload_reference(tensors: dict[str, Tensor], density: float) -> tuple[Tensor, Tensor]:
+    return top_k_encode(tensors, density)
+
+
+def _payload_form(answer: object) -> object:
+    """A payload up to the order of its entries: (values, positions as int64), sorted by position."""
+    values, indices = answer
+    order = torch.argsort(torch.as_tensor(indices).long())
+    return (torch.as_tensor(values).float()[order], torch.as_tensor(indices).long()[order])
+
+
+def _hint_top_k_payload(case: tuple, answer: object) -> str | None:
+    tensors, density = case
+    if not (isinstance(answer, tuple) and len(answer) == 2 and all(isinstance(x, Tensor) for x in answer)):
+        return "return a pair of tensors (values, indices), values first"
+    values, indices = answer
+    total = sum(t.numel() for t in tensors.values())
+    k = int(torch.ceil(torch.tensor(density * total)).item())
+    if values.numel() != k or indices.numel() != k:
+        return f"the payload holds exactly k = ceil(density x total) = {k} values and {k} indices"
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    if torch.equal(torch.sort(indices.long()).values, torch.sort(torch.topk(flat, k).indices).values):
+        return "rank the entries by magnitude (abs), not by signed value: a large negative entry matters as much"
+    per_tensor_counts = [int(torch.ceil(torch.tensor(density * t.numel())).item()) for t in tensors.values()]
+    if sum(per_tensor_counts) == k and not torch.equal(
+            torch.sort(indices.long()).values, torch.sort(top_k_encode(tensors, density)[1].long()).values):
+        return "one threshold over all tensors together, not a top-k per tensor"
+    if not torch.allclose(values.float(), flat[indices.long()].float()):
+        return "values[i] is the entry at position indices[i], with its sign"
+    return None
+
+
+def _forward_gradient_cases(seed: int) -> list[tuple]:
+    """A small classifier layer: weight (classes x features), features, labels, Gaussian directions, a step h."""
+    cases = []
+    for offset, (classes, features, count) in enumerate([(3, 5, 4), (2, 4, 1), (4, 6, 16)]):
+        gen = torch.Generator().manual_seed(case_seed(seed, 250 + offset))
+        weight = torch.randn(classes, features, generator=gen, dtype=torch.float64)
+        inputs = torch.randn(12, features, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, classes, (12,), generator=gen)
+        directions = [torch.randn(classes, features, generator=gen, dtype=torch.float64) for _ in range(count)]
+        cases.append((weight, inputs, labels, directions, 0.01))
+    return cases
+
+
+def _layer_loss(weight: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(inputs @ weight.T, labels)
+
+
+def _forward_gradient_reference(weight: Tensor, inputs: Tensor, labels: Tensor, directions: list[Tensor],
+                                step: float) -> Tensor:
+    parameter = weight.clone()
+    estimate, _ = forward_gradient(lambda: _layer_loss(parameter, inputs, labels), [parameter],
+                                   [[v] for v in directions], step)
+    return estimate[0]
+
+
+def _hint_forward_gradient(case: tuple, answer: object) -> str | None:
+    weight, inputs, labels, directions, step = case
+    if not isinstance(answer, Tensor) or answer.shape != weight.shape:
+        return f"return one tensor with the weight's shape {tuple(weight.shape)}: the estimate of dL/dW"
+    expected = _forward_gradient_reference(*case)
+    if close(answer, expected * len(directions)) and len(directions) > 1:
+        return "average over the directions (divide by their number), do not sum"
+    if close(answer, expected * 2 * step):
+        return "divide the difference of the two losses by 2 h: that is the slope along v"
+    one_sided = sum((float(_layer_loss(weight + step * v, inputs, labels)) - float(_layer_loss(weight, inputs, labels)))
+                    / step * v for v in directions) / len(directions)
+    if close(answer, one_sided):
+        return "use the central difference (f(W + h v) - f(W - h v)) / (2 h), as FwdLLM does, not a one-sided one"
+    true = weight.clone().requires_grad_(True)
+    gradient = torch.autograd.grad(_layer_loss(true, inputs, labels), true)[0]
+    if close(answer, gradient):
+        return "that is autograd's gradient: estimate it from the loss at W + h v and W - h v for each direction v"
+    return None
+
+
 METHOD_EXERCISES: dict[str, Exercise] = {
     "fedavg_average": Exercise(
         "fedavg_average", "FedAvg (eq. 1): sum_k p_k W_k with p_k = n_k / sum_l n_l, per tensor of the state dict",
@@ -543,6 +627,17 @@ METHOD_EXERCISES: dict[str, Exercise] = {
         "layer_knapsack", "Fed-piLot's choice: the layers of largest total score whose memory fits the budget "
         "(0/1 knapsack)",
         _knapsack_reference, _knapsack_cases, _hint_knapsack, chapter="part4/layers", canonical=_chosen_form,
+    ),
+    "top_k_payload": Exercise(
+        "top_k_payload", "a top-k upload: the values and positions (in the tensors' concatenated flattening) of the "
+        "ceil(d x total) entries of largest magnitude over all tensors together",
+        _top_k_payload_reference, _top_k_payload_cases, _hint_top_k_payload, chapter="part4/compression",
+        canonical=_payload_form,
+    ),
+    "forward_gradient_estimate": Exercise(
+        "forward_gradient_estimate", "FwdLLM: the mean over directions v of (f(W + h v) - f(W - h v)) / (2 h) v, "
+        "f the layer's cross-entropy",
+        _forward_gradient_reference, _forward_gradient_cases, _hint_forward_gradient, chapter="part4/compression",
     ),
 }
 """The exercises of Parts I, II and IV on a method's core, by name (merged into ``EXERCISES``)."""
