@@ -39,6 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "federations": {"core", "assets", "foundations", "simulation", "federations"},
     "teaching": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
                  "federations", "teaching"},
+    # Flower (an optional extra): the only part that imports flwr; nothing of the package imports it.
+    "flower": {"core", "foundations", "registry", "simulation", "flower"},
     "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
                  "federations", "teaching"},
 }

@@ -1,0 +1,28 @@
+"""Any registered method on Flower: the same strategy, run by Flower's ServerApp and ClientApp.
+
+The simulator (:mod:`fedlora_edu.simulation.federation`) plays a federation inside one Python
+process. This part runs the same :class:`~fedlora_edu.core.strategy.Strategy` on Flower (``flwr``,
+its Message API), where the server and every client are separate processes that talk over the
+network: an adapter, not a second implementation. The server calls the strategy's
+``sample_clients``, ``client_start``, ``aggregate`` and the simulator's measurements; each client
+runs the package's local training and the strategy's ``client_upload``; Flower only carries the
+tensors (as Flower arrays) and the round's settings.
+
+- :mod:`~fedlora_edu.flower.records`: tensors and payloads as Flower records, and back;
+- :mod:`~fedlora_edu.flower.apps`: the round on the server (:func:`~fedlora_edu.flower.apps.serve`),
+  one client's step (:func:`~fedlora_edu.flower.apps.client_step`), the ``ServerApp`` and
+  ``ClientApp`` objects ``flwr run`` loads, and :func:`~fedlora_edu.flower.apps.write_app`, which
+  writes the Flower App directory for a run;
+- :mod:`~fedlora_edu.flower.localhost`: Flower's deployment engine on one machine (a SuperLink and
+  one SuperNode per client, each a separate process, the run submitted with ``flwr run``), stopped
+  whatever happens.
+
+Flower is an optional extra: ``pip install fedlora-edu[flower]``. The rest of the package never
+imports it, so Colab and the book stay light.
+"""
+
+try:
+    import flwr  # noqa: F401  (fail here, with the install line, rather than deep inside an import)
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("fedlora_edu.flower needs Flower, an optional extra: pip install fedlora-edu[flower]") \
+        from error

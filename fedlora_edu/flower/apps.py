@@ -1,0 +1,479 @@
+"""A registered strategy as Flower's ServerApp and ClientApp: the simulator's round, across processes.
+
+:meth:`Federation.run <fedlora_edu.simulation.federation.Federation.run>` plays a round inside one
+process. :func:`serve` plays the same round from a Flower ``ServerApp``: it samples the clients
+with the strategy, computes each one's ``client_start``, sends it as a Flower message, collects the
+replies, and then does exactly what the simulator does with the uploads (weights p_k, the
+discordance and update size, ``aggregate``, the change of W', the evaluation, the bytes).
+:func:`client_step` is what a ``ClientApp`` does with that message: load the start into its model,
+train with the simulator's own sequential path
+(:meth:`Federation.train_sequential <fedlora_edu.simulation.federation.Federation.train_sequential>`,
+the reference engine) and reply with the strategy's ``client_upload``. Nothing of a method's math is
+written here; Flower carries the tensors and the round's settings.
+
+What crosses the network each round, for sampled client k:
+
+- down: the ``client_start`` adapter (rank r_k) and head, which of A and B train, and the current
+  frozen weight W' of every layer a method has changed (FLoRA's merges, FedEx-LoRA's residual; the
+  client process keeps nothing between rounds, so it is sent whole and arrives bit for bit);
+- up: the strategy's payload (counted at the size the strategy says, ``Payload.nbytes``, as in the
+  simulator), the client's trained factors for the server's measurements (``discordance``,
+  ``update_size``, ``aggregation_error``: diagnostics a production server would not ask for) and the
+  client's loss and example count.
+
+The history has the simulator's columns (``engine`` is ``"flower"``) and three more:
+``flower_bytes_down`` and ``flower_bytes_up``, the array bytes Flower really carried, and
+``dropped``, ``{client: reason}`` for every sampled client whose update did not count: no reply
+within the round's timeout, an error reply (a client process that crashed), or an update holding
+NaN or Inf (also counted in ``excluded``, as the simulator does). The round goes on with the others.
+
+Limits of this first version: a strategy whose clients keep state between rounds (its
+``ClientState`` is not :class:`~fedlora_edu.core.strategy.NoState`: FLoRA's merge bookkeeping,
+FedSA-LoRA's local matrices) is refused, because its ``client_start`` reads that state on the server
+side of the interface; the server evaluates the global model only (``client_accuracy`` is NaN);
+and every process loads the whole simulated federation from one file (:func:`save_federation`),
+where a real SuperNode would load only its own data.
+
+Taught in ``book/part1/federated_learning.ipynb`` (the simulator's round); the Flower chapter is to come.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tomli_w
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
+
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.core.strategy import (
+    ClientStart,
+    LocalResult,
+    NoState,
+    Payload,
+    ServerState,
+    Strategy,
+    Upload,
+    all_finite,
+)
+from fedlora_edu.flower.records import factors_to_tensors, record_to_tensors, tensors_to_factors, tensors_to_record
+from fedlora_edu.foundations.training import evaluate
+from fedlora_edu.registry import make_strategy
+from fedlora_edu.simulation.federation import (
+    HISTORY_COLUMNS,
+    Federation,
+    aggregation_error,
+    layer_discordance,
+    update_size,
+)
+
+FLOWER_COLUMNS = [*HISTORY_COLUMNS, "flower_bytes_down", "flower_bytes_up", "dropped"]
+"""The simulator's history columns and what only a real federation has: wire bytes and dropped clients."""
+
+FAULTS = ("", "nan", "crash", "silent")
+"""Faults a SuperNode can be told to play (its node config ``fault``), for the failure tests and the chapter:
+``"nan"`` uploads NaN, ``"crash"`` raises inside the ClientApp, ``"silent"`` never answers."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a Flower run needs to know, carried in its run config (the same on server and clients).
+
+    ``federation`` is the file :func:`save_federation` wrote; ``output`` the file the server writes
+    the history to (:func:`read_history`); ``method_options`` the JSON of ``make_strategy``'s
+    keyword arguments. ``round_timeout`` (seconds) is how long the server waits for a round's
+    replies before it goes on without the missing clients; ``connect_timeout`` how long it waits
+    for the SuperNodes to connect. ``aggregates``, if set, is a file where the server saves what it
+    held after each round (global adapter, head, changed W'; :func:`read_aggregates`), for a
+    round-by-round comparison.
+    """
+
+    method: str
+    federation: str
+    output: str
+    rounds: int
+    clients_per_round: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int = 0
+    method_options: str = "{}"
+    evaluate: bool = True
+    round_timeout: float = 120.0
+    connect_timeout: float = 120.0
+    aggregates: str = ""
+
+    @classmethod
+    def for_federation(cls, federation: Federation, method: str, *, federation_file: str | Path,
+                       output: str | Path, rounds: int | None = None, clients_per_round: int | None = None,
+                       local_steps: int | None = None, batch_size: int | None = None,
+                       learning_rate: float | None = None, seed: int = 0, method_options: dict | None = None,
+                       evaluate: bool = True, round_timeout: float = 120.0,
+                       connect_timeout: float = 120.0, aggregates: str | Path = "") -> RunSettings:
+        """Settings with unset values taken from the federation's profile, as :meth:`Federation.run` takes them."""
+        p = federation.profile
+        return cls(
+            method=method, federation=str(federation_file), output=str(output),
+            rounds=p.rounds if rounds is None else rounds,
+            clients_per_round=min(p.clients_per_round, federation.num_clients) if clients_per_round is None
+            else clients_per_round,
+            local_steps=p.local_steps if local_steps is None else local_steps,
+            batch_size=p.batch_size if batch_size is None else batch_size,
+            learning_rate=float(p.learning_rate if learning_rate is None else learning_rate),
+            seed=seed, method_options=json.dumps(method_options or {}), evaluate=evaluate,
+            round_timeout=float(round_timeout), connect_timeout=float(connect_timeout), aggregates=str(aggregates),
+        )
+
+    @classmethod
+    def from_run_config(cls, config: dict) -> RunSettings:
+        """The settings of a Flower run config (``Context.run_config``); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in config.items() if key in names})
+
+    def strategy(self) -> Strategy:
+        """The registered method these settings name, built with their options."""
+        return make_strategy(self.method, **json.loads(self.method_options))
+
+
+def save_federation(federation: Federation, path: str | Path) -> Path:
+    """Write ``federation`` (model, clients' data, test set) to one file every Flower process loads."""
+    path = Path(path)
+    torch.save(federation, path)
+    return path
+
+
+def load_federation(path: str | Path) -> Federation:
+    """The federation :func:`save_federation` wrote (a file of this run, so unpickling it is trusted).
+
+    Memory-mapped: a ClientApp process, started afresh for every message, reads only what it uses.
+    """
+    return torch.load(path, weights_only=False, mmap=True)
+
+
+def check_supported(strategy: Strategy) -> None:
+    """Refuse a strategy this adapter cannot run yet (see the module docstring), naming why."""
+    if type(strategy.new_client_state()) is not NoState:
+        raise ValueError(f"strategy {strategy.name} keeps per-client state ({type(strategy).ClientState.__name__}) "
+                         "that its client_start reads on the server; the Flower adapter does not carry client "
+                         "state yet")
+
+
+# ----- server -----------------------------------------------------------------------------------------
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
+    """Client id -> Flower node id: wait for the SuperNodes, then ask each which client it holds.
+
+    A SuperNode says its client in its node config (``partition-id``); a node that does not reply
+    within ``timeout`` is left out (its client then drops out of every round it is sampled in).
+    """
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < num_clients and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+    replies = grid.send_and_receive(questions, timeout=max(1.0, deadline - time.monotonic()))
+    nodes: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_content():
+            nodes[int(reply.content["node"]["partition_id"])] = reply.metadata.src_node_id
+    return nodes
+
+
+def train_message_content(start: ClientStart, base_weights: dict[str, Tensor], client_id: int,
+                          round_index: int) -> RecordDict:
+    """What client k receives for one round: its start, the changed W', which factors train."""
+    return RecordDict({
+        "adapters": tensors_to_record(factors_to_tensors(start.adapters)),
+        "head": tensors_to_record(start.head),
+        "base": tensors_to_record(base_weights),
+        "round": ConfigRecord({"client_id": client_id, "round": round_index,
+                               "trainable": sorted(start.trainable)}),
+    })
+
+
+def array_bytes(content: RecordDict) -> int:
+    """The bytes of every array in a message's content (what Flower serialises of the tensors)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunSettings) -> pd.DataFrame:
+    """Play ``settings.rounds`` rounds of ``strategy`` through ``grid``; one history row per round.
+
+    The same steps, in the same order, as :meth:`Federation.run` with ``engine="sequential"``,
+    except that local training happens on the SuperNodes (:func:`client_step`). With the same
+    federation and seed the history is the simulator's to float tolerance.
+    """
+    check_supported(strategy)
+    num_clients = federation.num_clients
+    seed = settings.seed
+    nodes = discover_clients(grid, num_clients, settings.connect_timeout)
+    model = federation.fresh_model(strategy.max_rank(num_clients), seed=seed)
+    server = ServerState(
+        adapters=adapter_io.get_lora_factors(model),
+        head=adapter_io.get_head_state(model),
+        scaling=adapter_io.lora_scaling(model),
+        rank=adapter_io.model_rank(model),
+        seed=seed,
+        method_state=strategy.new_state(),
+    )
+    strategy.init_server(server, seed)
+    strategy.prepare(federation, model, server, seed)
+    changed = set(server.base_deltas)  # the layers whose W' differs from the pre-trained one: sent each round
+    adapter_io.add_to_base_weights(model, server.base_deltas)
+    server.base_deltas = {}
+    client_states = {k: strategy.new_client_state() for k in range(num_clients)}
+    rng = np.random.default_rng(seed)
+    rows, kept = [], []
+    for t in range(settings.rounds):
+        server.round = t
+        sampled = strategy.sample_clients(t, num_clients, settings.clients_per_round, rng)
+        base = {name: adapter_io.base_weight(model, name) for name in sorted(changed)}
+        starts: dict[int, ClientStart] = {}
+        messages: list[Message] = []
+        dropped: dict[int, str] = {}
+        bytes_down = flower_down = 0
+        for k in sampled:
+            start = strategy.client_start(server, k, client_states[k], t)
+            starts[k] = start
+            bytes_down += start.download.nbytes
+            if k not in nodes:
+                dropped[k] = "no SuperNode holds this client"
+                continue
+            content = train_message_content(start, base, k, t)
+            flower_down += array_bytes(content)
+            messages.append(Message(content, dst_node_id=nodes[k], message_type=MessageType.TRAIN))
+        client_of = {node: k for k, node in nodes.items()}
+        replies = {client_of[r.metadata.src_node_id]: r
+                   for r in grid.send_and_receive(messages, timeout=settings.round_timeout)}
+        results: list[LocalResult] = []
+        trained_from: list[dict[str, tuple[Tensor, Tensor]]] = []
+        uploads: list[Upload] = []
+        bytes_up = flower_up = excluded = 0
+        names = list(server.adapters)
+        for k in sampled:  # in the sampled order, as the simulator sums
+            if k in dropped:
+                continue
+            reply = replies.get(k)
+            if reply is None:
+                dropped[k] = f"no reply within {settings.round_timeout:g} s"
+                continue
+            if reply.has_error():
+                dropped[k] = f"error reply: {reply.error.reason}"
+                continue
+            flower_up += array_bytes(reply.content)
+            meta = reply.content["upload"]
+            payload = Payload(record_to_tensors(reply.content["payload"]), nbytes=int(meta["nbytes"]))
+            bytes_up += payload.nbytes
+            loss, rank_k = float(meta["train_loss"]), int(meta["rank"])
+            if not all_finite(payload) or not math.isfinite(loss):
+                warnings.warn(f"round {t + 1}: client {k}'s update holds NaN or Inf; left out of the round",
+                              RuntimeWarning, stacklevel=2)
+                excluded += 1
+                dropped[k] = "update holds NaN or Inf"
+                continue
+            trained = tensors_to_factors(record_to_tensors(reply.content["trained"]), names)
+            results.append(LocalResult(k, trained, {}, int(meta["num_examples"]), loss, rank_k))
+            trained_from.append({n: (a[:rank_k], b[:, :rank_k]) for n, (a, b) in starts[k].adapters.items()})
+            uploads.append(Upload(k, int(meta["num_examples"]), payload, rank_k))
+        weights = [u.num_examples / sum(v.num_examples for v in uploads) for u in uploads]
+        measured_discordance = layer_discordance(results, weights, server.scaling)
+        measured_update = update_size(trained_from, results, weights, server.scaling)
+        server.base_deltas = {}
+        started = time.perf_counter()
+        if uploads:
+            strategy.aggregate(server, uploads, t)
+        server_seconds = time.perf_counter() - started
+        error = aggregation_error(results, weights, server)
+        adapter_io.add_to_base_weights(model, server.base_deltas)
+        changed |= set(server.base_deltas)
+        accuracy = test_loss = math.nan
+        if settings.evaluate:
+            adapter_io.set_lora_factors(model, server.adapters)
+            adapter_io.set_head_state(model, server.head)
+            accuracy, test_loss = evaluate(model, federation.test, device=federation.device)
+        rows.append({
+            "round": t + 1, "method": strategy.name, "accuracy": accuracy, "test_loss": test_loss,
+            "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
+            "client_accuracy": math.nan, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "discordance": measured_discordance, "update_size": measured_update, "aggregation_error": error,
+            "server_seconds": server_seconds, "clients": len(sampled), "excluded": excluded, "engine": "flower",
+            "clients_per_pass": 1, "flower_bytes_down": flower_down, "flower_bytes_up": flower_up,
+            "dropped": dropped,
+        })
+        if settings.aggregates:
+            kept.append({"adapters": {n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()},
+                         "head": {k: v.clone() for k, v in server.head.items()},
+                         "base": {n: adapter_io.base_weight(model, n).detach().clone() for n in sorted(changed)}})
+    if settings.aggregates:
+        torch.save(kept, settings.aggregates)
+    return pd.DataFrame(rows, columns=FLOWER_COLUMNS)
+
+
+def read_aggregates(path: str | Path) -> list[dict]:
+    """What the server held after each round (``RunSettings.aggregates``): ``adapters``, ``head``, changed ``base``."""
+    return torch.load(path, weights_only=True)
+
+
+def write_json(path: str | Path, value: object) -> None:
+    """Write ``value`` as JSON, whole or not at all (a reader polling for the file never sees half of it)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def read_history(path: str | Path) -> pd.DataFrame:
+    """The history a Flower run's server wrote (``RunSettings.output``), ``dropped`` keyed by client id again."""
+    rows = json.loads(Path(path).read_text())["history"]
+    for row in rows:
+        row["dropped"] = {int(k): reason for k, reason in row["dropped"].items()}
+    return pd.DataFrame(rows, columns=FLOWER_COLUMNS)
+
+
+def error_path(output: str | Path) -> Path:
+    """Where the server writes its traceback when the run fails (next to ``output``)."""
+    output = Path(output)
+    return output.with_name(output.name + ".error")
+
+
+server_app = ServerApp()
+"""The Flower ServerApp of every method: ``flwr run`` loads it as ``fedlora_edu.flower.apps:server_app``."""
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    try:
+        history = serve(grid, load_federation(settings.federation), settings.strategy(), settings)
+        write_json(settings.output, {"history": history.to_dict(orient="records")})
+    except BaseException:
+        error_path(settings.output).write_text(traceback.format_exc())
+        raise
+
+
+# ----- client -----------------------------------------------------------------------------------------
+
+
+class _Received:
+    """A strategy as :meth:`Federation.train_sequential` sees it on a client: the start the server sent.
+
+    ``train_sequential`` asks its strategy for the client's start and for the context to train in;
+    on a SuperNode the start comes from the message, the context from the method.
+    """
+
+    def __init__(self, strategy: Strategy, start: ClientStart) -> None:
+        self.strategy = strategy
+        self.start = start
+
+    def client_start(self, server, client_id, client_state, round_index) -> ClientStart:
+        return self.start
+
+    def local_training(self, model, start, client_state, round_index):
+        return self.strategy.local_training(model, start, client_state, round_index)
+
+
+def client_step(federation: Federation, strategy: Strategy, content: RecordDict, client_id: int,
+                settings: RunSettings, fault: str = "") -> RecordDict:
+    """Client ``client_id``'s part of a round: train from the received start, reply with the upload.
+
+    The model is the server's (same rank, same seed) with the received W'; training is the
+    simulator's sequential path on this client's data with the simulator's batch seed, so the
+    result equals the simulator's client to float tolerance. ``fault`` (:data:`FAULTS`) makes the
+    client misbehave on purpose.
+    """
+    if fault not in FAULTS:
+        raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+    if fault == "crash":
+        raise RuntimeError(f"client {client_id} crashes on purpose (fault='crash')")
+    if fault == "silent":
+        time.sleep(10 * settings.round_timeout)  # never answers within the round
+    header = content["round"]
+    if int(header["client_id"]) != client_id:
+        raise ValueError(f"a message for client {header['client_id']} reached the SuperNode of client {client_id}")
+    round_index = int(header["round"])
+    model = federation.fresh_model(strategy.max_rank(federation.num_clients), seed=settings.seed)
+    with torch.no_grad():
+        for name, weight in record_to_tensors(content["base"]).items():
+            adapter_io.base_weight(model, name).copy_(weight)
+    layers = list(adapter_io.lora_layers(model))
+    start = ClientStart(tensors_to_factors(record_to_tensors(content["adapters"]), layers),
+                        record_to_tensors(content["head"]), Payload(), frozenset(header["trainable"]))
+    client_state = strategy.new_client_state()
+    [(_, _, result)] = federation.train_sequential(
+        model, _Received(strategy, start), None, {client_id: client_state}, [client_id], round_index,
+        seed=settings.seed, steps=settings.local_steps, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate)
+    payload = strategy.client_upload(result, client_state, round_index)
+    tensors = payload.tensors
+    if fault == "nan":
+        tensors = {name: torch.full_like(tensor, math.nan) for name, tensor in tensors.items()}
+    return RecordDict({
+        "payload": tensors_to_record(tensors),
+        "trained": tensors_to_record(factors_to_tensors(result.adapters)),
+        "upload": ConfigRecord({"nbytes": int(payload.nbytes), "num_examples": int(result.num_examples),
+                                "train_loss": float(result.train_loss), "rank": int(result.rank)}),
+    })
+
+
+client_app = ClientApp()
+"""The Flower ClientApp of every method: ``flwr run`` loads it as ``fedlora_edu.flower.apps:client_app``.
+
+A SuperNode says which client of the federation it is with ``--node-config 'partition-id=<k>'``
+(and, to play a failure, ``fault="nan"``, ``"crash"`` or ``"silent"``).
+"""
+
+
+@client_app.query()
+def _client_identify(message: Message, context: Context) -> Message:
+    return Message(RecordDict({"node": ConfigRecord({"partition_id": int(context.node_config["partition-id"])})}),
+                   reply_to=message)
+
+
+@client_app.train()
+def _client_train(message: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    content = client_step(load_federation(settings.federation), settings.strategy(), message.content,
+                          int(context.node_config["partition-id"]), settings,
+                          fault=str(context.node_config.get("fault", "")))
+    return Message(content, reply_to=message)
+
+
+# ----- the Flower App directory -----------------------------------------------------------------------
+
+
+def write_app(directory: str | Path, settings: RunSettings) -> Path:
+    """Write the Flower App ``flwr run`` submits: a ``pyproject.toml`` naming this module's apps and the settings.
+
+    The app holds no code of its own (every process imports ``fedlora_edu``, installed with the
+    ``flower`` extra); its run config is ``settings``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedlora-flower", "version": "1.0.0", "license": "MIT",
+                    "description": "A fedlora_edu strategy on Flower (written by fedlora_edu.flower.apps.write_app)",
+                    "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedlora-edu",
+            "components": {"serverapp": "fedlora_edu.flower.apps:server_app",
+                           "clientapp": "fedlora_edu.flower.apps:client_app"},
+            "config": asdict(settings),
+        }}},
+    }
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return directory

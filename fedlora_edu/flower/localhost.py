@@ -1,0 +1,244 @@
+"""Flower's deployment engine on one machine: a SuperLink, one SuperNode per client, ``flwr run``.
+
+What a real federation runs, on localhost: :class:`LocalDeployment` starts ``flower-superlink``
+(the server side: it holds the runs and relays messages; it starts the ``ServerApp`` of a run in a
+process of its own) and one ``flower-supernode`` per client (the client side: it pulls messages for
+its node and runs the ``ClientApp`` in a fresh process for each), every one a separate operating
+system process on ports chosen free at run time. :meth:`LocalDeployment.run` writes the Flower App
+(:func:`~fedlora_edu.flower.apps.write_app`), submits it with ``flwr run`` and waits for the
+history the server writes.
+
+Connections are **insecure** (``--insecure``: plain HTTP, no TLS, no SuperNode authentication):
+every process is on 127.0.0.1 of one machine and nothing leaves it. Across machines a SuperLink
+must run with TLS (``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``) and its
+SuperNodes and ``flwr`` with the CA certificate (``--root-certificates``, ``root-certificates``
+in the Flower configuration); the chapter shows how.
+
+Everything a deployment starts, and everything those processes start (Flower launches helper
+processes detached from their parent's process group), carries one environment variable with a
+token of this deployment; :meth:`LocalDeployment.stop` ends exactly the processes that carry it,
+first politely (SIGTERM), then by force (SIGKILL), whatever happened before. Flower's own files
+(``FLWR_HOME``: its configuration, installed apps) live in the deployment's directory, not in the
+user's home.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import tomli_w
+
+from fedlora_edu.flower.apps import FAULTS, RunSettings, error_path, read_history, write_app
+
+MARKER = "FEDLORA_FLOWER_DEPLOYMENT"
+"""The environment variable every process of a :class:`LocalDeployment` carries (its token)."""
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Return once something accepts connections on ``port``; raise after ``timeout`` s or if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout:g} s")
+
+
+def marked_processes(token: str) -> list[int]:
+    """The ids of this user's processes whose environment carries ``MARKER=token`` (Linux: reads /proc)."""
+    wanted = f"{MARKER}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_clients`` SuperNodes on localhost, in ``directory``; a context manager.
+
+    SuperNode k holds client k (``--node-config partition-id=k``); ``faults[k]`` (one of
+    :data:`~fedlora_edu.flower.apps.FAULTS`) makes it misbehave. Each process writes its output
+    to ``<directory>/logs/<name>.log``; :meth:`logs` returns their ends for an error message.
+    """
+
+    def __init__(self, directory: str | Path, num_clients: int, *, faults: dict[int, str] | None = None,
+                 start_timeout: float = 60.0) -> None:
+        faults = faults or {}
+        unknown = {k: f for k, f in faults.items() if f not in FAULTS or not 0 <= k < num_clients}
+        if unknown:
+            raise ValueError(f"faults must map client ids 0..{num_clients - 1} to one of {FAULTS}; got {unknown}")
+        self.directory = Path(directory)
+        self.num_clients = num_clients
+        self.faults = faults
+        self.start_timeout = start_timeout
+        self.token = uuid.uuid4().hex
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.superlink_port: int | None = None
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            MARKER: self.token,
+            "FLWR_HOME": str(self.directory / "flwr-home"),
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # Flower starts its helpers by name
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def tool(self, name: str) -> str:
+        """A Flower command of this Python environment."""
+        return str(Path(sys.executable).parent / name)
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        logs = self.directory / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(cmd, env=self.env, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start(self) -> LocalDeployment:
+        """Start the SuperLink, wait until it listens, then start the SuperNodes and write Flower's configuration."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.superlink_port = free_port()
+        superlink = self._start("superlink", [
+            self.tool("flower-superlink"), "--insecure", "--host", HOST, "--port", str(self.superlink_port),
+            "--disable-runtime-dependency-installation"])
+        wait_for_port(self.superlink_port, self.start_timeout, superlink)
+        for k in range(self.num_clients):
+            node_config = f"partition-id={k} num-partitions={self.num_clients}"
+            if self.faults.get(k):
+                node_config += f' fault="{self.faults[k]}"'
+            self._start(f"supernode-{k}", [
+                self.tool("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.superlink_port}",
+                "--node-config", node_config, "--host", HOST, "--port", str(free_port())])
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+            "default": "local", "local": {"address": f"{HOST}:{self.superlink_port}", "insecure": True}}}))
+        return self
+
+    def run(self, settings: RunSettings, timeout: float = 600.0) -> pd.DataFrame:
+        """Submit a run with ``flwr run`` and return the history its server wrote (:func:`read_history`).
+
+        Raises with the server's traceback if the ServerApp failed, and with the processes' logs
+        if nothing came within ``timeout`` seconds.
+        """
+        output, failed = Path(settings.output), error_path(settings.output)
+        app = write_app(self.directory / f"app-{uuid.uuid4().hex[:8]}", settings)
+        submitted = subprocess.run([self.tool("flwr"), "run", str(app), "local"], env=self.env, cwd=app,
+                                   capture_output=True, text=True, timeout=120)
+        if submitted.returncode != 0:
+            raise RuntimeError(f"flwr run failed ({submitted.returncode}):\n{submitted.stdout}\n{submitted.stderr}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if output.exists():
+                return read_history(output)
+            if failed.exists():
+                raise RuntimeError(f"the ServerApp failed:\n{failed.read_text()}")
+            dead = [name for name, p in self.processes.items() if p.poll() is not None and name == "superlink"]
+            if dead:
+                raise RuntimeError(f"the SuperLink exited during the run\n{self.logs()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"no history after {timeout:g} s\n{self.logs()}")
+
+    def kill_client(self, client_id: int) -> None:
+        """Kill SuperNode ``client_id`` and every ClientApp it started (SIGKILL: as a machine that fails)."""
+        node = self.processes[f"supernode-{client_id}"]
+        for pid in self._children(node.pid):
+            _signal(pid, signal.SIGKILL)
+        _signal(node.pid, signal.SIGKILL)
+        node.wait(timeout=10)
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        """Every descendant of ``pid`` (Linux: /proc/<pid>/task/*/children)."""
+        found, queue = [], [pid]
+        while queue:
+            parent = queue.pop()
+            for task in Path(f"/proc/{parent}/task").glob("*"):
+                try:
+                    kids = [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                found.extend(kids)
+                queue.extend(kids)
+        return found
+
+    def logs(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of every process's log."""
+        parts = []
+        for path in sorted((self.directory / "logs").glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def stop(self, grace: float = 5.0) -> list[int]:
+        """End every process of this deployment (SIGTERM, then SIGKILL after ``grace`` s); return those still found.
+
+        Idempotent, and safe to call when :meth:`start` failed half-way.
+        """
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal(process.pid, signal.SIGTERM)
+        for pid in marked_processes(self.token):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (marked_processes(self.token)
+                                              or any(p.poll() is None for p in self.processes.values())):
+            time.sleep(0.1)
+        for pid in marked_processes(self.token):
+            _signal(pid, signal.SIGKILL)
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal(process.pid, signal.SIGKILL)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.1)
+        return marked_processes(self.token)
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

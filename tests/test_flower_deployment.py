@@ -1,0 +1,105 @@
+"""Same seed, same federation, same numbers: two methods on Flower's deployment engine against the simulator.
+
+A SuperLink and three SuperNodes run on localhost as separate processes (``--insecure``: nothing
+leaves 127.0.0.1; see fedlora_edu.flower.localhost), each run is submitted with ``flwr run``, and
+every round's global adapter, head, frozen weight W', accuracy, losses and bytes must equal
+:meth:`Federation.run` (the sequential engine, the one a client's training reuses) on the same tiny
+federation. FedIT changes only the adapter; FedEx-LoRA also folds its residual into W', which the
+server must carry to the clients. Skipped only when Flower (the ``flower`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
+
+from helpers import tiny_federation  # noqa: E402
+
+from fedlora_edu.core.adapters import base_weight  # noqa: E402
+from fedlora_edu.flower.apps import RunSettings, read_aggregates, save_federation  # noqa: E402
+from fedlora_edu.flower.localhost import LocalDeployment, marked_processes  # noqa: E402
+from fedlora_edu.registry import make_strategy  # noqa: E402
+
+ROUNDS = 2
+METHODS = ("FedIT", "FedEx-LoRA")
+
+
+@pytest.fixture(scope="module")
+def federation():
+    return tiny_federation()
+
+
+@pytest.fixture(scope="module")
+def deployment(federation, tmp_path_factory):
+    """One SuperLink and one SuperNode per client for the module's runs, stopped whatever happens."""
+    directory = tmp_path_factory.mktemp("flower")
+    save_federation(federation, directory / "federation.pt")
+    local = LocalDeployment(directory / "deployment", federation.num_clients)
+    try:
+        local.start()
+        yield local
+    finally:
+        left = local.stop()
+        assert left == [], f"processes of the deployment still running after stop: {left}"
+
+
+def flower_run(deployment, federation, method):
+    directory = deployment.directory.parent
+    settings = RunSettings.for_federation(
+        federation, method, federation_file=directory / "federation.pt", output=directory / f"{method}.json",
+        aggregates=directory / f"{method}.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120)
+    try:
+        history = deployment.run(settings, timeout=600)
+    except Exception as error:
+        raise AssertionError(f"the Flower run of {method} failed: {error}\n{deployment.logs()}") from error
+    return history, read_aggregates(settings.aggregates)
+
+
+def simulated(federation, method, rounds):
+    history = federation.run(make_strategy(method), rounds=rounds, seed=0, engine="sequential", progress=False)
+    return history, federation.last_server, federation.last_model
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b.to(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_flower_deployment_equals_the_simulator_round_by_round(deployment, federation, method):
+    history, aggregates = flower_run(deployment, federation, method)
+    assert len(history) == ROUNDS and len(aggregates) == ROUNDS
+    for t in range(ROUNDS):
+        reference, server, model = simulated(federation, method, rounds=t + 1)
+        row, expected = history.iloc[t], reference.iloc[t]
+        held = aggregates[t]
+        # The aggregate: the global adapter, the head and every W' the method changed.
+        for name, (a, b) in server.adapters.items():
+            assert close(held["adapters"][name][0], a) and close(held["adapters"][name][1], b), (method, t, name)
+        for key, value in server.head.items():
+            assert close(held["head"][key], value), (method, t, key)
+        if method == "FedEx-LoRA":
+            assert held["base"], "FedEx-LoRA folds its residual into W': the server must have changed it"
+        for name, weight in held["base"].items():
+            assert close(weight, base_weight(model, name)), (method, t, name)
+        # What the round measured.
+        assert row["accuracy"] == expected["accuracy"], (method, t)
+        assert math.isclose(row["test_loss"], expected["test_loss"], rel_tol=1e-5), (method, t)
+        assert math.isclose(row["train_loss"], expected["train_loss"], rel_tol=1e-5), (method, t)
+        assert (row["bytes_up"], row["bytes_down"]) == (expected["bytes_up"], expected["bytes_down"]), (method, t)
+        for column in ("discordance", "update_size", "aggregation_error"):
+            assert math.isclose(row[column], expected[column], rel_tol=1e-4, abs_tol=1e-9), (method, t, column)
+        assert (row["clients"], row["excluded"], row["dropped"]) == (3, 0, {}), (method, t)
+        # Flower carried at least what the strategy counts (plus W' and the trained factors for the measurements).
+        assert row["flower_bytes_down"] >= row["bytes_down"] and row["flower_bytes_up"] >= row["bytes_up"]
+
+
+def test_stopping_leaves_no_process(federation, tmp_path):
+    """A deployment that is stopped, or whose start fails half-way, leaves none of its processes."""
+    local = LocalDeployment(tmp_path / "deployment", federation.num_clients)
+    with local:
+        assert len(marked_processes(local.token)) >= 1 + federation.num_clients
+    assert marked_processes(local.token) == []
