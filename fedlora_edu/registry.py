@@ -36,6 +36,7 @@ from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.efficiency.compression import CGFedLLM, FwdLLM, QuantizedUpdates, TopKUpdates
 from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
+from fedlora_edu.efficiency.privacy import DPFedAvg
 from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
@@ -69,6 +70,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FibecFed, FedPiLot, FedFMSL, FedRA,
     # 5 efficiency: compressed learning (quantized and top-k uploads as baselines) and forward-only training
     QuantizedUpdates, TopKUpdates, CGFedLLM, FwdLLM,
+    # privacy as a cost: user-level differential privacy around a method whose upload is its factors
+    DPFedAvg,
 )
 
 METHODS: dict[str, type[Strategy]] = {cls.name: cls for cls in METHOD_CLASSES}

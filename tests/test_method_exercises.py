@@ -281,3 +281,47 @@ def test_quantization_error_experiment_and_its_mistakes():
 
     _fails("quantization_error", without_grid, "grid")
     assert "passed" in check("quantization_error_explained", lambda: "a")
+
+
+def test_dp_clip_mistakes():
+    from fedlora_edu.efficiency.privacy import clip_update, update_norm
+
+    assert "passed" in check("dp_clip", lambda change, clip: clip_update(change, clip)[0])
+
+    def always_to_c(change, clip):
+        norm = update_norm(change)
+        return {key: value * clip / norm for key, value in change.items()}
+
+    def per_tensor(change, clip):
+        return {key: value * min(1.0, clip / float(value.norm())) for key, value in change.items()}
+
+    def by_square(change, clip):
+        return {key: value * min(1.0, clip / update_norm(change) ** 2) for key, value in change.items()}
+
+    _fails("dp_clip", always_to_c, "inside the ball")
+    _fails("dp_clip", per_tensor, "one vector")
+    _fails("dp_clip", by_square, "not by its square")
+    _fails("dp_clip", lambda change, clip: list(change.values()), "same keys")
+
+
+def test_noise_in_product_experiment_and_its_mistakes():
+    from fedlora_edu.efficiency.privacy import expected_product_error
+    from fedlora_edu.teaching.experiments import _noise_in_product_reference, toy_noisy_factors
+
+    scales = [1e-3, 1e-2, 1e-1, 1.0]
+    both, b_only = _noise_in_product_reference(0, scales)
+    assert all(x > y for x, y in zip(both.tolist(), b_only.tolist(), strict=True))  # both factors: always worse
+    ratios = (b_only[1:] / b_only[:-1]).tolist()
+    assert all(abs(ratio - 10) < 1e-9 for ratio in ratios)  # B only: exactly linear in the scale
+    assert float(both[-1] / both[-2]) > 15  # both: the noise product takes over (100 for it alone)
+    factors = toy_noisy_factors(0)
+    size = float(torch.linalg.matrix_norm(factors["B"] @ factors["A"]))
+    for row, noise_on in ((both, "AB"), (b_only, "B")):  # one draw, near the closed form's root mean square
+        expected = torch.tensor([expected_product_error(factors["A"], factors["B"], s, noise_on) / size
+                                 for s in scales], dtype=torch.float64)
+        assert float((row / expected - 1).abs().max()) < 0.3
+    assert "passed" in check("noise_in_product", lambda seed, s: _noise_in_product_reference(seed, s))
+    _fails("noise_in_product", lambda seed, s: _noise_in_product_reference(seed, s).flip(0), "swapped")
+    _fails("noise_in_product", lambda seed, s: _noise_in_product_reference(seed, s) ** 2, "not its square")
+    assert "passed" in check("noise_in_product_explained", lambda: "a")
+    _fails("noise_in_product_explained", lambda: "d", "add in square")

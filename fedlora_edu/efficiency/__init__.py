@@ -5,7 +5,9 @@ FLASC, FSLoRA, FedRA), split learning (e.g. SplitLoRA) and compressed learning, 
 leaf: :mod:`~fedlora_edu.efficiency.sparse` (parameter-level sparsity: FLASC's top-k payloads,
 FSLoRA's sketches), :mod:`~fedlora_edu.efficiency.layers` (layer-level sparsity: FedRA, Fed-piLot,
 FibecFed, FedFMSL), :mod:`~fedlora_edu.efficiency.compression` (compressed uploads: quantized and
-top-k baselines, CG-FedLLM's autoencoder; FwdLLM's forward-only gradients) and
+top-k baselines, CG-FedLLM's autoencoder; FwdLLM's forward-only gradients),
+:mod:`~fedlora_edu.efficiency.privacy` (privacy as a cost: DP-FedAvg's clipped, noised updates
+around FedIT or FFA-LoRA, the privacy spent by opacus's accountant) and
 :mod:`~fedlora_edu.efficiency.costs` (what a method costs a client, counted
 in one place for every method: compute, memory and bytes of a round).
 Modules here may import :mod:`fedlora_edu.core`,

@@ -909,6 +909,70 @@ QUESTIONS["quantization_error_explained"] = Question(
 )
 
 
+# ----- Part IV, privacy: noise in the product -----------------------------------------------------------------------
+def toy_noisy_factors(seed: int, m: int = 48, r: int = 4, n: int = 64) -> dict[str, Tensor]:
+    """A rank-r adapter and one draw of standard normal noise for each factor (float64).
+
+    ``A`` (r x n) as peft draws it (uniform on +-1/sqrt(n)), ``B`` (m x r) as after some training
+    (normal, standard deviation 0.02), ``noise_A`` and ``noise_B`` of their shapes. Scaled by s, the
+    noise is what a DP server adds to the factors at s per number.
+    """
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy noisy factors"))
+    a = (torch.rand(r, n, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(n)
+    b = 0.02 * torch.randn(m, r, generator=gen, dtype=torch.float64)
+    return {"A": a, "B": b, "noise_A": torch.randn(r, n, generator=gen, dtype=torch.float64),
+            "noise_B": torch.randn(m, r, generator=gen, dtype=torch.float64)}
+
+
+def _noise_in_product_reference(seed: int, scales: list[float]) -> Tensor:
+    factors = toy_noisy_factors(seed)
+    a, b, noise_a, noise_b = factors["A"], factors["B"], factors["noise_A"], factors["noise_B"]
+    product = b @ a
+    size = float(torch.linalg.matrix_norm(product))
+    both = [float(torch.linalg.matrix_norm((b + s * noise_b) @ (a + s * noise_a) - product)) / size for s in scales]
+    b_only = [float(torch.linalg.matrix_norm((b + s * noise_b) @ a - product)) / size for s in scales]
+    return torch.tensor([both, b_only], dtype=torch.float64)
+
+
+def _noise_in_product_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 280), [1e-3, 1e-2, 1e-1, 1.0]), (case_seed(seed, 281), [0.05, 0.5])]
+
+
+def _hint_noise_in_product(case: tuple, answer: object) -> str | None:
+    seed, scales = case
+    if not isinstance(answer, Tensor) or answer.shape != (2, len(scales)):
+        return f"return a torch.Tensor of shape (2, {len(scales)}): noise on both factors first, then on B only"
+    expected = _noise_in_product_reference(seed, scales)
+    if close(answer.flip(0), expected):
+        return "the rows are swapped: noise on both factors first, then on B only"
+    factors = toy_noisy_factors(seed)
+    size = float(torch.linalg.matrix_norm(factors["B"] @ factors["A"]))
+    if close(answer * size, expected):
+        return "divide by ||B A||_F: the error relative to the adapter's product"
+    if close(answer, expected ** 2):
+        return "take the Frobenius norm itself, not its square"
+    return None
+
+
+QUESTIONS["noise_in_product_explained"] = Question(
+    "With noise on B only, the relative error of B A grows in proportion to the noise; with noise on both factors it "
+    "is larger at every scale and grows faster once the noise is large. Why?",
+    {
+        "a": "(B + s N_B)(A + s N_A) - B A = s (N_B A + B N_A) + s^2 N_B N_A: the last term, noise times noise, grows "
+             "with the square of the scale; with A frozen only s N_B A is left, linear in s.",
+        "b": "Noise on A is larger than noise on B because A has more entries than B.",
+        "c": "B A is computed in float32, and its rounding error grows with the noise.",
+        "d": "Noise on both factors cancels out on average, so the error only grows by chance.",
+    },
+    "a",
+    {
+        "b": "every entry gets noise of the same scale s here: look at the term that is quadratic in s",
+        "c": "everything here is float64; the errors you measured are far larger than rounding",
+        "d": "each noise has mean zero, but the error is a norm: the terms add in square, they do not cancel",
+    },
+)
+
+
 EXPERIMENT_EXERCISES: dict[str, Exercise] = {
     "discordance_growth": Exercise(
         "discordance_growth", "discordance / || sum_k p_k B_k A_k - B0 A0 ||_F after each number of local steps "
@@ -980,6 +1044,12 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
         chapter="part2/client_initialization", kind="experiment",
     ),
+    "noise_in_product": Exercise(
+        "noise_in_product", "per noise scale s: ||(B + s N_B)(A + s N_A) - B A||_F / ||B A||_F and "
+        "||(B + s N_B) A - B A||_F / ||B A||_F (toy_noisy_factors)",
+        _noise_in_product_reference, _noise_in_product_cases, _hint_noise_in_product, chapter="part4/privacy",
+        kind="experiment",
+    ),
 }
 """Experiment-and-explanation exercises by name (merged into ``EXERCISES``): a measurement each, and its
 explanation as a letter (``<name>_explained``)."""
@@ -992,6 +1062,7 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "accumulated_rank_explained": "part2/client_initialization", "lora_rank_fit_explained": "part1/lora",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
              "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse",
-             "unheld_layers_explained": "part4/layers", "quantization_error_explained": "part4/compression"}
+             "unheld_layers_explained": "part4/layers", "quantization_error_explained": "part4/compression",
+             "noise_in_product_explained": "part4/privacy"}
 EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
                              for name, chapter in _CHAPTERS.items()})

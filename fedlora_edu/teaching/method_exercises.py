@@ -24,6 +24,7 @@ from fedlora_edu.distributed.server_init import svd_init
 from fedlora_edu.distributed.single_matrix import colr_merge
 from fedlora_edu.efficiency.compression import forward_gradient, top_k_encode
 from fedlora_edu.efficiency.layers import aggregate_by_layer, knapsack
+from fedlora_edu.efficiency.privacy import clip_update, update_norm
 from fedlora_edu.efficiency.sparse import sparse_bytes, top_k_mask
 from fedlora_edu.foundations.fedavg import fedavg
 from fedlora_edu.simulation.metrics import gain_recovered
@@ -564,6 +565,40 @@ def _hint_forward_gradient(case: tuple, answer: object) -> str | None:
     return None
 
 
+# ----- Part IV, privacy: DP-FedAvg's clipping -----------------------------------------------------------------------
+def _clip_cases(seed: int) -> list[tuple]:
+    """A client's change (named float64 tensors) and a clip norm: above, below and far above the change's norm."""
+    cases = []
+    for offset, (scale, ratio) in enumerate([(1.0, 0.5), (0.1, 4.0), (10.0, 0.01)]):
+        gen = torch.Generator().manual_seed(case_seed(seed, 270 + offset))
+        change = {"q.A": scale * torch.randn(3, 6, generator=gen, dtype=torch.float64),
+                  "q.B": scale * torch.randn(5, 3, generator=gen, dtype=torch.float64),
+                  "v.B": 3 * scale * torch.randn(5, 3, generator=gen, dtype=torch.float64)}
+        cases.append((change, ratio * update_norm(change)))
+    return cases
+
+
+def _clip_reference(change: dict[str, Tensor], clip_norm: float) -> dict[str, Tensor]:
+    return clip_update(change, clip_norm)[0]
+
+
+def _hint_clip(case: tuple, answer: object) -> str | None:
+    change, clip_norm = case
+    if not (isinstance(answer, dict) and set(answer) == set(change)):
+        return "return a dict with the same keys as the change, one clipped tensor per key"
+    norm = update_norm(change)
+    if all(close(answer[k], change[k] * clip_norm / norm) for k in change) and norm < clip_norm:
+        return "a change already inside the ball (norm <= C) is sent as it is: scale by min(1, C / norm)"
+    per_tensor = {k: v * min(1.0, clip_norm / float(v.norm())) for k, v in change.items()}
+    if all(close(answer[k], per_tensor[k]) for k in change):
+        return "clip the whole change as one vector (its norm over all tensors together), not each tensor alone"
+    if all(close(answer[k], change[k] * min(1.0, clip_norm / norm ** 2)) for k in change):
+        return "divide by the norm, not by its square: the clipped change has norm exactly C when it is clipped"
+    if all(isinstance(answer[k], Tensor) for k in change) and update_norm(answer) > clip_norm * (1 + 1e-6):
+        return "the clipped change's norm must be at most C"
+    return None
+
+
 METHOD_EXERCISES: dict[str, Exercise] = {
     "fedavg_average": Exercise(
         "fedavg_average", "FedAvg (eq. 1): sum_k p_k W_k with p_k = n_k / sum_l n_l, per tensor of the state dict",
@@ -638,6 +673,11 @@ METHOD_EXERCISES: dict[str, Exercise] = {
         "forward_gradient_estimate", "FwdLLM: the mean over directions v of (f(W + h v) - f(W - h v)) / (2 h) v, "
         "f the layer's cross-entropy",
         _forward_gradient_reference, _forward_gradient_cases, _hint_forward_gradient, chapter="part4/compression",
+    ),
+    "dp_clip": Exercise(
+        "dp_clip", "DP-FedAvg's clipping: the change times min(1, C / ||change||), the norm over all its tensors "
+        "together",
+        _clip_reference, _clip_cases, _hint_clip, chapter="part4/privacy",
     ),
 }
 """The exercises of Parts I, II and IV on a method's core, by name (merged into ``EXERCISES``)."""
