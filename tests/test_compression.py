@@ -267,6 +267,40 @@ def test_fwdllm_runs_no_backward_pass_and_steps_by_the_mean_estimate(federation)
         FwdLLM(0)
 
 
+def test_fwdllm_paces_its_steps_by_the_variance_of_the_estimates():
+    from fedlora_edu.core.strategy import Payload, ServerState, Upload
+    from fedlora_edu.efficiency.compression import estimate_variance
+
+    generator = torch.Generator().manual_seed(0)
+
+    def round_uploads(count):
+        return [Upload(k, 10 + k, Payload({"gradient.x.A": torch.randn(2, 3, generator=generator),
+                                           "gradient.x.B": torch.randn(3, 2, generator=generator)}), 2)
+                for k in range(count)]
+
+    estimates = [{"A": torch.ones(2), "B": torch.zeros(1)}, {"A": 3 * torch.ones(2), "B": torch.zeros(1)}]
+    assert estimate_variance(estimates) == pytest.approx(2 * 2 / 3)  # halves' means 1 and 3: variance 2 on 2 of 3
+    assert math.isnan(estimate_variance(estimates[:1]))
+    strategy = FwdLLM(1, server_learning_rate=1.0, variance_threshold=1e9)
+    server = ServerState({"x": (torch.zeros(2, 3), torch.zeros(3, 2))}, {}, 1.0, 2, method_state=strategy.new_state())
+    first = round_uploads(2)
+    strategy.variance_threshold = 0.0  # nothing is precise enough: keep the estimates, do not step
+    strategy.aggregate(server, first, 0)
+    assert server.method_state.stepped == [False] and len(server.method_state.kept) == 2
+    assert not server.adapters["x"][0].any()
+    second = round_uploads(2)
+    strategy.variance_threshold = 1e9  # now precise enough: step with the mean of all four, weighted by n_k
+    strategy.aggregate(server, second, 1)
+    assert server.method_state.stepped == [False, True] and server.method_state.kept == []
+    everything = first + second
+    total = sum(u.num_examples for u in everything)
+    mean = sum(u.num_examples / total * u.payload.tensors["gradient.x.A"] for u in everything)
+    assert torch.allclose(server.adapters["x"][0], -mean, atol=1e-6)
+    assert len(server.method_state.variances) == 2 and all(v > 0 for v in server.method_state.variances)
+    with pytest.raises(ValueError, match="variance_threshold"):
+        FwdLLM(variance_threshold=-1)
+
+
 def test_registered_in_the_efficiency_branch():
     from fedlora_edu.registry import methods_in
 

@@ -25,13 +25,16 @@ values and indices, autoencoder codes), so the simulator's byte count is the ser
   is trained where and when here is ours and said in the class's docstring.
 - :class:`FwdLLM` (Xu et al. 2024, arXiv 2308.13894): no backpropagation. Each client estimates
   the gradient of its loss with respect to the adapter from pairs of perturbed forward passes,
-  ``(f(x + h v) - f(x - h v)) / (2 h) * v`` with v ~ N(0, I) (eq. of the forward gradient;
-  central difference with h = 0.01 as in the authors' code, UbiquitousLearning/FwdLLM@36ecdbc3,
+  ``(f(x + h v) - f(x - h v)) / (2 h) * v`` with v ~ N(0, I) (the paper's forward gradient, the
+  estimator of Baydin et al. 2022; we did not check its equation number in the paper), as a
+  central difference with h = 0.01 as in the authors' code (UbiquitousLearning/FwdLLM@36ecdbc3,
   ``forward_training/utils/fwdgrad_utils.py::calculate_jvp``), and optionally draws its
   directions among more candidates, keeping those closest in cosine to the previous round's
   global gradient (the paper's discriminative perturbation sampling,
   ``tc_transformer_trainer_distribute.py``). The server averages the estimates and takes a
-  gradient step (FedSGD, as in the authors' ``FedSgdAggregator``).
+  gradient step (FedSGD, as in the authors' ``FedSgdAggregator``); optionally it first checks the
+  estimates' variance and, while it is above a threshold, keeps them and waits for more (the
+  paper's variance-controlled pacing, ``FedSgdAggregator.aggregate``'s ``var_threthod``).
 
 Taught in ``book/part4/compression.ipynb``.
 """
@@ -561,14 +564,18 @@ class FwdLLM(Strategy):
     head) by ``-server_learning_rate`` times the p_k-weighted mean estimate (FedSGD, as the
     authors' ``FedSgdAggregator``). With ``candidates`` > 1 the client draws its directions
     among ``candidates`` times more, keeping those closest in cosine to the last global gradient,
-    which it downloads with the adapter (:func:`perturbation_directions`).
+    which it downloads with the adapter (:func:`perturbation_directions`). With
+    ``variance_threshold`` the server paces the steps: while the variance of the estimates it holds
+    (:func:`estimate_variance`) is above the threshold it keeps them, does not step, and adds the
+    next round's; then it steps with the weighted mean of all it kept (the paper's
+    variance-controlled pacing; the authors compute the variance on the clients, from one layer's
+    per-batch estimates: ours is the server's, over every trained tensor and the clients' estimates).
 
     As the authors' code: central differences with ``step`` 0.01, Gaussian directions, all
     trainable parameters perturbed at once. Our choices: the perturbed passes run with dropout
     off (both sides of a difference must be the same function); the mean over steps instead of
     the code's sum divided by the number of examples; a constant server rate instead of its
-    warm-up and decay; a fixed number of perturbations instead of its variance-controlled pacing
-    (more perturbations while the gradient's variance is above a threshold).
+    warm-up and decay; the variance for the pacing computed on the server (see above).
 
     In the simulator: local training runs inside :meth:`local_training`, where the client's
     forward pass is replaced by the estimate's forward passes and returns their mean loss as a
@@ -582,9 +589,13 @@ class FwdLLM(Strategy):
 
     @dataclass
     class State:
-        """The last global gradient estimate (None before the first aggregation)."""
+        """The last global gradient estimate (None before the first step), the estimates kept while their variance
+        was above the threshold (as (n_k, estimate)), and per round the variance seen and whether the server stepped."""
 
         gradient: dict[str, Tensor] | None = None
+        kept: list[tuple[int, dict[str, Tensor]]] = field(default_factory=list)
+        variances: list[float] = field(default_factory=list)
+        stepped: list[bool] = field(default_factory=list)
 
     @dataclass
     class ClientState:
@@ -596,7 +607,7 @@ class FwdLLM(Strategy):
         steps: int = 0
 
     def __init__(self, perturbations: int = 4, *, step: float = 0.01, server_learning_rate: float = 0.05,
-                 candidates: int = 1) -> None:
+                 candidates: int = 1, variance_threshold: float | None = None) -> None:
         super().__init__(None)
         if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 1:
             raise ValueError(f"perturbations must be an integer >= 1, got {perturbations!r}")
@@ -606,6 +617,10 @@ class FwdLLM(Strategy):
             raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate!r}")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+        if variance_threshold is not None and not (isinstance(variance_threshold, (int, float))
+                                                   and variance_threshold >= 0):
+            raise ValueError(f"variance_threshold must be None or >= 0, got {variance_threshold!r}")
+        self.variance_threshold = None if variance_threshold is None else float(variance_threshold)
         self.perturbations, self.step = perturbations, float(step)
         self.server_learning_rate, self.candidates = float(server_learning_rate), candidates
 
@@ -662,11 +677,23 @@ class FwdLLM(Strategy):
         return Payload({f"gradient.{key}": value / client_state.steps for key, value in client_state.estimate.items()})
 
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
-        """One gradient step with the p_k-weighted mean of the clients' estimates (FedSGD)."""
-        weights = normalized_weights(uploads)
+        """One gradient step with the weighted mean of the clients' estimates (FedSGD), paced by their variance.
+
+        The weights are the p_k of the estimates held: this round's, and those kept from rounds whose
+        variance was above ``variance_threshold`` (without a threshold, only this round's).
+        """
+        state = server.method_state
         keys = [key.removeprefix("gradient.") for key in uploads[0].payload.tensors]
-        gradient = {key: sum(p * u.payload.tensors[f"gradient.{key}"].detach().cpu()
-                             for p, u in zip(weights, uploads, strict=True)) for key in keys}
+        held = state.kept + [(u.num_examples, {key: u.payload.tensors[f"gradient.{key}"].detach().cpu()
+                                                for key in keys}) for u in uploads]
+        variance = estimate_variance([estimate for _, estimate in held])
+        state.variances.append(variance)
+        if self.variance_threshold is not None and variance > self.variance_threshold:
+            state.kept, state.stepped = held, [*state.stepped, False]  # not yet: wait for more estimates
+            return
+        state.kept, state.stepped = [], [*state.stepped, True]
+        total = sum(n for n, _ in held)
+        gradient = {key: sum(n / total * estimate[key] for n, estimate in held) for key in keys}
         rate = self.server_learning_rate
         adapters = {}
         for name, (a, b) in server.adapters.items():
@@ -675,4 +702,19 @@ class FwdLLM(Strategy):
         server.adapters = adapters
         server.head = {key: value - rate * gradient[f"head.{key}"].to(value) if f"head.{key}" in gradient else value
                        for key, value in server.head.items()}
-        server.method_state.gradient = gradient
+        state.gradient = gradient
+
+
+def estimate_variance(estimates: Sequence[Mapping[str, Tensor]]) -> float:
+    """FwdLLM's check of a set of gradient estimates: the variance between the means of its two halves.
+
+    As the authors' ``calculate_var``: the estimates in order, split into a first and a second half,
+    each half averaged, and the unbiased variance of the two means taken entry by entry and averaged
+    over the entries (here over every tensor of the estimates). NaN for fewer than two estimates.
+    """
+    if len(estimates) < 2:
+        return math.nan
+    half = len(estimates) // 2
+    flat = [torch.cat([estimate[key].reshape(-1).double() for key in sorted(estimate)]) for estimate in estimates]
+    first, second = torch.stack(flat[:half]).mean(0), torch.stack(flat[half:]).mean(0)
+    return float(torch.var(torch.stack([first, second]), dim=0).mean())
