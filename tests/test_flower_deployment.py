@@ -71,6 +71,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("method", METHODS)
 def test_flower_deployment_equals_the_simulator_round_by_round(deployment, federation, method):
     history, aggregates = flower_run(deployment, federation, method)
+    print(f"{method} on Flower: round seconds {history['round_seconds'].round(1).tolist()}")
     assert len(history) == ROUNDS and len(aggregates) == ROUNDS
     for t in range(ROUNDS):
         reference, server, model = simulated(federation, method, rounds=t + 1)

@@ -21,11 +21,12 @@ What crosses the network each round, for sampled client k:
   ``update_size``, ``aggregation_error``: diagnostics a production server would not ask for) and the
   client's loss and example count.
 
-The history has the simulator's columns (``engine`` is ``"flower"``) and three more:
-``flower_bytes_down`` and ``flower_bytes_up``, the array bytes Flower really carried, and
-``dropped``, ``{client: reason}`` for every sampled client whose update did not count: no reply
-within the round's timeout, an error reply (a client process that crashed), or an update holding
-NaN or Inf (also counted in ``excluded``, as the simulator does). The round goes on with the others.
+The history has the simulator's columns (``engine`` is ``"flower"``) and four more:
+``flower_bytes_down`` and ``flower_bytes_up``, the array bytes Flower really carried,
+``round_seconds``, the round's wall time on the server, and ``dropped``, ``{client: reason}`` for
+every sampled client whose update did not count: no reply within the round's timeout, an error reply
+(a client process that crashed), or an update holding NaN or Inf (also counted in ``excluded``, as
+the simulator does). The round goes on with the others.
 
 Limits of this first version: a strategy whose clients keep state between rounds (its
 ``ClientState`` is not :class:`~fedlora_edu.core.strategy.NoState`: FLoRA's merge bookkeeping,
@@ -79,8 +80,9 @@ from fedlora_edu.simulation.federation import (
     update_size,
 )
 
-FLOWER_COLUMNS = [*HISTORY_COLUMNS, "flower_bytes_down", "flower_bytes_up", "dropped"]
-"""The simulator's history columns and what only a real federation has: wire bytes and dropped clients."""
+FLOWER_COLUMNS = [*HISTORY_COLUMNS, "flower_bytes_down", "flower_bytes_up", "dropped", "round_seconds"]
+"""The simulator's history columns and what only a real federation has: wire bytes, dropped clients, and the
+round's wall time on the server (messages out to aggregate evaluated)."""
 
 FAULTS = ("", "nan", "crash", "silent")
 """Faults a SuperNode can be told to play (its node config ``fault``), for the failure tests and the chapter:
@@ -122,10 +124,13 @@ class RunSettings:
                        learning_rate: float | None = None, seed: int = 0, method_options: dict | None = None,
                        evaluate: bool = True, round_timeout: float = 120.0,
                        connect_timeout: float = 120.0, aggregates: str | Path = "") -> RunSettings:
-        """Settings with unset values taken from the federation's profile, as :meth:`Federation.run` takes them."""
+        """Settings with unset values taken from the federation's profile, as :meth:`Federation.run` takes them.
+
+        Paths are made absolute: Flower's processes run in other folders.
+        """
         p = federation.profile
         return cls(
-            method=method, federation=str(federation_file), output=str(output),
+            method=method, federation=str(Path(federation_file).resolve()), output=str(Path(output).resolve()),
             rounds=p.rounds if rounds is None else rounds,
             clients_per_round=min(p.clients_per_round, federation.num_clients) if clients_per_round is None
             else clients_per_round,
@@ -133,7 +138,8 @@ class RunSettings:
             batch_size=p.batch_size if batch_size is None else batch_size,
             learning_rate=float(p.learning_rate if learning_rate is None else learning_rate),
             seed=seed, method_options=json.dumps(method_options or {}), evaluate=evaluate,
-            round_timeout=float(round_timeout), connect_timeout=float(connect_timeout), aggregates=str(aggregates),
+            round_timeout=float(round_timeout), connect_timeout=float(connect_timeout),
+            aggregates=str(Path(aggregates).resolve()) if aggregates else "",
         )
 
     @classmethod
@@ -173,6 +179,29 @@ def check_supported(strategy: Strategy) -> None:
 # ----- server -----------------------------------------------------------------------------------------
 
 
+def exchange(grid: Grid, messages: dict[int, Message], timeout: float, poll: float = 0.5) -> dict[int, Message]:
+    """Send ``messages`` (by a key of the caller's: a client id) and return the replies that came within ``timeout``.
+
+    A reply is matched to its message by ``reply_to_message_id``, not by its sender: an error reply
+    the SuperLink writes for a node it lost comes from the SuperLink itself.
+    """
+    keys = list(messages)
+    ids = list(grid.push_messages([messages[key] for key in keys]))
+    key_of = {message_id: key for message_id, key in zip(ids, keys, strict=True)}
+    pending, replies = set(key_of), {}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            answered = reply.metadata.reply_to_message_id
+            if answered in pending:
+                replies[key_of[answered]] = reply
+                pending.discard(answered)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return replies
+
+
 def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     """Client id -> Flower node id: wait for the SuperNodes, then ask each which client it holds.
 
@@ -184,13 +213,9 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
     while len(node_ids) < num_clients and time.monotonic() < deadline:
         time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
-    questions = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
-    replies = grid.send_and_receive(questions, timeout=max(1.0, deadline - time.monotonic()))
-    nodes: dict[int, int] = {}
-    for reply in replies:
-        if reply.has_content():
-            nodes[int(reply.content["node"]["partition_id"])] = reply.metadata.src_node_id
-    return nodes
+    questions = {node: Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids}
+    replies = exchange(grid, questions, timeout=max(1.0, deadline - time.monotonic()))
+    return {int(reply.content["node"]["partition_id"]): node for node, reply in replies.items() if reply.has_content()}
 
 
 def train_message_content(start: ClientStart, base_weights: dict[str, Tensor], client_id: int,
@@ -239,11 +264,12 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
     rng = np.random.default_rng(seed)
     rows, kept = [], []
     for t in range(settings.rounds):
+        round_started = time.perf_counter()
         server.round = t
         sampled = strategy.sample_clients(t, num_clients, settings.clients_per_round, rng)
         base = {name: adapter_io.base_weight(model, name) for name in sorted(changed)}
         starts: dict[int, ClientStart] = {}
-        messages: list[Message] = []
+        messages: dict[int, Message] = {}
         dropped: dict[int, str] = {}
         bytes_down = flower_down = 0
         for k in sampled:
@@ -255,10 +281,8 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
                 continue
             content = train_message_content(start, base, k, t)
             flower_down += array_bytes(content)
-            messages.append(Message(content, dst_node_id=nodes[k], message_type=MessageType.TRAIN))
-        client_of = {node: k for k, node in nodes.items()}
-        replies = {client_of[r.metadata.src_node_id]: r
-                   for r in grid.send_and_receive(messages, timeout=settings.round_timeout)}
+            messages[k] = Message(content, dst_node_id=nodes[k], message_type=MessageType.TRAIN)
+        replies = exchange(grid, messages, timeout=settings.round_timeout)
         results: list[LocalResult] = []
         trained_from: list[dict[str, tuple[Tensor, Tensor]]] = []
         uploads: list[Upload] = []
@@ -312,7 +336,7 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
             "discordance": measured_discordance, "update_size": measured_update, "aggregation_error": error,
             "server_seconds": server_seconds, "clients": len(sampled), "excluded": excluded, "engine": "flower",
             "clients_per_pass": 1, "flower_bytes_down": flower_down, "flower_bytes_up": flower_up,
-            "dropped": dropped,
+            "dropped": dropped, "round_seconds": time.perf_counter() - round_started,
         })
         if settings.aggregates:
             kept.append({"adapters": {n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()},

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import tomli_w
+import torch
 
 from fedlora_edu.flower.apps import FAULTS, RunSettings, error_path, read_history, write_app
 
@@ -108,6 +109,10 @@ class LocalDeployment:
             "FLWR_HOME": str(self.directory / "flwr-home"),
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # Flower starts its helpers by name
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+            # As many threads as this process uses: the thread count changes the order of float sums,
+            # so with the simulator's count a client's training is the simulator's to the last bits
+            # (with another, equal to about 1e-7 only).
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -151,23 +156,35 @@ class LocalDeployment:
         Raises with the server's traceback if the ServerApp failed, and with the processes' logs
         if nothing came within ``timeout`` seconds.
         """
-        output, failed = Path(settings.output), error_path(settings.output)
+        self.submit(settings)
+        return self.wait(settings, timeout)
+
+    def submit(self, settings: RunSettings) -> None:
+        """Write the Flower App of ``settings`` and submit it with ``flwr run`` (returns once the SuperLink has it)."""
         app = write_app(self.directory / f"app-{uuid.uuid4().hex[:8]}", settings)
         submitted = subprocess.run([self.tool("flwr"), "run", str(app), "local"], env=self.env, cwd=app,
                                    capture_output=True, text=True, timeout=120)
         if submitted.returncode != 0:
             raise RuntimeError(f"flwr run failed ({submitted.returncode}):\n{submitted.stdout}\n{submitted.stderr}")
+
+    def wait(self, settings: RunSettings, timeout: float = 600.0) -> pd.DataFrame:
+        """The history of a submitted run, once its server has written it (see :meth:`run`)."""
+        output, failed = Path(settings.output), error_path(settings.output)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if output.exists():
                 return read_history(output)
             if failed.exists():
                 raise RuntimeError(f"the ServerApp failed:\n{failed.read_text()}")
-            dead = [name for name, p in self.processes.items() if p.poll() is not None and name == "superlink"]
-            if dead:
+            if self.processes["superlink"].poll() is not None:
                 raise RuntimeError(f"the SuperLink exited during the run\n{self.logs()}")
             time.sleep(0.5)
         raise TimeoutError(f"no history after {timeout:g} s\n{self.logs()}")
+
+    def received(self, client_id: int, message_type: str = "train") -> int:
+        """How many messages of ``message_type`` SuperNode ``client_id`` has received so far (from its log)."""
+        log = self.directory / "logs" / f"supernode-{client_id}.log"
+        return log.read_text(errors="replace").count(f"Receiving: {message_type} message") if log.exists() else 0
 
     def kill_client(self, client_id: int) -> None:
         """Kill SuperNode ``client_id`` and every ClientApp it started (SIGKILL: as a machine that fails)."""
