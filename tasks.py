@@ -349,6 +349,32 @@ def browser_check(html: Path, env: dict[str, str]) -> tuple[int, str]:
     return process.returncode, not_run
 
 
+COLAB_NOT_RUN = 3
+"""The exit code of .ci/colab_check.py when the package registry cannot be reached."""
+
+
+def colab_check(env: dict[str, str]) -> tuple[int, str]:
+    """A chapter's Colab install cell in a fresh Colab-like environment, then the unit tests there (the floor).
+
+    ``.ci/colab_check.py``: the libraries of ``.ci/colab-preinstalled.txt`` (older than the pins, and
+    each at its lower bound in pyproject.toml), a locally built wheel instead of the git address,
+    the chapter under ``smoke``; it fails when the install would replace torch, numpy or another
+    pre-installed library. Returns its exit code and, when it could not run, its ``NOT RUN`` line.
+    """
+    cmd = [str(PYTHON), str(ROOT / ".ci" / "colab_check.py")]
+    say("$ " + " ".join(cmd))
+    started = time.monotonic()
+    not_run = ""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("NOT RUN:"):
+                not_run = line.strip()
+    say(f"exit code {process.returncode} after {time.monotonic() - started:.0f} s")
+    return process.returncode, not_run
+
+
 def test(fast: bool) -> int:
     env = {**os.environ, **OFFLINE_ENV, "FEDLORA_PROFILE": "smoke"}
     # Two pytest workers share the 2-core CI machine: one thread each, not two (oversubscribed
@@ -393,11 +419,17 @@ def test(fast: bool) -> int:
         else:
             record("book build -W", 1, " (skipped: a notebook failed)")
             record("browser check", 1, " (skipped: a notebook failed)")
+        code, not_run = colab_check(env)
+        if code == COLAB_NOT_RUN:
+            results.append(("Colab and floor", not_run or "NOT RUN"))
+        else:
+            record("Colab and floor", code, " (a chapter and the unit tests at pyproject.toml's lower bounds)")
 
     print("\n[tasks] summary (FEDLORA_PROFILE=smoke):", flush=True)
     for name, outcome in results:
         print(f"[tasks]   {name:<20} {outcome}", flush=True)
-    # NOT RUN (the browser check where Chromium cannot be installed) is shown, but does not fail.
+    # NOT RUN (the browser check where Chromium cannot be installed, the Colab check where the registry cannot be
+    # reached) is shown, but does not fail.
     not_run = [name for name, outcome in results if outcome.startswith("NOT RUN")]
     failed = [name for name, outcome in results if not outcome.startswith(("passed", "NOT RUN"))]
     if failed:
