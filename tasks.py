@@ -328,14 +328,8 @@ BROWSER_NOT_RUN = 3
 """The exit code of .ci/browser_check.py when Chromium is not installed and cannot be (no apt-get, no root)."""
 
 
-def browser_check(html: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Open every page of the built site at ``html`` in headless Chromium (``.ci/browser_check.py``).
-
-    The check installs Debian's ``chromium`` with apt-get when it is missing (playwright, which
-    drives it, comes with the test extra). Returns its exit code and, when it could not run, its
-    ``NOT RUN: <why>`` line.
-    """
-    cmd = [str(PYTHON), str(ROOT / ".ci" / "browser_check.py"), str(html), "--screenshots", str(SCREENSHOTS)]
+def run_check(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a check script, echoing its output as it comes; its exit code and its ``NOT RUN: <why>`` line, if any."""
     say("$ " + " ".join(cmd))
     started = time.monotonic()
     not_run = ""
@@ -347,6 +341,17 @@ def browser_check(html: Path, env: dict[str, str]) -> tuple[int, str]:
                 not_run = line.strip()
     say(f"exit code {process.returncode} after {time.monotonic() - started:.0f} s")
     return process.returncode, not_run
+
+
+def browser_check(html: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Open every page of the built site at ``html`` in headless Chromium (``.ci/browser_check.py``).
+
+    The check installs Debian's ``chromium`` with apt-get when it is missing (playwright, which
+    drives it, comes with the test extra). Returns its exit code and, when it could not run, its
+    ``NOT RUN: <why>`` line.
+    """
+    cmd = [str(PYTHON), str(ROOT / ".ci" / "browser_check.py"), str(html), "--screenshots", str(SCREENSHOTS)]
+    return run_check(cmd, env)
 
 
 COLAB_NOT_RUN = 3
@@ -362,17 +367,7 @@ def colab_check(env: dict[str, str]) -> tuple[int, str]:
     pre-installed library. Returns its exit code and, when it could not run, its ``NOT RUN`` line.
     """
     cmd = [str(PYTHON), str(ROOT / ".ci" / "colab_check.py")]
-    say("$ " + " ".join(cmd))
-    started = time.monotonic()
-    not_run = ""
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            if line.startswith("NOT RUN:"):
-                not_run = line.strip()
-    say(f"exit code {process.returncode} after {time.monotonic() - started:.0f} s")
-    return process.returncode, not_run
+    return run_check(cmd, env)
 
 
 def test(fast: bool) -> int:
