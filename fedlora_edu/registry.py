@@ -37,7 +37,7 @@ from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.efficiency.compression import CGFedLLM, FwdLLM, QuantizedUpdates, TopKUpdates
 from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
 from fedlora_edu.efficiency.privacy import DPFedAvg
-from fedlora_edu.efficiency.sparse import FLASC, FSLoRA
+from fedlora_edu.efficiency.sparse import FLASC, HAFL, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
@@ -65,8 +65,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     FedDPA, FDLoRA, FedSALoRA, CELoRA, PFedLoRA, PerFIT, FedLEASE, FedMoE, HyperFloRA,
     # 4.3 clustering (searched: FL-TAC; known in advance, languages: FedLFC, FedHLT)
     FLTAC, FedLFC, FedHLT,
-    # 5 efficiency: sparse learning (and FSLoRA's sketches); at the layer level
-    FLASC, FSLoRA,
+    # 5 efficiency: sparse learning (HAFL by rank-1 component, FSLoRA's sketches); at the layer level
+    FLASC, HAFL, FSLoRA,
     FibecFed, FedPiLot, FedFMSL, FedRA,
     # 5 efficiency: compressed learning (quantized and top-k uploads as baselines) and forward-only training
     QuantizedUpdates, TopKUpdates, CGFedLLM, FwdLLM,

@@ -20,19 +20,27 @@ simulator's (AdamW, like every method here; the authors use SGD with momentum); 
 is counted as 4 bytes of value and 4 of index per kept entry, or as the dense tensors when that
 is smaller (:func:`sparse_bytes`). With both densities 1 and SGD at rate 1 on the server, FLASC is
 FedIT (tests/test_sparse.py checks it).
+
+HAFL (Su, Yan, Deng; arXiv 2411.06581) sparsifies by rank-1 component instead of by entry: each
+client updates only the components of B A = sum_i b_i a_i that its smoothed sensitivities rank
+highest, as many as its budget allows, and the server averages each component over the clients
+that trained it (:class:`HAFL`). FSLoRA's sketches (:class:`FSLoRA`) choose components at random
+and rescale them.
 Taught in ``book/part4/sparse.ipynb``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedlora_edu.core.adapters import Factors
+from fedlora_edu.core.adapters import ADAPTER, Factors, lora_layers
 from fedlora_edu.core.seeds import derive_seed
 from fedlora_edu.core.strategy import (
     ClientStart,
@@ -273,4 +281,187 @@ class FSLoRA(Strategy):
                 new_b[:, indices] += p * upload.payload.tensors[f"{name}.dB"].to(b)
             adapters[name] = (new_a, new_b)
         server.adapters = adapters
+        self.aggregate_head(server, uploads)
+
+
+def smoothed_sensitivity(weight: Tensor, grad: Tensor, mean: Tensor | None, uncertainty: Tensor | None,
+                         beta1: float = 0.85, beta2: float = 0.85) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the smoothed sensitivity of every entry of a factor (AdaLoRA's definition, our reading of HAFL's).
+
+    With I = |w * grad| the sensitivity of this step, the smoothed sensitivity
+    mean' = beta1 mean + (1 - beta1) I, its uncertainty U' = beta2 U + (1 - beta2) |I - mean'|, and the
+    score s = mean' * U'. ``mean`` and ``uncertainty`` None start both at zero. Returns (mean', U', s).
+    """
+    sensitivity = (weight.detach() * grad.detach()).abs().float()
+    mean = torch.zeros_like(sensitivity) if mean is None else mean
+    uncertainty = torch.zeros_like(sensitivity) if uncertainty is None else uncertainty
+    mean = beta1 * mean + (1 - beta1) * sensitivity
+    uncertainty = beta2 * uncertainty + (1 - beta2) * (sensitivity - mean).abs()
+    return mean, uncertainty, mean * uncertainty
+
+
+def component_importance(score_a: Tensor, score_b: Tensor) -> Tensor:
+    """The importance of each rank-1 component b_i a_i: the mean score of row i of A plus that of column i of B."""
+    if score_a.shape[0] != score_b.shape[1]:
+        raise ValueError(f"A has {score_a.shape[0]} rows but B has {score_b.shape[1]} columns")
+    return score_a.mean(dim=1) + score_b.mean(dim=0)
+
+
+def top_components(importance: Tensor, kept: int) -> list[int]:
+    """The ``kept`` most important components, sorted by index; ties go to the lower index."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= importance.numel():
+        raise ValueError(f"kept must be in 1..{importance.numel()}, got {kept!r}")
+    order = sorted(range(importance.numel()), key=lambda i: (-float(importance[i]), i))
+    return sorted(order[:kept])
+
+
+def aggregate_rank_one(a: Tensor, b: Tensor, parts: list[tuple[list[int], Tensor, Tensor]],
+                       weights: list[float]) -> Factors:
+    """HAFL's rank-1 aggregation of one layer: each component averaged over the clients that trained it.
+
+    ``parts[k]`` is client k's (component indices S_k, A[S_k], B[:, S_k]) and ``weights[k]`` its p_k.
+    Component i becomes sum_{k: i in S_k} p_k (a_i^k, b_i^k) / sum_{k: i in S_k} p_k; a component no
+    client trained keeps the global (a_i, b_i). Zero-padding would instead divide by sum_k p_k over all
+    clients, diluting the components few clients trained.
+    """
+    new_a, new_b = a.clone(), b.clone()
+    total = torch.zeros(a.shape[0], dtype=torch.float64)
+    sum_a = torch.zeros(a.shape, dtype=torch.float64)
+    sum_b = torch.zeros(b.shape, dtype=torch.float64)
+    for (indices, rows, columns), p in zip(parts, weights, strict=True):
+        total[indices] += p
+        sum_a[indices] += p * rows.double()
+        sum_b[:, indices] += p * columns.double()
+    trained = (total > 0).nonzero().flatten().tolist()
+    new_a[trained] = (sum_a[trained] / total[trained, None]).to(a)
+    new_b[:, trained] = (sum_b[:, trained] / total[None, trained]).to(b)
+    return new_a, new_b
+
+
+class HAFL(Strategy):
+    """HAFL (Su, Yan, Deng 2024, arXiv 2411.06581): each client trains only its most important rank-1 components.
+
+    A layer's update is a sum of rank-1 components, dW = B A = sum_i b_i a_i (survey eq. 2, A r x n,
+    B m x r). Every client downloads the whole global adapter of rank r and keeps it whole in its
+    forward pass, but under its budget it updates only r_k = max(1, round(share_k r)) components of
+    each layer and keeps the others frozen (the paper's importance-based *freezing* scheme). The
+    components are chosen by importance: the smoothed sensitivity of each factor entry
+    (:func:`smoothed_sensitivity`: I = |w grad L|, smoothed by an exponential average with its
+    uncertainty, as in AdaLoRA), summed per component over row i of A and column i of B
+    (:func:`component_importance`). The client uploads its components' rows of A, columns of B and
+    their indices; the server averages each component over exactly the clients that trained it, with
+    the renormalised weights p_k / sum_{k: i in S_k} p_k (:func:`aggregate_rank_one`), instead of
+    zero-padding every client to rank r. The head, when it trains, is averaged as FedAvg does.
+
+    ``budgets`` is a share r_k / r in (0, 1], or a sequence of shares that client k takes in turn
+    (``budgets[k % len(budgets)]``). Our choices, where the paper's abstract (all we have of it) says no
+    more: each client keeps its own smoothed scores across the rounds it takes part in (beta1 = beta2
+    = 0.85, AdaLoRA's defaults), updates them at every local step, and chooses its components at the
+    first step of each round from the scores that include that step (ties go to the lower index: with
+    B = 0 at the start every score is 0, so a fresh adapter's first components train first); the
+    component's importance is the mean score of its A row plus that of its B column; the budget is the
+    same share of every layer; factors are averaged component-wise (a_i and b_i separately). The
+    paper's weaker *truncation* scheme (the client holds only its r_k components) is not implemented.
+    Frozen components get a zero gradient, which leaves them exactly unchanged under the clients'
+    AdamW without weight decay. Needs the gradients, so the simulator trains its clients one by one.
+    """
+
+    name = "HAFL"
+    paper = "Su, Yan, Deng 2024, arXiv 2411.06581"
+    chapter = "book/part4/sparse"
+
+    @dataclass
+    class ClientState:
+        """The client's smoothed sensitivities (per factor), its budget and this round's components per layer."""
+
+        mean: dict[str, Tensor] | None = None
+        uncertainty: dict[str, Tensor] | None = None
+        kept: int = 0
+        selected: dict[str, list[int]] | None = None
+
+    def __init__(self, budgets: float | list[float] = (1.0, 0.5, 0.25), *, beta1: float = 0.85,
+                 beta2: float = 0.85) -> None:
+        super().__init__(None)
+        shares = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
+        if not shares:
+            raise ValueError("budgets is empty")
+        self.budgets = [_check_density(share, "budgets") for share in shares]
+        for value, label in ((beta1, "beta1"), (beta2, "beta2")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{label} must be in [0, 1), got {value!r}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+
+    def share(self, client_id: int) -> float:
+        """Client k's r_k / r."""
+        return self.budgets[client_id % len(self.budgets)]
+
+    def kept(self, client_id: int, rank: int) -> int:
+        """r_k: how many components of each layer client k trains."""
+        return max(1, min(rank, int(round(self.share(client_id) * rank))))
+
+    def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        client_state.kept = self.kept(client_id, server.rank)
+        client_state.selected = None
+        return super().client_start(server, client_id, client_state, round_index)
+
+    def observe(self, factors: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor]], client_state: Any) -> None:
+        """Update the client's smoothed sensitivities from one step's (A, grad A, B, grad B) per layer."""
+        if client_state.mean is None:
+            client_state.mean, client_state.uncertainty = {}, {}
+        for name, (a, grad_a, b, grad_b) in factors.items():
+            for key, weight, grad in ((f"{name}.A", a, grad_a), (f"{name}.B", b, grad_b)):
+                client_state.mean[key], client_state.uncertainty[key], _ = smoothed_sensitivity(
+                    weight, torch.zeros_like(weight) if grad is None else grad, client_state.mean.get(key),
+                    client_state.uncertainty.get(key), self.beta1, self.beta2)
+
+    def importance(self, client_state: Any, name: str) -> Tensor:
+        """The client's current importance of each component of layer ``name``."""
+        score = {key: client_state.mean[key] * client_state.uncertainty[key] for key in (f"{name}.A", f"{name}.B")}
+        return component_importance(score[f"{name}.A"], score[f"{name}.B"])
+
+    @contextlib.contextmanager
+    def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: Any,
+                       round_index: int) -> Iterator[None]:
+        """Before each optimiser step: update the scores, choose components (first step), zero the rest's gradients."""
+        parameters = {name: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+                      for name, layer in lora_layers(model).items()}
+
+        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.observe({name: (a, a.grad, b, b.grad) for name, (a, b) in parameters.items()}, client_state)
+            if client_state.selected is None:
+                client_state.selected = {name: top_components(self.importance(client_state, name), client_state.kept)
+                                         for name in parameters}
+            for name, (a, b) in parameters.items():
+                frozen = [i for i in range(a.shape[0]) if i not in set(client_state.selected[name])]
+                if a.grad is not None:
+                    a.grad[frozen] = 0
+                if b.grad is not None:
+                    b.grad[:, frozen] = 0
+
+        handle = register_optimizer_step_pre_hook(before_step)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
+        """Per layer, the trained components' rows of A, columns of B and their indices; and the head."""
+        if client_state.selected is None:
+            raise ValueError(f"client {result.client_id} uploads without having trained a step")
+        tensors: dict[str, Tensor] = {}
+        for name, (a, b) in result.adapters.items():
+            indices = client_state.selected[name]
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a[indices].clone(), b[:, indices].clone()
+            tensors[f"{name}.index"] = torch.tensor(indices, dtype=torch.int32)
+        tensors.update({f"head.{key}": value for key, value in result.head.items()})
+        return Payload(tensors)
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """:func:`aggregate_rank_one` on every layer, then FedAvg of the head."""
+        weights = normalized_weights(uploads)
+        server.adapters = {
+            name: aggregate_rank_one(a, b, [(u.payload.tensors[f"{name}.index"].long().tolist(),
+                                             u.payload.tensors[f"{name}.A"], u.payload.tensors[f"{name}.B"])
+                                            for u in uploads], weights)
+            for name, (a, b) in server.adapters.items()}
         self.aggregate_head(server, uploads)
