@@ -1,16 +1,21 @@
-"""Same seed, same federation, same numbers: two methods on Flower's deployment engine against the simulator.
+"""Same seed, same federation, same numbers: three methods on Flower's deployment engine against the simulator.
 
-A SuperLink and three SuperNodes run on localhost as separate processes (``--insecure``: nothing
-leaves 127.0.0.1; see fedlora_edu.flower.localhost), each run is submitted with ``flwr run``, and
-every round's global adapter, head, frozen weight W', accuracy, losses and bytes must equal
-:meth:`Federation.run` (the sequential engine, the one a client's training reuses) on the same tiny
-federation. FedIT changes only the adapter; FedEx-LoRA also folds its residual into W', which the
-server must carry to the clients. Skipped only when Flower (the ``flower`` extra) is not installed.
+A SuperLink and three SuperNodes run on localhost as separate processes, over TLS with certificates
+made for the run (see fedlora_edu.flower.localhost; the failure tests run ``insecure=True``), each
+run is submitted with ``flwr run``, and every round's global adapter, head, frozen weight W',
+accuracy, losses and bytes must equal :meth:`Federation.run` (the sequential engine, the one a
+client's training reuses) on the same tiny federation. FedIT changes only the adapter; FedEx-LoRA
+also folds its residual into W', which the server must carry to the clients; FedSA-LoRA keeps a
+personal B on every client, which lives in the SuperNode's context between rounds: its round-2
+aggregate equals the simulator's only if each client started round 2 from its own B. Skipped only
+when Flower (the ``flower`` extra) is not installed.
 """
 
 from __future__ import annotations
 
 import math
+import socket
+import ssl
 
 import pytest
 import torch
@@ -25,7 +30,7 @@ from fedlora_edu.flower.localhost import LocalDeployment, marked_processes  # no
 from fedlora_edu.registry import make_strategy  # noqa: E402
 
 ROUNDS = 2
-METHODS = ("FedIT", "FedEx-LoRA")
+METHODS = ("FedIT", "FedEx-LoRA", "FedSA-LoRA")
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +40,19 @@ def federation():
 
 @pytest.fixture(scope="module")
 def deployment(federation, tmp_path_factory):
-    """One SuperLink and one SuperNode per client for the module's runs, stopped whatever happens."""
+    """One SuperLink and one SuperNode per client for the module's runs (TLS), stopped whatever happens."""
     directory = tmp_path_factory.mktemp("flower")
     save_federation(federation, directory / "federation.pt")
     local = LocalDeployment(directory / "deployment", federation.num_clients)
+    certificates = None
     try:
         local.start()
+        certificates = local.certificates
         yield local
     finally:
         left = local.stop()
         assert left == [], f"processes of the deployment still running after stop: {left}"
+        assert certificates is None or not certificates.ca.parent.exists(), "the run's certificates were left"
 
 
 def flower_run(deployment, federation, method):
@@ -84,6 +92,8 @@ def test_flower_deployment_equals_the_simulator_round_by_round(deployment, feder
             assert close(held["head"][key], value), (method, t, key)
         if method == "FedEx-LoRA":
             assert held["base"], "FedEx-LoRA folds its residual into W': the server must have changed it"
+        if method == "FedSA-LoRA":  # B is personal: the server's stays the initial one (zero)
+            assert all(not held["adapters"][name][1].any() for name in held["adapters"]), (method, t)
         for name, weight in held["base"].items():
             assert close(weight, base_weight(model, name)), (method, t, name)
         # What the round measured.
@@ -96,6 +106,20 @@ def test_flower_deployment_equals_the_simulator_round_by_round(deployment, feder
         assert (row["clients"], row["excluded"], row["dropped"]) == (3, 0, {}), (method, t)
         # Flower carried at least what the strategy counts (plus W' and the trained factors for the measurements).
         assert row["flower_bytes_down"] >= row["bytes_down"] and row["flower_bytes_up"] >= row["bytes_up"]
+
+
+def test_the_superlink_speaks_tls_with_the_runs_certificate_only(deployment):
+    """A client that trusts the run's CA completes the handshake for 127.0.0.1; one that does not is refused."""
+    assert not deployment.insecure and deployment.certificates is not None
+    address = ("127.0.0.1", deployment.superlink_port)
+    trusting = ssl.create_default_context(cafile=str(deployment.certificates.ca))
+    with socket.create_connection(address, timeout=10) as raw, \
+            trusting.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert ("IP Address", "127.0.0.1") in tls.getpeercert()["subjectAltName"]
+    stranger = ssl.create_default_context()  # the system's authorities only
+    with socket.create_connection(address, timeout=10) as raw, pytest.raises(ssl.SSLCertVerificationError):
+        stranger.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def test_stopping_leaves_no_process(federation, tmp_path):

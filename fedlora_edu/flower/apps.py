@@ -13,9 +13,11 @@ written here; Flower carries the tensors and the round's settings.
 
 What crosses the network each round, for sampled client k:
 
-- down: the ``client_start`` adapter (rank r_k) and head, which of A and B train, and the current
-  frozen weight W' of every layer a method has changed (FLoRA's merges, FedEx-LoRA's residual; the
-  client process keeps nothing between rounds, so it is sent whole and arrives bit for bit);
+- down: the ``client_start`` adapter (rank r_k) and head (for a method with client state: the
+  server's global adapter and head, from which the client computes its start), which of A and B
+  train, and the current frozen weight W' of every layer a method has changed (FLoRA's merges,
+  FedEx-LoRA's residual; a ClientApp process starts afresh for every message, so W' is sent whole
+  and arrives bit for bit);
 - up: the strategy's payload (counted at the size the strategy says, ``Payload.nbytes``, as in the
   simulator), the client's trained factors for the server's measurements (``discordance``,
   ``update_size``, ``aggregation_error``: diagnostics a production server would not ask for) and the
@@ -28,14 +30,24 @@ every sampled client whose update did not count: no reply within the round's tim
 (a client process that crashed), or an update holding NaN or Inf (also counted in ``excluded``, as
 the simulator does). The round goes on with the others.
 
-Limits of this first version: a strategy whose clients keep state between rounds (its
-``ClientState`` is not :class:`~fedlora_edu.core.strategy.NoState`: FLoRA's merge bookkeeping,
-FedSA-LoRA's local matrices) is refused, because its ``client_start`` reads that state on the server
-side of the interface; the server evaluates the global model only (``client_accuracy`` is NaN);
-and every process loads the whole simulated federation from one file (:func:`save_federation`),
-where a real SuperNode would load only its own data.
+Where a client's state lives. A method whose clients keep something between rounds (its
+``ClientState`` is not :class:`~fedlora_edu.core.strategy.NoState`) keeps it on the SuperNode, in
+the ``state`` of the ClientApp's Flower :class:`~flwr.app.Context`: the SuperNode holds that
+context in its memory for the whole run and hands it to the ClientApp process of every message, so
+what a round's ClientApp writes there the next round's reads (:func:`save_client_state`,
+:func:`load_client_state`; it never crosses the network, and it dies with the SuperNode, as a real
+client's memory would). For such a method ``client_start`` runs on the client, not on the server:
+the server sends its global adapter and head (and the scalars of its state), the client rebuilds
+that view of the server and asks the strategy for its start with its own state; it reports the
+start's download size and the factors it started from (for the server's ``update_size``). This
+holds for the methods in :data:`CLIENT_STATE_METHODS` (FedSA-LoRA: A shared, B personal), each
+checked equal to the simulator; :func:`check_supported` refuses the others, naming why.
 
-Taught in ``book/part1/federated_learning.ipynb`` (the simulator's round); the Flower chapter is to come.
+Other limits: the server evaluates the global model only (``client_accuracy`` is NaN), and every
+process loads the whole simulated federation from one file (:func:`save_federation`), where a real
+SuperNode would load only its own data.
+
+Taught in ``book/flower/real_federation.ipynb`` (the simulator's round: ``book/part1/federated_learning.ipynb``).
 """
 
 from __future__ import annotations
@@ -46,14 +58,15 @@ import os
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import tomli_w
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
@@ -168,12 +181,82 @@ def load_federation(path: str | Path) -> Federation:
     return torch.load(path, weights_only=False, mmap=True)
 
 
+CLIENT_STATE_METHODS = ("FedSA-LoRA",)
+"""The methods with per-client state this adapter runs, their ``client_start`` on the client (module docstring).
+
+A method belongs here once its start, local training and upload need nothing but the server's global
+adapter and head, the round's scalars and the client's own state and data, and a test shows its
+history equal to the simulator's (``tests/test_flower_deployment.py``)."""
+
+
+def keeps_client_state(strategy: Strategy) -> bool:
+    """Whether ``strategy``'s clients keep state between rounds (its ``ClientState`` is not ``NoState``)."""
+    return type(strategy.new_client_state()) is not NoState
+
+
 def check_supported(strategy: Strategy) -> None:
-    """Refuse a strategy this adapter cannot run yet (see the module docstring), naming why."""
-    if type(strategy.new_client_state()) is not NoState:
-        raise ValueError(f"strategy {strategy.name} keeps per-client state ({type(strategy).ClientState.__name__}) "
-                         "that its client_start reads on the server; the Flower adapter does not carry client "
-                         "state yet")
+    """Refuse a strategy this adapter cannot run yet (see the module docstring), naming it and why."""
+    if keeps_client_state(strategy) and strategy.name not in CLIENT_STATE_METHODS:
+        raise ValueError(
+            f"strategy {strategy.name} keeps per-client state ({type(strategy.new_client_state()).__name__}), "
+            f"which on Flower lives on the SuperNode, so its client_start must run there; the adapter does that "
+            f"only for {', '.join(CLIENT_STATE_METHODS)}, whose start, training and upload need nothing but the "
+            f"server's global adapter and head and the client's own state, each checked equal to the simulator. "
+            f"{strategy.name}'s hooks may read what a SuperNode is not sent (the server's method state, other "
+            f"clients' data, the federation), so it is refused rather than run wrongly")
+
+
+# ----- a client's state, kept in its Flower context ---------------------------------------------------
+
+STATE_KEY = "fedlora.client_state"
+"""The name of the ConfigRecord in ``Context.state`` that says what each field of the client's state holds."""
+
+
+def save_client_state(client_state: Any, records: RecordDict) -> None:
+    """Store a strategy's client state (a dataclass) in ``records`` (a Flower context's ``state``).
+
+    Each field is None, a number, a string or a bool (kept in a ConfigRecord), a tensor or a dict
+    of named tensors (kept in an ArrayRecord, bit for bit); any other value raises a TypeError that
+    names the field.
+    """
+    if not is_dataclass(client_state):
+        raise TypeError(f"a client state must be a dataclass, got {type(client_state).__name__}")
+    kinds: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for field in fields(client_state):
+        value = getattr(client_state, field.name)
+        key = f"{STATE_KEY}.{field.name}"
+        if key in records:
+            del records[key]
+        if value is None:
+            kinds[field.name] = "none"
+        elif isinstance(value, (bool, int, float, str)):
+            kinds[field.name], values[field.name] = "value", value
+        elif isinstance(value, Tensor):
+            kinds[field.name], records[key] = "tensor", tensors_to_record({"tensor": value})
+        elif isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
+            kinds[field.name], records[key] = "tensors", tensors_to_record(value)
+        else:
+            raise TypeError(f"{type(client_state).__name__}.{field.name} holds a {type(value).__name__}, which "
+                            "the Flower adapter cannot keep in a context (None, numbers, strings, tensors and "
+                            "dicts of named tensors only)")
+    records[STATE_KEY] = ConfigRecord({"kinds": json.dumps(kinds), "values": json.dumps(values)})
+
+
+def load_client_state(strategy: Strategy, records: RecordDict) -> Any:
+    """The client state :func:`save_client_state` stored in ``records``, or a fresh one if none is there."""
+    client_state = strategy.new_client_state()
+    if STATE_KEY not in records:
+        return client_state
+    kinds = json.loads(str(records[STATE_KEY]["kinds"]))
+    values = json.loads(str(records[STATE_KEY]["values"]))
+    for name, kind in kinds.items():
+        stored = records[f"{STATE_KEY}.{name}"] if kind in ("tensor", "tensors") else None
+        value = {"none": None, "value": values.get(name)}.get(kind) if stored is None else record_to_tensors(stored)
+        if kind == "tensor":
+            value = value["tensor"]
+        setattr(client_state, name, value)
+    return client_state
 
 
 # ----- server -----------------------------------------------------------------------------------------
@@ -219,14 +302,21 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, 
 
 
 def train_message_content(start: ClientStart, base_weights: dict[str, Tensor], client_id: int,
-                          round_index: int) -> RecordDict:
-    """What client k receives for one round: its start, the changed W', which factors train."""
+                          round_index: int, server: ServerState | None = None) -> RecordDict:
+    """What client k receives for one round: its start, the changed W', which factors train.
+
+    With ``server`` (a method with client state) the client computes its start itself: ``start``
+    is then the server's global adapter and head, and the header carries the server's scalars.
+    """
+    header = {"client_id": client_id, "round": round_index, "trainable": sorted(start.trainable),
+              "start_on_client": server is not None}
+    if server is not None:
+        header.update({"scaling": float(server.scaling), "rank": int(server.rank), "seed": int(server.seed)})
     return RecordDict({
         "adapters": tensors_to_record(factors_to_tensors(start.adapters)),
         "head": tensors_to_record(start.head),
         "base": tensors_to_record(base_weights),
-        "round": ConfigRecord({"client_id": client_id, "round": round_index,
-                               "trainable": sorted(start.trainable)}),
+        "round": ConfigRecord(header),
     })
 
 
@@ -260,7 +350,8 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
     changed = set(server.base_deltas)  # the layers whose W' differs from the pre-trained one: sent each round
     adapter_io.add_to_base_weights(model, server.base_deltas)
     server.base_deltas = {}
-    client_states = {k: strategy.new_client_state() for k in range(num_clients)}
+    on_client = keeps_client_state(strategy)  # then client_start runs on the SuperNodes, with their state
+    client_states = {} if on_client else {k: strategy.new_client_state() for k in range(num_clients)}
     rng = np.random.default_rng(seed)
     rows, kept = [], []
     for t in range(settings.rounds):
@@ -272,14 +363,23 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
         messages: dict[int, Message] = {}
         dropped: dict[int, str] = {}
         bytes_down = flower_down = 0
+        estimated_down: dict[int, int] = {}
         for k in sampled:
-            start = strategy.client_start(server, k, client_states[k], t)
+            if on_client:
+                # The client computes its start from its own state; what the server knows is its global model.
+                # A client that never replies is counted with the download a fresh client state would get.
+                start = ClientStart({n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()},
+                                    {key: v.clone() for key, v in server.head.items()}, Payload(),
+                                    strategy.trainable(t))
+                estimated_down[k] = strategy.client_start(server, k, strategy.new_client_state(), t).download.nbytes
+            else:
+                start = strategy.client_start(server, k, client_states[k], t)
+                bytes_down += start.download.nbytes
             starts[k] = start
-            bytes_down += start.download.nbytes
             if k not in nodes:
                 dropped[k] = "no SuperNode holds this client"
                 continue
-            content = train_message_content(start, base, k, t)
+            content = train_message_content(start, base, k, t, server if on_client else None)
             flower_down += array_bytes(content)
             messages[k] = Message(content, dst_node_id=nodes[k], message_type=MessageType.TRAIN)
         replies = exchange(grid, messages, timeout=settings.round_timeout)
@@ -289,9 +389,11 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
         bytes_up = flower_up = excluded = 0
         names = list(server.adapters)
         for k in sampled:  # in the sampled order, as the simulator sums
+            reply = replies.get(k)
+            if on_client and (reply is None or reply.has_error()):
+                bytes_down += estimated_down[k]
             if k in dropped:
                 continue
-            reply = replies.get(k)
             if reply is None:
                 dropped[k] = f"no reply within {settings.round_timeout:g} s"
                 continue
@@ -300,6 +402,10 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
                 continue
             flower_up += array_bytes(reply.content)
             meta = reply.content["upload"]
+            if on_client:
+                bytes_down += int(meta["download_nbytes"])
+                starts[k] = ClientStart(tensors_to_factors(record_to_tensors(reply.content["started"]), names),
+                                        {}, Payload())
             payload = Payload(record_to_tensors(reply.content["payload"]), nbytes=int(meta["nbytes"]))
             bytes_up += payload.nbytes
             loss, rank_k = float(meta["train_loss"]), int(meta["rank"])
@@ -411,13 +517,19 @@ class _Received:
 
 
 def client_step(federation: Federation, strategy: Strategy, content: RecordDict, client_id: int,
-                settings: RunSettings, fault: str = "") -> RecordDict:
+                settings: RunSettings, fault: str = "", client_state: Any = None) -> RecordDict:
     """Client ``client_id``'s part of a round: train from the received start, reply with the upload.
 
     The model is the server's (same rank, same seed) with the received W'; training is the
     simulator's sequential path on this client's data with the simulator's batch seed, so the
     result equals the simulator's client to float tolerance. ``fault`` (:data:`FAULTS`) makes the
     client misbehave on purpose.
+
+    ``client_state`` is this client's state (a method with client state: the caller loads it
+    from the Flower context and stores it again afterwards; this function updates it in place,
+    as the simulator's hooks do). When the message says so (``start_on_client``), the client
+    computes its start itself: ``strategy.client_start`` on a view of the server rebuilt from the
+    message (global adapter, head, scaling, rank, seed, round; no method state) and its own state.
     """
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
@@ -434,9 +546,16 @@ def client_step(federation: Federation, strategy: Strategy, content: RecordDict,
         for name, weight in record_to_tensors(content["base"]).items():
             adapter_io.base_weight(model, name).copy_(weight)
     layers = list(adapter_io.lora_layers(model))
-    start = ClientStart(tensors_to_factors(record_to_tensors(content["adapters"]), layers),
-                        record_to_tensors(content["head"]), Payload(), frozenset(header["trainable"]))
-    client_state = strategy.new_client_state()
+    received = ClientStart(tensors_to_factors(record_to_tensors(content["adapters"]), layers),
+                           record_to_tensors(content["head"]), Payload(), frozenset(header["trainable"]))
+    if client_state is None:
+        client_state = strategy.new_client_state()
+    if bool(header.get("start_on_client", False)):
+        view = ServerState(adapters=received.adapters, head=received.head, scaling=float(header["scaling"]),
+                           rank=int(header["rank"]), round=round_index, seed=int(header["seed"]))
+        start = strategy.client_start(view, client_id, client_state, round_index)
+    else:
+        start = received
     [(_, _, result)] = federation.train_sequential(
         model, _Received(strategy, start), None, {client_id: client_state}, [client_id], round_index,
         seed=settings.seed, steps=settings.local_steps, batch_size=settings.batch_size,
@@ -445,11 +564,16 @@ def client_step(federation: Federation, strategy: Strategy, content: RecordDict,
     tensors = payload.tensors
     if fault == "nan":
         tensors = {name: torch.full_like(tensor, math.nan) for name, tensor in tensors.items()}
+    rank = int(result.rank)
     return RecordDict({
         "payload": tensors_to_record(tensors),
         "trained": tensors_to_record(factors_to_tensors(result.adapters)),
+        "started": tensors_to_record(factors_to_tensors({n: (a[:rank], b[:, :rank])
+                                                         for n, (a, b) in start.adapters.items()}))
+        if start is not received else ArrayRecord(),
         "upload": ConfigRecord({"nbytes": int(payload.nbytes), "num_examples": int(result.num_examples),
-                                "train_loss": float(result.train_loss), "rank": int(result.rank)}),
+                                "train_loss": float(result.train_loss), "rank": rank,
+                                "download_nbytes": int(start.download.nbytes)}),
     })
 
 
@@ -470,9 +594,14 @@ def _client_identify(message: Message, context: Context) -> Message:
 @client_app.train()
 def _client_train(message: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    content = client_step(load_federation(settings.federation), settings.strategy(), message.content,
+    strategy = settings.strategy()
+    stateful = keeps_client_state(strategy)
+    client_state = load_client_state(strategy, context.state) if stateful else None
+    content = client_step(load_federation(settings.federation), strategy, message.content,
                           int(context.node_config["partition-id"]), settings,
-                          fault=str(context.node_config.get("fault", "")))
+                          fault=str(context.node_config.get("fault", "")), client_state=client_state)
+    if stateful:  # kept by the SuperNode for the next round of this run (module docstring)
+        save_client_state(client_state, context.state)
     return Message(content, reply_to=message)
 
 

@@ -8,11 +8,15 @@ system process on ports chosen free at run time. :meth:`LocalDeployment.run` wri
 (:func:`~fedlora_edu.flower.apps.write_app`), submits it with ``flwr run`` and waits for the
 history the server writes.
 
-Connections are **insecure** (``--insecure``: plain HTTP, no TLS, no SuperNode authentication):
-every process is on 127.0.0.1 of one machine and nothing leaves it. Across machines a SuperLink
-must run with TLS (``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``) and its
-SuperNodes and ``flwr`` with the CA certificate (``--root-certificates``, ``root-certificates``
-in the Flower configuration); the chapter shows how.
+Connections use **TLS** by default: the deployment makes a certificate authority and a
+certificate for 127.0.0.1 for the run (:func:`~fedlora_edu.flower.certificates.make_certificates`,
+in a temporary directory removed when it stops), starts the SuperLink with them
+(``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``) and gives the SuperNodes and
+``flwr`` the CA's certificate to check it against (``--root-certificates``, and
+``root-certificates`` in Flower's configuration), as a federation across machines must. The
+SuperNodes are not authenticated (any process that can reach the port may join; Flower's
+``--enable-supernode-auth`` would add that). ``insecure=True`` runs plain HTTP instead
+(``--insecure``), acceptable only because every process is on 127.0.0.1 of one machine.
 
 Everything a deployment starts, and everything those processes start (Flower launches helper
 processes detached from their parent's process group), carries one environment variable with a
@@ -25,10 +29,12 @@ user's home.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +44,7 @@ import tomli_w
 import torch
 
 from fedlora_edu.flower.apps import FAULTS, RunSettings, error_path, read_history, write_app
+from fedlora_edu.flower.certificates import Certificates, make_certificates
 
 MARKER = "FEDLORA_FLOWER_DEPLOYMENT"
 """The environment variable every process of a :class:`LocalDeployment` carries (its token)."""
@@ -87,10 +94,14 @@ class LocalDeployment:
     SuperNode k holds client k (``--node-config partition-id=k``); ``faults[k]`` (one of
     :data:`~fedlora_edu.flower.apps.FAULTS`) makes it misbehave. Each process writes its output
     to ``<directory>/logs/<name>.log``; :meth:`logs` returns their ends for an error message.
+
+    With ``insecure=False`` (default) every connection to the SuperLink uses TLS with certificates
+    made for this deployment (``self.certificates`` while it runs); ``insecure=True`` runs plain
+    HTTP (the module docstring says when that is acceptable).
     """
 
     def __init__(self, directory: str | Path, num_clients: int, *, faults: dict[int, str] | None = None,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, insecure: bool = False) -> None:
         faults = faults or {}
         unknown = {k: f for k, f in faults.items() if f not in FAULTS or not 0 <= k < num_clients}
         if unknown:
@@ -99,6 +110,9 @@ class LocalDeployment:
         self.num_clients = num_clients
         self.faults = faults
         self.start_timeout = start_timeout
+        self.insecure = bool(insecure)
+        self.certificates: Certificates | None = None
+        self._certificate_dir: Path | None = None
         self.token = uuid.uuid4().hex
         self.processes: dict[str, subprocess.Popen] = {}
         self.superlink_port: int | None = None
@@ -133,21 +147,32 @@ class LocalDeployment:
         """Start the SuperLink, wait until it listens, then start the SuperNodes and write Flower's configuration."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.superlink_port = free_port()
+        if self.insecure:
+            serve_with, trust_with, connection = ["--insecure"], ["--insecure"], {"insecure": True}
+        else:
+            self._certificate_dir = Path(tempfile.mkdtemp(prefix="fedlora-flower-tls-"))
+            self.certificates = make_certificates(self._certificate_dir, hosts=("localhost", HOST))
+            serve_with = ["--ssl-ca-certfile", str(self.certificates.ca),
+                          "--ssl-certfile", str(self.certificates.certificate),
+                          "--ssl-keyfile", str(self.certificates.key)]
+            trust_with = ["--root-certificates", str(self.certificates.ca)]
+            connection = {"root-certificates": str(self.certificates.ca)}
         superlink = self._start("superlink", [
-            self.tool("flower-superlink"), "--insecure", "--host", HOST, "--port", str(self.superlink_port),
+            self.tool("flower-superlink"), *serve_with, "--host", HOST, "--port", str(self.superlink_port),
             "--disable-runtime-dependency-installation"])
         wait_for_port(self.superlink_port, self.start_timeout, superlink)
         for k in range(self.num_clients):
             node_config = f"partition-id={k} num-partitions={self.num_clients}"
             if self.faults.get(k):
                 node_config += f' fault="{self.faults[k]}"'
+            # The SuperNode's own port serves its ClientApp processes on this machine only (plain HTTP).
             self._start(f"supernode-{k}", [
-                self.tool("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.superlink_port}",
+                self.tool("flower-supernode"), *trust_with, "--superlink", f"{HOST}:{self.superlink_port}",
                 "--node-config", node_config, "--host", HOST, "--port", str(free_port())])
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-            "default": "local", "local": {"address": f"{HOST}:{self.superlink_port}", "insecure": True}}}))
+            "default": "local", "local": {"address": f"{HOST}:{self.superlink_port}", **connection}}}))
         return self
 
     def run(self, settings: RunSettings, timeout: float = 600.0) -> pd.DataFrame:
@@ -241,6 +266,9 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 pass
         time.sleep(0.1)
+        if self._certificate_dir is not None:  # the run's keys and certificates go with it
+            shutil.rmtree(self._certificate_dir, ignore_errors=True)
+            self._certificate_dir = None
         return marked_processes(self.token)
 
     def __enter__(self) -> LocalDeployment:
