@@ -36,6 +36,7 @@ from fedlora_edu.distributed.server_init import FeDeRA, SLoRA, StandardInit
 from fedlora_edu.distributed.single_matrix import CoLR, FFALoRA, LoRAA2, RoLoRA
 from fedlora_edu.efficiency.compression import CGFedLLM, FwdLLM, QuantizedUpdates, TopKUpdates
 from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
+from fedlora_edu.efficiency.offsite import FedBiOT
 from fedlora_edu.efficiency.privacy import DPFedAvg
 from fedlora_edu.efficiency.sparse import FLASC, HAFL, FSLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
@@ -68,8 +69,9 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     # 5 efficiency: sparse learning (HAFL by rank-1 component, FSLoRA's sketches); at the layer level
     FLASC, HAFL, FSLoRA,
     FibecFed, FedPiLot, FedFMSL, FedRA,
-    # 5 efficiency: compressed learning (quantized and top-k uploads as baselines) and forward-only training
-    QuantizedUpdates, TopKUpdates, CGFedLLM, FwdLLM,
+    # 5 efficiency: compressed learning (quantized and top-k uploads as baselines; FedBiOT's compressed model)
+    # and forward-only training
+    QuantizedUpdates, TopKUpdates, CGFedLLM, FedBiOT, FwdLLM,
     # privacy as a cost: user-level differential privacy around a method whose upload is its factors
     DPFedAvg,
 )

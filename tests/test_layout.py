@@ -44,6 +44,10 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"core", "assets", "foundations", *BRANCHES, "registry", "simulation", "studies", "testbed",
                  "federations", "teaching"},
 }
+EXCEPTIONS: dict[str, set[str]] = {
+    # FedBiOT's server distils its emulator on public text: the one method that reads an embedded data set itself.
+    "fedlora_edu.efficiency.offsite": {"assets"},
+}
 
 
 def module_name(path: Path, package: Path) -> str:
@@ -101,7 +105,7 @@ def import_violations(package: Path) -> list[str]:
                 allowed = ALLOWED.get(source_part)
                 if allowed is None:
                     problems.append(f"{where}: {source_part} is not a known part of the package (add it to ALLOWED)")
-                elif target_part not in allowed and not target.startswith(name + "."):
+                elif target_part not in allowed | EXCEPTIONS.get(name, set()) and not target.startswith(name + "."):
                     problems.append(f"{where}: {source_part} may not import {target_part} ({name} imports {target})")
     problems.extend(f"import cycle: {' -> '.join(cycle)}" for cycle in find_cycles(graph))
     return problems

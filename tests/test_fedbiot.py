@@ -1,0 +1,152 @@
+"""FedBiOT (survey 5, compression): a layer-dropped emulator distilled on public data; adapters plugged back in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import recording, tiny_federation
+
+from fedlora_edu.core import adapters as adapter_io
+from fedlora_edu.efficiency.layers import _layer_module, layer_of
+from fedlora_edu.efficiency.offsite import (
+    FedBiOT,
+    build_emulator,
+    distill_emulator,
+    emulator_bytes,
+    emulator_gap,
+    emulator_installed,
+    emulator_kl,
+    kept_layers,
+    public_data,
+)
+from fedlora_edu.foundations.training import trim_batch
+
+
+@pytest.fixture(scope="module")
+def probe_federation():
+    """The tiny federation (BBC News) with the frozen probe head: the KL compares meaningful class distributions."""
+    return tiny_federation("iid", head="probe")
+
+
+def test_the_emulator_keeps_evenly_spaced_blocks_first_and_last_included():
+    assert kept_layers(4, 0.2) == [0, 1, 3]
+    assert kept_layers(4, 0.5) == [0, 3]
+    assert kept_layers(4, 0.0) == [0, 1, 2, 3]
+    thirty = kept_layers(30, 0.2)
+    assert len(thirty) == 24 and thirty[0] == 0 and thirty[-1] == 29
+    assert kept_layers(3, 0.9) == [0]
+    with pytest.raises(ValueError, match="drop_ratio"):
+        kept_layers(4, 1.0)
+
+
+def test_the_installed_emulator_runs_the_chosen_blocks_only_and_leaves_the_model_as_it_was(probe_federation):
+    model = probe_federation.fresh_model(seed=0)
+    emulator = build_emulator(model, 4, 0.5)
+    assert emulator.layers == [0, 1, 2, 3] and emulator.kept == [0, 3] and emulator.dropped == [1, 2]
+    assert sorted(emulator.weights) == [0, 3]
+    for i in emulator.kept:
+        emulator.weights[i] = {name: value + 0.01 for name, value in emulator.weights[i].items()}
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    seen = {}
+
+    def record(index):
+        def hook(module, args, output):
+            seen[index] = (args[0], output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    handles = [_layer_module(model, i).register_forward_hook(record(i)) for i in range(6)]
+    batch = trim_batch(probe_federation.test.subset(list(range(4))), torch.device("cpu"))
+    batch.pop("labels")
+    with torch.no_grad(), emulator_installed(model, emulator):
+        model(**batch)
+        for i in emulator.dropped:  # a dropped block passes its input on
+            assert torch.equal(seen[i][0], seen[i][1])
+        for i in emulator.kept:  # a kept block holds the emulator's weights
+            block = dict(_layer_module(model, i).named_parameters())
+            for name, value in emulator.weights[i].items():
+                assert torch.equal(block[name], value)
+    for handle in handles:
+        handle.remove()
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_distillation_lowers_the_kl_to_the_full_model_on_held_out_public_text(probe_federation):
+    model = probe_federation.fresh_model(seed=0)
+    public = public_data("tweet_sentiment", 96, probe_federation.profile.max_length)
+    train, held_out = public.subset(list(range(32, 96))), public.subset(list(range(32)))
+    emulator = build_emulator(model, 4, 0.2)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kl_before, gap_before = emulator_kl(model, emulator, held_out), emulator_gap(model, emulator, held_out)
+    losses = distill_emulator(model, emulator, train, steps=12, batch_size=8, learning_rate=1e-4)
+    kl_after, gap_after = emulator_kl(model, emulator, held_out), emulator_gap(model, emulator, held_out)
+    assert len(losses) == 12
+    assert kl_after < kl_before and gap_after < gap_before
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # the full model
+
+
+def test_fedbiot_trains_the_adapter_on_the_emulator_and_plugs_it_into_the_full_model(probe_federation):
+    strategy = recording(FedBiOT)(distill_steps=4, public_examples=24)
+    history = probe_federation.run(strategy, rounds=2, progress=False, seed=2)
+    server = probe_federation.last_server
+    state = server.method_state
+    assert state.emulator.layers == [0, 1, 2, 3] and state.emulator.kept == [0, 1, 3]
+    adapter = [name for name in server.adapters if layer_of(name) in (4, 5)]
+    for _, _, payload, _ in strategy.sent:  # up: the adapter's factors and the head, nothing of the emulator
+        sent = {key.rsplit(".", 1)[0] for key in payload.tensors if not key.startswith("head.")}
+        assert sent == set(adapter)
+        assert payload.nbytes == sum(len(v.numpy().tobytes()) for v in payload.tensors.values())
+        assert payload.nbytes == 4 * sum(server.adapters[n][0].numel() + server.adapters[n][1].numel()
+                                         for n in adapter) + 4 * sum(v.numel() for v in server.head.values())
+    first, second = strategy.starts[0], strategy.starts[1]
+    for k in first:  # down: the emulator once, in the client's first download
+        assert first[k].download.nbytes == second[k].download.nbytes + state.emulator_bytes
+        assert second[k].download.nbytes == sum(len(v.numpy().tobytes()) for v in second[k].download.tensors.values())
+    model = probe_federation.fresh_model(seed=2)  # the run's initial adapter
+    classifier_numbers = sum(p.numel() for n, p in model.named_parameters()
+                             if "lora_" not in n and not n.endswith(("classifier.weight", "classifier.bias")))
+    block_numbers = sum(p.numel() for n, p in _layer_module(model, 2).named_parameters() if "lora_" not in n)
+    assert state.emulator_bytes == emulator_bytes(model, state.emulator) == 4 * (classifier_numbers - block_numbers)
+    initial = adapter_io.get_lora_factors(model)
+    for name, (a, b) in server.adapters.items():
+        if name in adapter:
+            assert not torch.equal(b, initial[name][1])
+        else:  # the emulator's blocks carry no trained adapter
+            assert torch.equal(b, initial[name][1]) and torch.equal(a, initial[name][0])
+    batch = trim_batch(probe_federation.test, torch.device("cpu"))
+    batch.pop("labels")
+    with torch.no_grad():
+        plain = model(**batch).logits
+        adapter_io.set_lora_factors(model, server.adapters)  # the full model's own module names
+        plugged = model(**batch).logits
+    assert not torch.allclose(plain, plugged)
+    assert history["accuracy"].notna().all()
+
+
+def test_with_cached_bottom_blocks_the_clients_read_the_emulators_output_and_the_cache_comes_back():
+    federation = tiny_federation("iid", adapted_layers=2)
+    cached = [data.hidden.clone() for data in federation.clients]
+    seen = []
+
+    class Watching(FedBiOT):
+        def local_training(self, model, start, client_state, round_index):
+            context = super().local_training(model, start, client_state, round_index)
+            outer = self
+
+            class Wrapped:
+                def __enter__(self):
+                    context.__enter__()
+                    seen.append(federation.clients[client_state.client_id].hidden is
+                                client_state.server_state.hidden[client_state.client_id])
+                    return outer
+
+                def __exit__(self, *error):
+                    return context.__exit__(*error)
+
+            return Wrapped()
+
+    federation.run(Watching(distill_steps=2, public_examples=12), rounds=1, progress=False, seed=0)
+    state = federation.last_server.method_state
+    assert seen and all(seen)
+    assert all(torch.equal(data.hidden, before) for data, before in zip(federation.clients, cached, strict=True))
+    assert not torch.allclose(state.hidden[0], cached[0])  # the emulator's bottom differs from the full model's
