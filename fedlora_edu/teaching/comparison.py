@@ -18,7 +18,12 @@ anchors: the probe (where every run starts) and centralised LoRA on the pooled d
   methods it has on every seed;
 - :meth:`Comparison.verdict`: whether methods are ahead of (or behind) a reference with the
   interval of the paired difference excluding zero: "agrees" with an expected side, "disagrees",
-  or "not distinguishable here".
+  or "not distinguishable here" (:func:`verdict_of_intervals` gives the same rule for any paired
+  intervals, costs included);
+- a study without anchors of its own (``studies/part4.py``) is read against another's anchors, seed
+  by seed: ``Comparison("part2", also=("part4",), seeds=[0, 1, 2])``;
+- :func:`pareto_front`: the points that no other point beats on cost and value at once (Part IV's
+  cost of a federation).
 
 Used by ``book/part2/at_a_glance.ipynb`` and the method chapters of Part II.
 """
@@ -91,6 +96,29 @@ def verdict_of(sides: Sequence[str | None], expected: str) -> str:
     return "not distinguishable here"
 
 
+def verdict_of_intervals(gaps: Sequence[Interval], expected: str) -> str:
+    """:func:`verdict_of` the sides (:func:`side_of`) of paired intervals, one per method of a claim: the rule every
+    at-a-glance chapter applies, for accuracy or for a cost (a method's figure minus the reference's, seed by seed)."""
+    return verdict_of([side_of(gap) for gap in gaps], expected)
+
+
+def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[bool]:
+    """Which points are on the Pareto front of lower cost and higher value: no other point has a cost at most
+    this one's and a value at least this one's, with one of the two strictly better.
+
+    Two points equal in both are both on the front (neither beats the other). NaN is refused: a point
+    without a measurement is left out by the caller, not silently placed.
+    """
+    cost, value = np.asarray(costs, dtype=float), np.asarray(values, dtype=float)
+    if cost.shape != value.shape or cost.ndim != 1:
+        raise ValueError(f"costs and values must be two sequences of one length, got {cost.shape} and {value.shape}")
+    if not (np.isfinite(cost).all() and np.isfinite(value).all()):
+        raise ValueError("costs and values must be finite numbers")
+    dominated = ((cost[None, :] <= cost[:, None]) & (value[None, :] >= value[:, None])
+                 & ((cost[None, :] < cost[:, None]) | (value[None, :] > value[:, None])))
+    return [not bool(row.any()) for row in dominated]
+
+
 def _at_settings(rows: pd.DataFrame, varied: dict[str, float]) -> pd.DataFrame:
     """The ``rows`` run at the study's own settings, except those in ``varied`` (keywords of :data:`VARIED`), which
     must have the values given."""
@@ -103,8 +131,19 @@ def _at_settings(rows: pd.DataFrame, varied: dict[str, float]) -> pd.DataFrame:
 class Comparison:
     """The stored study ``name``, seed by seed, ready to compare methods (see the module docstring)."""
 
-    def __init__(self, name: str = "part2", profile: str = "cpu") -> None:
+    def __init__(self, name: str = "part2", profile: str = "cpu", also: Sequence[str] = (),
+                 seeds: Sequence[int] | None = None) -> None:
+        """``name``'s runs under ``profile``, with the runs of the studies ``also`` names (same federation and
+        seeds, no anchors of their own) read against ``name``'s anchors; ``seeds``: only those anchor seeds."""
         study = load_study(name)
+        stale = study.attrs["stale"]
+        for other in also:
+            extra = load_study(other)
+            stale += extra.attrs["stale"]
+            if (extra["method"] == ANCHORS).any():
+                raise ValueError(f"study {other!r} has anchors of its own: read it as a Comparison by itself")
+            study = pd.concat([study, extra], ignore_index=True)
+        study.attrs.update({"stale": stale, "name": " + ".join([name, *also])})
         if profile not in set(study["profile"]):
             raise ValueError(f"study {name!r} has no runs under the profile {profile!r}; it has "
                              f"{sorted(set(study['profile']))} (run studies/{name}.py --profile {profile})")
@@ -112,6 +151,11 @@ class Comparison:
         self.study = study[study["profile"] == profile]
         self.study.attrs.update(study.attrs)
         self.anchors = self.study[self.study["method"] == ANCHORS].set_index("seed").sort_index()
+        if seeds is not None:
+            absent = sorted(set(seeds) - set(self.anchors.index))
+            if absent:
+                raise ValueError(f"study {name!r} has no anchor runs on seeds {absent} under the profile {profile!r}")
+            self.anchors = self.anchors.loc[sorted(set(seeds))]
         if self.anchors.empty:
             raise ValueError(f"study {name!r} has no anchor runs ({ANCHORS!r}) under the profile {profile!r}: "
                              f"run studies/{name}.py --profile {profile}")

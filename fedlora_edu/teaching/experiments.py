@@ -909,6 +909,65 @@ QUESTIONS["quantization_error_explained"] = Question(
 )
 
 
+# ----- Part IV, the cost of a federation: what a rank costs a step ---------------------------------------------------
+def _lora_flops(batch: int, m: int, n: int, r: int, *, backward: bool = True, input_grad: bool = True) -> float:
+    """The FLOPs FlopCounterMode counts for y = x W^T + (x A^T) B^T summed: forward, and backward unless told not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    weight = torch.ones(m, n, dtype=torch.float64)  # frozen
+    a = torch.ones(r, n, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(m, r, dtype=torch.float64, requires_grad=True)
+    inputs = torch.ones(batch, n, dtype=torch.float64, requires_grad=input_grad)  # an adapted layer below: True
+    with FlopCounterMode(display=False) as counter:
+        loss = (inputs @ weight.T + (inputs @ a.T) @ b.T).sum()
+        if backward:
+            loss.backward()
+    return float(counter.get_total_flops())
+
+
+def _lora_step_flops_reference(batch: int, m: int, n: int, ranks: list[int]) -> Tensor:
+    return torch.tensor([_lora_flops(batch, m, n, r) for r in ranks], dtype=torch.float64)
+
+
+def _lora_step_flops_cases(seed: int) -> list[tuple]:
+    # FLOPs depend on shapes only: the seed picks the shapes
+    gen = torch.Generator().manual_seed(case_seed(seed, 290))
+    m, n = (int(x) for x in torch.randint(64, 257, (2,), generator=gen))
+    return [(16, 384, 384, [1, 2, 4, 8, 16, 32]), (int(torch.randint(2, 33, (1,), generator=gen)), m, n, [1, 4, 8])]
+
+
+def _hint_lora_step_flops(case: tuple, answer: object) -> str | None:
+    batch, m, n, ranks = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(ranks),):
+        return f"return a torch.Tensor of shape ({len(ranks)},): one FLOP count per rank"
+    if close(answer, torch.tensor([_lora_flops(batch, m, n, r, backward=False) for r in ranks], dtype=torch.float64)):
+        return "count the backward pass too: call .backward() inside the FlopCounterMode block"
+    if close(answer, torch.tensor([_lora_flops(batch, m, n, r, input_grad=False) for r in ranks], dtype=torch.float64)):
+        return "the input requires a gradient (an adapter below it is trained), so dL/dx runs through W too"
+    if close(answer, 2 * _lora_step_flops_reference(*case)) or close(answer, _lora_step_flops_reference(*case) / 2):
+        return "count 2 FLOPs per multiply-add, as FlopCounterMode does: read get_total_flops() as it is"
+    return None
+
+
+QUESTIONS["lora_step_flops_explained"] = Question(
+    "A LoRA layer's forward and backward FLOPs grow with the rank r, but on a 384 x 384 layer going from rank 1 to "
+    "rank 32 adds far less than 32 times rank 1's cost. Why?",
+    {
+        "a": "The frozen product x W^T and its backward dL/dx cost 2 b m n FLOPs each whatever r is; the adapter adds "
+             "about 2 b r (m + n) per product, small next to b m n while r is much smaller than m and n.",
+        "b": "FlopCounterMode does not count the adapter's matrices, only the frozen weight.",
+        "c": "A higher rank makes the adapter's matrices sparser, so they cost fewer FLOPs each.",
+        "d": "The backward pass of a LoRA layer skips the frozen weight entirely, so only r matters there.",
+    },
+    "a",
+    {
+        "b": "look at your counts: they do grow with r, so the adapter's products are counted",
+        "c": "the factors here are dense (every entry one): their products cost in proportion to r",
+        "d": "the input needs its gradient for the layers below, and dL/dx = dL/dy W goes through the frozen weight",
+    },
+)
+
+
 # ----- Part IV, privacy: noise in the product -----------------------------------------------------------------------
 def toy_noisy_factors(seed: int, m: int = 48, r: int = 4, n: int = 64) -> dict[str, Tensor]:
     """A rank-r adapter and one draw of standard normal noise for each factor (float64).
@@ -1044,6 +1103,12 @@ EXPERIMENT_EXERCISES: dict[str, Exercise] = {
         _accumulated_rank_reference, _accumulated_rank_cases, _hint_accumulated_rank,
         chapter="part2/client_initialization", kind="experiment",
     ),
+    "lora_step_flops": Exercise(
+        "lora_step_flops", "per rank r: the forward and backward FLOPs (FlopCounterMode) of y = x W^T + (x A^T) B^T "
+        "summed, W frozen (m x n), A (r x n), B (m x r) and the batch x (b x n) requiring gradients",
+        _lora_step_flops_reference, _lora_step_flops_cases, _hint_lora_step_flops, chapter="part4/cost",
+        kind="experiment",
+    ),
     "noise_in_product": Exercise(
         "noise_in_product", "per noise scale s: ||(B + s N_B)(A + s N_A) - B A||_F / ||B A||_F and "
         "||(B + s N_B) A - B A||_F / ||B A||_F (toy_noisy_factors)",
@@ -1063,6 +1128,6 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
              "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse",
              "unheld_layers_explained": "part4/layers", "quantization_error_explained": "part4/compression",
-             "noise_in_product_explained": "part4/privacy"}
+             "noise_in_product_explained": "part4/privacy", "lora_step_flops_explained": "part4/cost"}
 EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
                              for name, chapter in _CHAPTERS.items()})

@@ -36,6 +36,7 @@ from fedlora_edu.teaching.checking import (
     matches,
     same_rank_cases,
 )
+from fedlora_edu.teaching.comparison import pareto_front
 
 
 def _is_pair(answer: object) -> bool:
@@ -599,6 +600,50 @@ def _hint_clip(case: tuple, answer: object) -> str | None:
     return None
 
 
+# ----- Part IV, the cost of a federation: the Pareto front -------------------------------------------------------
+def _pareto_cases(seed: int) -> list[tuple]:
+    """Points (cost, value) with ties: costs and values drawn on a coarse grid, so equal coordinates occur."""
+    gen = torch.Generator().manual_seed(case_seed(seed, 300))
+    cases = [([1.0, 2.0, 5.0, 1.0, 1.0], [0.6, 0.5, 0.9, 0.4, 0.6])]
+    for count in (6, 12):
+        costs = torch.randint(1, 6, (count,), generator=gen).double()
+        values = torch.randint(0, 5, (count,), generator=gen).double() / 4
+        cases.append((costs.tolist(), values.tolist()))
+    return cases
+
+
+def _pareto_reference(costs: list[float], values: list[float]) -> Tensor:
+    return torch.tensor(pareto_front(costs, values), dtype=torch.bool)
+
+
+def _pareto_form(answer: object) -> object:
+    """A front as a bool tensor (a list of booleans is accepted)."""
+    try:
+        return torch.as_tensor(answer).bool()
+    except (TypeError, ValueError, RuntimeError):
+        return answer
+
+
+def _hint_pareto(case: tuple, answer: object) -> str | None:
+    costs, values = case
+    answer = _pareto_form(answer)
+    if not isinstance(answer, Tensor) or answer.shape != (len(costs),):
+        return f"return one boolean per point ({len(costs)} of them), True where the point is on the front"
+    flipped = torch.tensor(pareto_front([-c for c in costs], values), dtype=torch.bool)
+    if torch.equal(answer, flipped):
+        return "lower cost is better: a point is beaten by one that costs less (or the same) and is worth more"
+    strict = torch.tensor([not any(c2 < c and v2 > v for c2, v2 in zip(costs, values, strict=True))
+                           for c, v in zip(costs, values, strict=True)], dtype=torch.bool)
+    if torch.equal(answer, strict):
+        return "a point is also beaten by one with the same cost and a higher value (or the same value, a lower cost)"
+    points = list(zip(costs, values, strict=True))
+    ties_out = torch.tensor([not any(j != i and c2 <= c and v2 >= v for j, (c2, v2) in enumerate(points))
+                             for i, (c, v) in enumerate(points)], dtype=torch.bool)
+    if torch.equal(answer, ties_out):
+        return "two points equal in both coordinates are both on the front: neither beats the other"
+    return None
+
+
 METHOD_EXERCISES: dict[str, Exercise] = {
     "fedavg_average": Exercise(
         "fedavg_average", "FedAvg (eq. 1): sum_k p_k W_k with p_k = n_k / sum_l n_l, per tensor of the state dict",
@@ -673,6 +718,11 @@ METHOD_EXERCISES: dict[str, Exercise] = {
         "forward_gradient_estimate", "FwdLLM: the mean over directions v of (f(W + h v) - f(W - h v)) / (2 h) v, "
         "f the layer's cross-entropy",
         _forward_gradient_reference, _forward_gradient_cases, _hint_forward_gradient, chapter="part4/compression",
+    ),
+    "pareto_front": Exercise(
+        "pareto_front", "the Pareto front of lower cost and higher value: True for each point that no other point "
+        "beats on both (cost at most, value at least, one strictly)",
+        _pareto_reference, _pareto_cases, _hint_pareto, chapter="part4/cost", canonical=_pareto_form,
     ),
     "dp_clip": Exercise(
         "dp_clip", "DP-FedAvg's clipping: the change times min(1, C / ||change||), the norm over all its tensors "
