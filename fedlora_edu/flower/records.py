@@ -6,8 +6,8 @@ tensor arrives with the same bits), :class:`~flwr.app.ConfigRecord` (scalars, st
 :class:`~flwr.app.MetricRecord`. These functions are the only place the adapter converts; what
 a record holds is decided by :mod:`fedlora_edu.flower.apps`.
 
-Taught in ``book/part1/federated_learning.ipynb`` (the simulator this replaces); the Flower
-chapter is to come.
+Taught in ``book/flower/real_federation.ipynb`` (the simulator it stands beside:
+``book/part1/federated_learning.ipynb``).
 """
 
 from __future__ import annotations
