@@ -165,34 +165,51 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def emulator_gap(model: nn.Module, emulator: Emulator, data: ClientData, batch_size: int = 32) -> float:
-    """The distillation loss (:func:`normalized_gap`) of the emulator's output on ``data``, averaged over batches."""
-    training, device, gaps = model.training, _device(model), []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            batch = trim_batch(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
-            teacher = _output_of(model, emulator.layers[-1], batch)
-            with emulator_installed(model, emulator):
-                gaps.append(float(normalized_gap(_output_of(model, emulator.layers[-1], batch), teacher)))
-    model.train(training)
-    return float(np.mean(gaps))
+def alignment(model: nn.Module, emulator: Emulator, data: ClientData, batch_size: int = 32) -> tuple[float, float]:
+    """How far the emulator is from the full model on ``data``: (distillation loss, KL), one pass of each model.
 
-
-def emulator_kl(model: nn.Module, emulator: Emulator, data: ClientData, batch_size: int = 32) -> float:
-    """Mean KL(full model || model with the emulator) of the class distributions the model's head gives on ``data``."""
-    training, device, total = model.training, _device(model), 0.0
+    The distillation loss is :func:`normalized_gap` of the emulator's output against the full blocks',
+    averaged over batches; the KL is the mean KL(full model || model with the emulator) of the class
+    distributions the model's head gives.
+    """
+    training, device, gaps, kl = model.training, _device(model), [], 0.0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = trim_batch(data.subset(list(range(start, min(start + batch_size, len(data))))), device)
             batch.pop("labels")
-            full = F.log_softmax(model(**batch).logits.float(), dim=-1)
+            teacher, full = _output_and_logits(model, emulator.layers[-1], batch)
             with emulator_installed(model, emulator):
-                emulated = F.log_softmax(model(**batch).logits.float(), dim=-1)
-            total += float(F.kl_div(emulated, full, log_target=True, reduction="sum"))
+                student, emulated = _output_and_logits(model, emulator.layers[-1], batch)
+            gaps.append(float(normalized_gap(student, teacher)))
+            kl += float(F.kl_div(emulated, full, log_target=True, reduction="sum"))
     model.train(training)
-    return total / len(data)
+    return float(np.mean(gaps)), kl / len(data)
+
+
+def _output_and_logits(model: nn.Module, layer: int, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The token vectors leaving block ``layer`` and the log-probabilities of the classes, in one forward pass."""
+    captured = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = _layer_module(model, layer).register_forward_hook(keep)
+    try:
+        logits = model(**batch).logits
+    finally:
+        handle.remove()
+    return captured[0], F.log_softmax(logits.float(), dim=-1)
+
+
+def emulator_gap(model: nn.Module, emulator: Emulator, data: ClientData, batch_size: int = 32) -> float:
+    """The distillation loss (:func:`normalized_gap`) of the emulator's output on ``data``, averaged over batches."""
+    return alignment(model, emulator, data, batch_size)[0]
+
+
+def emulator_kl(model: nn.Module, emulator: Emulator, data: ClientData, batch_size: int = 32) -> float:
+    """Mean KL(full model || model with the emulator) of the class distributions the model's head gives on ``data``."""
+    return alignment(model, emulator, data, batch_size)[1]
 
 
 def distill_emulator(model: nn.Module, emulator: Emulator, data: ClientData, *, steps: int, batch_size: int,
@@ -290,6 +307,8 @@ class FedBiOT(LayerSparseStrategy):
         emulator: Emulator | None = None
         emulator_bytes: int = 0
         distill_losses: list[float] = field(default_factory=list)
+        gap_before: float = float("nan")
+        gap_after: float = float("nan")
         kl_before: float = float("nan")
         kl_after: float = float("nan")
         federation: Any = None
@@ -335,11 +354,11 @@ class FedBiOT(LayerSparseStrategy):
         public = public_data(self.public_data, self.public_examples, federation.profile.max_length, seed=seed)
         held_out = len(public) // 3
         train, test = public.subset(list(range(held_out, len(public)))), public.subset(list(range(held_out)))
-        state.kl_before = emulator_kl(model, emulator, test)
+        state.gap_before, state.kl_before = alignment(model, emulator, test)
         state.distill_losses = distill_emulator(model, emulator, train, steps=self.distill_steps,
                                                 batch_size=self.distill_batch_size,
                                                 learning_rate=self.distill_learning_rate, seed=seed)
-        state.kl_after = emulator_kl(model, emulator, test)
+        state.gap_after, state.kl_after = alignment(model, emulator, test)
         state.emulator, state.emulator_bytes, state.federation = emulator, emulator_bytes(model, emulator), federation
         classifier = _classifier(model)
         if classifier.frozen_layers:
