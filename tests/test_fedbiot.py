@@ -150,3 +150,31 @@ def test_with_cached_bottom_blocks_the_clients_read_the_emulators_output_and_the
     assert seen and all(seen)
     assert all(torch.equal(data.hidden, before) for data, before in zip(federation.clients, cached, strict=True))
     assert not torch.allclose(state.hidden[0], cached[0])  # the emulator's bottom differs from the full model's
+
+
+def test_the_client_adds_the_proximal_gradient_and_trains_the_adapter_only(probe_federation):
+    from fedlora_edu.core.strategy import ServerState
+
+    strategy = FedBiOT(proximal=0.5, distill_steps=1, public_examples=12)
+    model = probe_federation.fresh_model(seed=0)
+    server = ServerState(adapters=adapter_io.get_lora_factors(model), head=adapter_io.get_head_state(model),
+                         scaling=adapter_io.lora_scaling(model), rank=adapter_io.model_rank(model),
+                         method_state=strategy.new_state())
+    strategy.prepare(probe_federation, model, server, 0)
+    client_state = strategy.new_client_state()
+    start = strategy.client_start(server, 0, client_state, 0)
+    adapter_io.set_lora_factors(model, start.adapters)
+    layers = adapter_io.lora_layers(model)
+    with strategy.local_training(model, start, client_state, 0):
+        trainable = {layer_of(name) for name, layer in layers.items()
+                     if layer.lora_B[adapter_io.ADAPTER].weight.requires_grad}
+        assert trainable == {4, 5}  # the emulator's blocks carry no trained LoRA
+        b = layers[next(name for name in layers if layer_of(name) == 5)].lora_B[adapter_io.ADAPTER].weight
+        with torch.no_grad():
+            b.add_(0.1)  # 0.1 away from where the round started
+        batch = trim_batch(probe_federation.clients[0].subset([0, 1, 2, 3]), torch.device("cpu"))
+        model(**batch).loss.backward()
+        plain = b.grad.clone()
+        torch.optim.SGD([b], lr=0.0).step()  # the client's hook runs before every optimiser step
+        assert torch.allclose(b.grad, plain + 2 * 0.5 * 0.1 * torch.ones_like(b), atol=1e-6)
+    assert all(layer.lora_B[adapter_io.ADAPTER].weight.requires_grad for layer in layers.values())  # restored
