@@ -19,18 +19,20 @@ uploads the adapter's factors only; the server averages them with the weights p_
 and plugs them into the **full** model, which is what is evaluated.
 
 Our choices, where the paper's schedule is unknown to us or too costly here: the emulator is aligned
-once, before round 1 (the authors re-align it on the server before every round, the lower level of
-their bi-level problem, and their clients then download the new emulator each round; we do not, so
-each client downloads it once, counted in its first download); ``distill_steps`` AdamW steps
-(default 20, batches of 16) at ``distill_learning_rate`` 1e-4 (the authors' configurations train at
-5e-4; on the tiny test federation 12 steps of 8 texts at 5e-4 raised the KL below, at 1e-4 lowered it)
-on two thirds of ``public_examples`` (96) texts of ``public_data`` (default the CrowdFlower sentiment tweets, which
-neither the testbed nor the tests federate), in eval mode (no dropout); the emulator's blocks are the
-pre-trained blocks at the kept positions before the alignment (as in the authors' code); the KL between
-the full model's and the emulator's class distributions on held-out public texts measures the
-alignment (:func:`emulator_kl`). When the federation caches the frozen bottom blocks' output (the
-testbed), the clients' cached inputs are recomputed once through the emulator, since a client has no
-full model to compute them with.
+once, before round 1 (the authors' configurations pre-align it for 50 rounds of 10 steps and then
+re-align it on the server before every round, the lower level of their bi-level problem, so that
+their clients download the new emulator each round; we align once, so each client downloads it
+once, counted in its first download); ``distill_steps`` AdamW steps (default 20, batches of 16) at
+``distill_learning_rate`` 1e-4 (their alignment inherits their clients' 5e-4; on the tiny test
+federation 12 steps of 8 texts at 5e-4 raised the KL below, at 1e-4 lowered it) on two thirds of
+``public_examples`` (96) texts of ``public_data`` (default the CrowdFlower sentiment tweets, which
+neither the testbed nor the tests federate), in eval mode (no dropout); the distance alone, without
+the KL term their code can add (weighted 0 in their configurations); ``proximal`` 1.0, their weight
+of the term. The emulator's blocks start as the pre-trained blocks at the kept positions (as in
+their code). The KL between the full model's and the emulator's class distributions on held-out
+public texts measures the alignment (:func:`alignment`). When the federation caches the frozen
+bottom blocks' output (the testbed), the clients' cached inputs are recomputed once through the
+emulator, since a client has no full model to compute them with.
 Taught in ``book/part4/compression.ipynb``.
 """
 
