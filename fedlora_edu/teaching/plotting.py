@@ -50,6 +50,18 @@ METHOD_COLORS: dict[str, str] = {
     # Part IV, sparse learning
     "FLASC": "#756bb1",
     "FSLoRA": "#636363",
+    "HAFL": "#9e9ac8",
+    # Part IV, layer level, compression, privacy
+    "FibecFed": "#3182bd",
+    "Fed-piLot": "#e6ab02",
+    "FedFMSL": "#1b9e77",
+    "FedRA": "#d95f02",
+    "Quantized": "#66a61e",
+    "Top-k": "#a6761d",
+    "CG-FedLLM": "#7570b3",
+    "FedBiOT": "#e7298a",
+    "FwdLLM": "#666666",
+    "DP-FedAvg": "#fb9a99",
 }
 
 METRIC_LABELS: dict[str, str] = {
