@@ -31,7 +31,8 @@ def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
 
 
 def test_the_verdict_rule_reads_each_paired_interval_against_zero():
-    above, below, across = Interval(0.05, 0.01, 0.09, 3), Interval(-0.05, -0.09, -0.01, 3), Interval(0.0, -0.02, 0.02, 3)
+    above, below = Interval(0.05, 0.01, 0.09, 3), Interval(-0.05, -0.09, -0.01, 3)
+    across = Interval(0.0, -0.02, 0.02, 3)
     assert verdict_of_intervals([below, below], "behind") == "agrees"
     assert verdict_of_intervals([below, above], "behind") == "disagrees"  # one on the other side is enough
     assert verdict_of_intervals([below, across], "behind") == "not distinguishable here"
