@@ -121,3 +121,42 @@ def test_hafl_uploads_its_components_and_the_server_averages_each_over_its_train
     assert history["bytes_up"].iloc[0] == sum(first_round)
     with pytest.raises(ValueError, match="budgets"):
         HAFL(0.0)
+
+
+def test_the_first_step_scores_are_the_smoothed_sensitivity_of_the_real_layers(federation):
+    """One local step on the real model: the client's scores are (1 - beta) |w grad| of that step's gradient, and
+    its components are the top ones by the summed score of their A row and B column."""
+    from fedlora_edu.foundations.training import BatchSampler, trim_batch
+
+    strategy = HAFL(0.5, beta1=0.8, beta2=0.7)
+    model = federation.fresh_model(seed=0)
+    g = torch.Generator().manual_seed(4)
+    factors = {name: (a, 0.1 * torch.randn(b.shape, generator=g))
+               for name, (a, b) in adapter_io.get_lora_factors(model).items()}
+    adapter_io.set_lora_factors(model, factors)
+    data = federation.clients[1]
+    batch = trim_batch(data.subset(BatchSampler(len(data), 4, 3).next()), torch.device("cpu"))
+    torch.manual_seed(3)  # the dropout masks local_train's first step will draw
+    model.train()
+    model(**batch).loss.backward()
+    layers = adapter_io.lora_layers(model)
+    grads = {name: (layer.lora_A[adapter_io.ADAPTER].weight.grad.clone(),
+                    layer.lora_B[adapter_io.ADAPTER].weight.grad.clone()) for name, layer in layers.items()}
+    model.zero_grad(set_to_none=True)
+    server = type("Server", (), {"rank": adapter_io.model_rank(model), "adapters": factors, "head": {}})()
+    state = strategy.new_client_state()
+    start = strategy.client_start(server, 1, state, 0)
+    with strategy.local_training(model, start, state, 0):
+        local_train(model, data, steps=1, batch_size=4, learning_rate=1e-3, seed=3)
+    for name, (a, b) in factors.items():
+        grad_a, grad_b = grads[name]
+        scores = []
+        for key, weight, grad in (("A", a, grad_a), ("B", b, grad_b)):
+            sensitivity = (weight * grad).abs()
+            mean = 0.2 * sensitivity
+            uncertainty = 0.3 * (sensitivity - mean).abs()
+            assert torch.allclose(state.mean[f"{name}.{key}"], mean, rtol=1e-4, atol=1e-12)
+            assert torch.allclose(state.uncertainty[f"{name}.{key}"], uncertainty, rtol=1e-4, atol=1e-12)
+            scores.append(mean * uncertainty)
+        importance = scores[0].mean(dim=1) + scores[1].mean(dim=0)
+        assert state.selected[name] == top_components(importance, 2)
