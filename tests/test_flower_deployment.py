@@ -7,7 +7,9 @@ accuracy, losses and bytes must equal :meth:`Federation.run` (the sequential eng
 client's training reuses) on the same tiny federation. FedIT changes only the adapter; FedEx-LoRA
 also folds its residual into W', which the server must carry to the clients; FedSA-LoRA keeps a
 personal B on every client, which lives in the SuperNode's context between rounds: its round-2
-aggregate equals the simulator's only if each client started round 2 from its own B. Skipped only
+aggregate equals the simulator's only if each client started round 2 from its own B, and its run
+also has every client score its personal model (the global A, its own B) on its held-out data in
+its ClientApp, which must give the simulator's ``client_accuracy``. Skipped only
 when Flower (the ``flower`` extra) is not installed.
 """
 
@@ -31,6 +33,8 @@ from fedlora_edu.registry import make_strategy  # noqa: E402
 
 ROUNDS = 2
 METHODS = ("FedIT", "FedEx-LoRA", "FedSA-LoRA")
+EVALUATE_CLIENTS = {"FedSA-LoRA"}
+"""The runs whose clients also score their served model on their own held-out data (a round trip more)."""
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,8 @@ def flower_run(deployment, federation, method):
     directory = deployment.directory.parent
     settings = RunSettings.for_federation(
         federation, method, federation_file=directory / "federation.pt", output=directory / f"{method}.json",
-        aggregates=directory / f"{method}.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120)
+        aggregates=directory / f"{method}.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120,
+        evaluate_clients=method in EVALUATE_CLIENTS)
     try:
         history = deployment.run(settings, timeout=600)
     except Exception as error:
@@ -68,7 +73,8 @@ def flower_run(deployment, federation, method):
 
 
 def simulated(federation, method, rounds):
-    history = federation.run(make_strategy(method), rounds=rounds, seed=0, engine="sequential", progress=False)
+    history = federation.run(make_strategy(method), rounds=rounds, seed=0, engine="sequential", progress=False,
+                             evaluate_clients=method in EVALUATE_CLIENTS)
     return history, federation.last_server, federation.last_model
 
 
@@ -98,6 +104,11 @@ def test_flower_deployment_equals_the_simulator_round_by_round(deployment, feder
             assert close(weight, base_weight(model, name)), (method, t, name)
         # What the round measured.
         assert row["accuracy"] == expected["accuracy"], (method, t)
+        if method in EVALUATE_CLIENTS:  # each client's own model on its own held-out data, scored in its ClientApp
+            assert math.isfinite(row["client_accuracy"]), (method, t)
+            assert row["client_accuracy"] == expected["client_accuracy"], (method, t)
+        else:
+            assert math.isnan(row["client_accuracy"]) and math.isnan(expected["client_accuracy"]), (method, t)
         assert math.isclose(row["test_loss"], expected["test_loss"], rel_tol=1e-5), (method, t)
         assert math.isclose(row["train_loss"], expected["train_loss"], rel_tol=1e-5), (method, t)
         assert (row["bytes_up"], row["bytes_down"]) == (expected["bytes_up"], expected["bytes_down"]), (method, t)

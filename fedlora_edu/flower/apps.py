@@ -43,9 +43,16 @@ start's download size and the factors it started from (for the server's ``update
 holds for the methods in :data:`CLIENT_STATE_METHODS` (FedSA-LoRA: A shared, B personal), each
 checked equal to the simulator; :func:`check_supported` refuses the others, naming why.
 
-Other limits: the server evaluates the global model only (``client_accuracy`` is NaN), and every
-process loads the whole simulated federation from one file (:func:`save_federation`), where a real
-SuperNode would load only its own data.
+Evaluation: the server scores the global model on the test set, as the simulator does. With
+``evaluate_clients`` every client also scores the model it is served (the strategy's
+``personal_model``, or the global one) on its own held-out data, in its ClientApp
+(:func:`client_evaluation`, an ``evaluate`` message after each round): the simulator's
+``client_accuracy``, the mean over all clients, NaN if any client did not answer. For a method with
+client state the client assembles its personal model itself, from the server's global model and its
+state, as it does its start.
+
+Another limit: every process loads the whole simulated federation from one file
+(:func:`save_federation`), where a real SuperNode would load only its own data.
 
 Taught in ``book/flower/real_federation.ipynb`` (the simulator's round: ``book/part1/federated_learning.ipynb``).
 """
@@ -112,7 +119,8 @@ class RunSettings:
     replies before it goes on without the missing clients; ``connect_timeout`` how long it waits
     for the SuperNodes to connect. ``aggregates``, if set, is a file where the server saves what it
     held after each round (global adapter, head, changed W'; :func:`read_aggregates`), for a
-    round-by-round comparison.
+    round-by-round comparison. ``evaluate_clients`` has every client score its served model on its
+    own held-out data after each round (``client_accuracy``, as ``Federation.run(evaluate_clients=True)``).
     """
 
     method: str
@@ -129,6 +137,7 @@ class RunSettings:
     round_timeout: float = 120.0
     connect_timeout: float = 120.0
     aggregates: str = ""
+    evaluate_clients: bool = False
 
     @classmethod
     def for_federation(cls, federation: Federation, method: str, *, federation_file: str | Path,
@@ -136,7 +145,8 @@ class RunSettings:
                        local_steps: int | None = None, batch_size: int | None = None,
                        learning_rate: float | None = None, seed: int = 0, method_options: dict | None = None,
                        evaluate: bool = True, round_timeout: float = 120.0,
-                       connect_timeout: float = 120.0, aggregates: str | Path = "") -> RunSettings:
+                       connect_timeout: float = 120.0, aggregates: str | Path = "",
+                       evaluate_clients: bool = False) -> RunSettings:
         """Settings with unset values taken from the federation's profile, as :meth:`Federation.run` takes them.
 
         Paths are made absolute: Flower's processes run in other folders.
@@ -153,6 +163,7 @@ class RunSettings:
             seed=seed, method_options=json.dumps(method_options or {}), evaluate=evaluate,
             round_timeout=float(round_timeout), connect_timeout=float(connect_timeout),
             aggregates=str(Path(aggregates).resolve()) if aggregates else "",
+            evaluate_clients=bool(evaluate_clients),
         )
 
     @classmethod
@@ -333,6 +344,8 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
     federation and seed the history is the simulator's to float tolerance.
     """
     check_supported(strategy)
+    if settings.evaluate_clients and federation.client_tests is None:
+        raise ValueError("evaluate_clients needs a federation built with client_tests")
     num_clients = federation.num_clients
     seed = settings.seed
     nodes = discover_clients(grid, num_clients, settings.connect_timeout)
@@ -435,10 +448,15 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
             adapter_io.set_lora_factors(model, server.adapters)
             adapter_io.set_head_state(model, server.head)
             accuracy, test_loss = evaluate(model, federation.test, device=federation.device)
+        client_accuracy = math.nan
+        if settings.evaluate_clients:
+            client_accuracy = evaluate_on_clients(
+                grid, nodes, strategy, server, client_states,
+                {name: adapter_io.base_weight(model, name) for name in sorted(changed)}, t, settings, num_clients)
         rows.append({
             "round": t + 1, "method": strategy.name, "accuracy": accuracy, "test_loss": test_loss,
             "train_loss": float(np.mean([r.train_loss for r in results])) if results else math.nan,
-            "client_accuracy": math.nan, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "client_accuracy": client_accuracy, "bytes_up": bytes_up, "bytes_down": bytes_down,
             "discordance": measured_discordance, "update_size": measured_update, "aggregation_error": error,
             "server_seconds": server_seconds, "clients": len(sampled), "excluded": excluded, "engine": "flower",
             "clients_per_pass": 1, "flower_bytes_down": flower_down, "flower_bytes_up": flower_up,
@@ -451,6 +469,46 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
     if settings.aggregates:
         torch.save(kept, settings.aggregates)
     return pd.DataFrame(rows, columns=FLOWER_COLUMNS)
+
+
+def evaluate_on_clients(grid: Grid, nodes: dict[int, int], strategy: Strategy, server: ServerState,
+                        client_states: dict, base_weights: dict[str, Tensor], round_index: int, settings: RunSettings,
+                        num_clients: int) -> float:
+    """Every client scores its served model on its own held-out data; the mean, as the simulator's ``client_accuracy``.
+
+    For a method without client state the server computes each client's ``personal_model`` (it
+    holds everything it needs) and sends it; for one with client state it sends its global model
+    and the client assembles its own (:func:`client_evaluation`). NaN if any client has no
+    SuperNode or does not answer within the round's timeout: a mean over fewer clients would be
+    another quantity.
+    """
+    on_client = keeps_client_state(strategy)
+    if any(k not in nodes for k in range(num_clients)):
+        return math.nan
+    messages = {}
+    for k in range(num_clients):
+        adapters, head = server.adapters, server.head
+        if not on_client:
+            personal = strategy.personal_model(server, k, client_states[k])
+            if personal is not None:
+                adapters, head = personal
+        content = RecordDict({
+            "adapters": tensors_to_record(factors_to_tensors(adapters)),
+            "head": tensors_to_record(head),
+            "base": tensors_to_record(base_weights),
+            "round": ConfigRecord({"client_id": k, "round": round_index, "personal_on_client": on_client,
+                                   "scaling": float(server.scaling), "rank": int(server.rank),
+                                   "seed": int(server.seed)}),
+        })
+        messages[k] = Message(content, dst_node_id=nodes[k], message_type=MessageType.EVALUATE)
+    replies = exchange(grid, messages, timeout=settings.round_timeout)
+    scores = []
+    for k in range(num_clients):  # in client order, as the simulator averages
+        reply = replies.get(k)
+        if reply is None or reply.has_error():
+            return math.nan
+        scores.append(float(reply.content["evaluation"]["accuracy"]))
+    return float(np.mean(scores))
 
 
 def read_aggregates(path: str | Path) -> list[dict]:
@@ -577,6 +635,43 @@ def client_step(federation: Federation, strategy: Strategy, content: RecordDict,
     })
 
 
+def client_evaluation(federation: Federation, strategy: Strategy, content: RecordDict, client_id: int,
+                      settings: RunSettings, client_state: Any = None) -> RecordDict:
+    """Client ``client_id`` scores the model it is served on its own held-out data (``federation.client_tests``).
+
+    The model is built as in :func:`client_step` (the server's rank and seed, the received W') with
+    the received adapter and head; when the message says so (``personal_on_client``), the client
+    replaces them with the strategy's ``personal_model`` of its own state, as the simulator does,
+    and evaluates inside the strategy's ``serving`` context. Nothing of the state changes.
+    """
+    header = content["round"]
+    if int(header["client_id"]) != client_id:
+        raise ValueError(f"a message for client {header['client_id']} reached the SuperNode of client {client_id}")
+    if federation.client_tests is None:
+        raise ValueError("client evaluation needs a federation built with client_tests")
+    model = federation.fresh_model(strategy.max_rank(federation.num_clients), seed=settings.seed)
+    with torch.no_grad():
+        for name, weight in record_to_tensors(content["base"]).items():
+            adapter_io.base_weight(model, name).copy_(weight)
+    adapters = tensors_to_factors(record_to_tensors(content["adapters"]), list(adapter_io.lora_layers(model)))
+    head = record_to_tensors(content["head"])
+    view = ServerState(adapters=adapters, head=head, scaling=float(header["scaling"]), rank=int(header["rank"]),
+                       round=int(header["round"]), seed=int(header["seed"]))
+    if client_state is None:
+        client_state = strategy.new_client_state()
+    if bool(header["personal_on_client"]):
+        personal = strategy.personal_model(view, client_id, client_state)
+        if personal is not None:
+            adapters, head = personal
+    adapter_io.set_lora_factors(model, adapters)
+    adapter_io.set_head_state(model, head)
+    data = federation.client_tests[client_id]
+    with strategy.serving(model, view, client_id, client_state):
+        accuracy, loss = evaluate(model, data, device=federation.device)
+    return RecordDict({"evaluation": ConfigRecord({"accuracy": float(accuracy), "loss": float(loss),
+                                                   "num_examples": len(data)})})
+
+
 client_app = ClientApp()
 """The Flower ClientApp of every method: ``flwr run`` loads it as ``fedlora_edu.flower.apps:client_app``.
 
@@ -602,6 +697,16 @@ def _client_train(message: Message, context: Context) -> Message:
                           fault=str(context.node_config.get("fault", "")), client_state=client_state)
     if stateful:  # kept by the SuperNode for the next round of this run (module docstring)
         save_client_state(client_state, context.state)
+    return Message(content, reply_to=message)
+
+
+@client_app.evaluate()
+def _client_evaluate(message: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    strategy = settings.strategy()
+    client_state = load_client_state(strategy, context.state) if keeps_client_state(strategy) else None
+    content = client_evaluation(load_federation(settings.federation), strategy, message.content,
+                                int(context.node_config["partition-id"]), settings, client_state=client_state)
     return Message(content, reply_to=message)
 
 
