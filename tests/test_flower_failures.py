@@ -36,7 +36,8 @@ def test_the_round_completes_without_the_clients_that_fail_and_says_who(tmp_path
     settings = RunSettings.for_federation(
         federation, "FedIT", federation_file=tmp_path / "federation.pt", output=tmp_path / "history.json",
         aggregates=tmp_path / "aggregates.pt", rounds=1, seed=0, round_timeout=ROUND_TIMEOUT, connect_timeout=120)
-    deployment = LocalDeployment(tmp_path / "deployment", federation.num_clients, faults=FAULTS)
+    # insecure=True (plain HTTP on 127.0.0.1): the option stays tested; test_flower_deployment.py runs TLS.
+    deployment = LocalDeployment(tmp_path / "deployment", federation.num_clients, faults=FAULTS, insecure=True)
     try:
         deployment.start()
         deployment.submit(settings)
