@@ -51,7 +51,7 @@ Evaluation: the server scores the global model on the test set, as the simulator
 client state the client assembles its personal model itself, from the server's global model and its
 state, as it does its start.
 
-Another limit: every process loads the whole simulated federation from one file
+A limit: every process loads the whole simulated federation from one file
 (:func:`save_federation`), where a real SuperNode would load only its own data.
 
 Taught in ``book/flower/real_federation.ipynb`` (the simulator's round: ``book/part1/federated_learning.ipynb``).
