@@ -39,6 +39,7 @@ from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
 from fedlora_edu.efficiency.offsite import FedBiOT
 from fedlora_edu.efficiency.privacy import DPFedAvg
 from fedlora_edu.efficiency.sparse import FLASC, HAFL, FSLoRA
+from fedlora_edu.efficiency.split import SplitFederatedLoRA, SplitLoRA
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
@@ -69,6 +70,8 @@ METHOD_CLASSES: tuple[type[Strategy], ...] = (
     # 5 efficiency: sparse learning (HAFL by rank-1 component, FSLoRA's sketches); at the layer level
     FLASC, HAFL, FSLoRA,
     FibecFed, FedPiLot, FedFMSL, FedRA,
+    # 5 efficiency: split learning (the client keeps the embeddings and the head; the client keeps the first blocks)
+    SplitFederatedLoRA, SplitLoRA,
     # 5 efficiency: compressed learning (quantized and top-k uploads as baselines; FedBiOT's compressed model)
     # and forward-only training
     QuantizedUpdates, TopKUpdates, CGFedLLM, FedBiOT, FwdLLM,

@@ -46,6 +46,7 @@ import part4  # noqa: E402
 
 from fedlora_edu import METHODS, build_testbed, make_strategy  # noqa: E402
 from fedlora_edu.efficiency.costs import client_costs  # noqa: E402
+from fedlora_edu.efficiency.split import SplitMethod, split_client_costs  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 
 FEDERATIONS = {"testbed": ("part2", "part4"), "shards": ("part3",)}
@@ -90,9 +91,13 @@ def federation_for(federation: str, profile: str, seed: int):
 def run_one(settings: dict) -> dict:
     profile, federation = settings["profile"], settings["federation"]
     arguments = options(settings["method"], federation, profile)
-    cost = client_costs(federation_for(federation, profile, settings["seed"]),
-                        make_strategy(settings["method"], **arguments), rounds=ROUNDS, seed=settings["seed"],
-                        evaluate=False)
+    strategy = make_strategy(settings["method"], **arguments)
+    if isinstance(strategy, SplitMethod):  # split learning runs in its own loop; the client's side of the cut counted
+        cost = split_client_costs(federation_for(federation, profile, settings["seed"]), strategy, rounds=ROUNDS,
+                                  seed=settings["seed"])
+    else:
+        cost = client_costs(federation_for(federation, profile, settings["seed"]), strategy, rounds=ROUNDS,
+                            seed=settings["seed"], evaluate=False)
     return {"steps": cost.steps, "flops": cost.flops, "flops_per_step": cost.flops_per_step,
             "trainable_parameters": cost.trainable_parameters, "weight_bytes": cost.weight_bytes,
             "trainable_bytes": cost.trainable_bytes, "optimizer_bytes": cost.optimizer_bytes,

@@ -31,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora_edu import METHODS, build_testbed, make_strategy  # noqa: E402
+from fedlora_edu.efficiency.split import SplitMethod, run_split  # noqa: E402
 from fedlora_edu.registry import methods_in_branch  # noqa: E402
 from fedlora_edu.studies import run_study  # noqa: E402
 
@@ -56,7 +57,10 @@ def grid(seeds: list[int], methods: list[str], profile: str) -> list[dict]:
 def run_one(settings: dict, profile: str) -> dict:
     federation = testbed(profile, settings["seed"])
     strategy = make_strategy(settings["method"], **OPTIONS.get(settings["method"], {}))
-    history = federation.run(strategy, seed=settings["seed"], progress=False)
+    if isinstance(strategy, SplitMethod):  # split learning: its own loop, on the same data, model and evaluation
+        history = run_split(federation, strategy, seed=settings["seed"])
+    else:
+        history = federation.run(strategy, seed=settings["seed"], progress=False)
     measured = {column: history[column].tolist() for column in RECORDED}
     measured["final_accuracy"] = float(history["accuracy"].iloc[-1])
     measured["engine"] = history["engine"].iloc[0]

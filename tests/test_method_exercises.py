@@ -325,3 +325,62 @@ def test_noise_in_product_experiment_and_its_mistakes():
     _fails("noise_in_product", lambda seed, s: _noise_in_product_reference(seed, s) ** 2, "not its square")
     assert "passed" in check("noise_in_product_explained", lambda: "a")
     _fails("noise_in_product_explained", lambda: "d", "add in square")
+
+
+def test_cut_step_bytes_mistakes():
+    from fedlora_edu.efficiency.split import step_bytes
+
+    assert "passed" in check("cut_step_bytes", lambda *case: list(step_bytes(*case)))  # a list passes too
+    _fails("cut_step_bytes", lambda *case: tuple(v // 4 for v in step_bytes(*case)), "bytes, not numbers")
+    _fails("cut_step_bytes", lambda *case: step_bytes(*case)[::-1], "swapped")
+
+    def without_labels(examples, width, hidden, placement):
+        up, down = step_bytes(examples, width, hidden, placement)
+        return (up - 4 * examples if placement == "blocks" else up, down)
+
+    _fails("cut_step_bytes", without_labels, "label")
+
+    def labels_up_with_the_head(examples, width, hidden, placement):
+        up, down = step_bytes(examples, width, hidden, placement)
+        return (up + 4 * examples if placement == "head" else up, down)
+
+    _fails("cut_step_bytes", labels_up_with_the_head, "never leave")
+
+    def gradient_down_with_the_head(examples, width, hidden, placement):
+        up, down = step_bytes(examples, width, hidden, placement)
+        return (up, down + 4 * examples * width * hidden if placement == "head" else down)
+
+    _fails("cut_step_bytes", gradient_down_with_the_head, "no gradient comes down")
+
+
+def test_nearest_token_mistakes():
+    import torch.nn.functional as F
+
+    from fedlora_edu.efficiency.split import nearest_token_attack
+
+    assert "passed" in check("nearest_token", nearest_token_attack)
+    _fails("nearest_token", lambda r, ids, a: (F.normalize(a, dim=1) @ F.normalize(r, dim=1).T).argmax(dim=1),
+           "token id")
+    _fails("nearest_token", lambda r, ids, a: ids[torch.cdist(a, r).argmin(dim=1)], "cosine")
+    _fails("nearest_token", lambda r, ids, a: ids[(a @ r.T).argmax(dim=1)], "normalise")
+
+
+def test_update_leakage_experiment_and_its_mistakes():
+    from fedlora_edu.efficiency.split import named_share, update_attack
+    from fedlora_edu.teaching.experiments import _update_leakage_reference, toy_update
+
+    measured = _update_leakage_reference(0, [1, 4, 8, 16, 64])
+    assert measured[:3].tolist() == [1.0, 1.0, 1.0] and measured[3] < 1.0 and measured[4] < measured[3]
+    assert "passed" in check("update_leakage", _update_leakage_reference)
+
+    def named_eight(seed, counts):
+        shares = []
+        for count in counts:
+            toy = toy_update(seed, count)
+            shares.append(named_share(update_attack(toy["dictionary"], toy["rows"], 8), toy["ids"]))
+        return torch.tensor(shares, dtype=torch.float64)
+
+    _fails("update_leakage", named_eight, "as many tokens as the update mixes")
+    _fails("update_leakage", lambda seed, counts: 100 * _update_leakage_reference(seed, counts), "between 0 and 1")
+    assert "passed" in check("update_leakage_explained", lambda: "a")
+    _fails("update_leakage_explained", lambda: "b", "names as many")

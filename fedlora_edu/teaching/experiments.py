@@ -29,6 +29,7 @@ from fedlora_edu.distributed.server_init import spectrum_share
 from fedlora_edu.efficiency.compression import dequantize, pack_codes, quantize
 from fedlora_edu.efficiency.layers import allocation_matrix
 from fedlora_edu.efficiency.sparse import top_k_mask
+from fedlora_edu.efficiency.split import named_share, update_attack
 from fedlora_edu.teaching.checking import Exercise, case_seed, close, random_clients
 
 TOY_SHAPE = (12, 10, 2)
@@ -1032,7 +1033,83 @@ QUESTIONS["noise_in_product_explained"] = Question(
 )
 
 
+# ----- Part IV, split learning: how much an update's span gives away -----------------------------------------------
+TOY_VOCABULARY = (400, 48, 8)
+"""The toy update's vocabulary size, the dimension of a token vector and the number of rows of an update (2 r)."""
+
+
+def toy_update(seed: int, tokens: int) -> dict[str, Tensor]:
+    """A toy vocabulary and an update that mixes ``tokens`` of its token vectors, as one gradient step of the first
+    block's A does (every row a combination of the input token vectors).
+
+    Returns ``{"dictionary": vocabulary x dim, "rows": 2r x dim, "ids": the tokens mixed}`` (float64 vectors from
+    ``seed``; the tokens distinct).
+    """
+    vocabulary, dim, rows = TOY_VOCABULARY
+    if not isinstance(tokens, int) or not 1 <= tokens <= vocabulary:
+        raise ValueError(f"tokens must be an integer in 1..{vocabulary}, got {tokens!r}")
+    gen = torch.Generator().manual_seed(derive_seed(seed, "toy update"))
+    dictionary = torch.randn(vocabulary, dim, generator=gen, dtype=torch.float64)
+    ids = torch.randperm(vocabulary, generator=gen)[:tokens]
+    mix = torch.randn(rows, tokens, generator=gen, dtype=torch.float64)
+    return {"dictionary": dictionary, "rows": mix @ dictionary[ids], "ids": ids}
+
+
+def _update_leakage_reference(seed: int, counts: list[int]) -> Tensor:
+    shares = []
+    for count in counts:
+        toy = toy_update(seed, count)
+        shares.append(named_share(update_attack(toy["dictionary"], toy["rows"], count), toy["ids"]))
+    return torch.tensor(shares, dtype=torch.float64)
+
+
+def _update_leakage_cases(seed: int) -> list[tuple]:
+    return [(case_seed(seed, 300), [1, 4, 8, 16, 64]), (case_seed(seed, 301), [2, 6, 32])]
+
+
+def _hint_update_leakage(case: tuple, answer: object) -> str | None:
+    seed, counts = case
+    if not isinstance(answer, Tensor) or answer.shape != (len(counts),):
+        return f"return a torch.Tensor with one share per entry of counts: {len(counts)} values"
+    if bool((answer > 1).any()):
+        return "a share lies between 0 and 1: the share of the mixed tokens the attack names"
+    rows = TOY_VOCABULARY[2]
+    fixed = []
+    for count in counts:
+        toy = toy_update(seed, count)
+        fixed.append(named_share(update_attack(toy["dictionary"], toy["rows"], rows), toy["ids"]))
+    if close(answer, torch.tensor(fixed, dtype=torch.float64)):
+        return "let the attack name as many tokens as the update mixes (count), not as many as it has rows"
+    return None
+
+
+QUESTIONS["update_leakage_explained"] = Question(
+    "The attack names every token of an update that mixes up to 8 tokens, and a falling share beyond. Why?",
+    {
+        "a": "The update's 8 rows span at most 8 dimensions. Up to 8 token vectors fit in that span, so each lies "
+             "in it entirely and the attack finds them; more tokens than dimensions cannot all lie in an "
+             "8-dimensional span, so the span holds each present token only partly and absent tokens begin to rank "
+             "above some of them.",
+        "b": "The attack names only 8 tokens, whatever the update mixes.",
+        "c": "Beyond 8 tokens, the update's rows are zero.",
+        "d": "Token vectors of a larger vocabulary are longer, so they are harder to find.",
+    },
+    "a",
+    {
+        "b": "the attack names as many tokens as the update mixes (count): look at how it is called",
+        "c": "the rows are combinations of the mixed token vectors: they are not zero, but what do they span?",
+        "d": "the vocabulary is the same for every count: only the number of mixed tokens changes",
+    },
+)
+
+
 EXPERIMENT_EXERCISES: dict[str, Exercise] = {
+    "update_leakage": Exercise(
+        "update_leakage", "per number of mixed tokens: the share of toy_update's tokens that update_attack names "
+        "when it names as many as the update mixes",
+        _update_leakage_reference, _update_leakage_cases, _hint_update_leakage, chapter="part4/split",
+        kind="experiment",
+    ),
     "discordance_growth": Exercise(
         "discordance_growth", "discordance / || sum_k p_k B_k A_k - B0 A0 ||_F after each number of local steps "
         "(toy_local_training)",
@@ -1128,6 +1205,7 @@ _CHAPTERS = {"discordance_growth_explained": "part2/aggregation_discordance",
              "fedit_one_step_explained": "part1/fedlora", "download_size_explained": "part2/full_size",
              "residual_rank_explained": "part2/corrective", "kept_energy_explained": "part4/sparse",
              "unheld_layers_explained": "part4/layers", "quantization_error_explained": "part4/compression",
-             "noise_in_product_explained": "part4/privacy", "lora_step_flops_explained": "part4/cost"}
+             "noise_in_product_explained": "part4/privacy", "update_leakage_explained": "part4/split",
+             "lora_step_flops_explained": "part4/cost"}
 EXPERIMENT_EXERCISES.update({name: explanation_exercise(name, QUESTIONS[name], chapter)
                              for name, chapter in _CHAPTERS.items()})

@@ -26,6 +26,7 @@ from fedlora_edu.efficiency.compression import forward_gradient, top_k_encode
 from fedlora_edu.efficiency.layers import aggregate_by_layer, knapsack
 from fedlora_edu.efficiency.privacy import clip_update, update_norm
 from fedlora_edu.efficiency.sparse import sparse_bytes, top_k_mask
+from fedlora_edu.efficiency.split import nearest_token_attack, step_bytes
 from fedlora_edu.foundations.fedavg import fedavg
 from fedlora_edu.simulation.metrics import gain_recovered
 from fedlora_edu.teaching.checking import (
@@ -644,6 +645,74 @@ def _hint_pareto(case: tuple, answer: object) -> str | None:
     return None
 
 
+# ----- Part IV, split learning: the bytes of a step at the cut, the learned inversion ---------------------------------
+def _step_bytes_cases(seed: int) -> list[tuple]:
+    """(examples, width, hidden, placement): batches of the testbed's and of other shapes, both placements."""
+    return [(16, 32, 384, "blocks"), (16, 32, 384, "head"), (1, 7, 384, "blocks"), (3, 20, 64, "head"),
+            (8, 24, 768, "blocks")]
+
+
+def _step_bytes_form(answer: object) -> object:
+    """The pair (bytes up, bytes down) as an int64 tensor, whatever number types it holds."""
+    up, down = answer
+    return torch.tensor([int(up), int(down)], dtype=torch.int64)
+
+
+def _hint_step_bytes(case: tuple, answer: object) -> str | None:
+    examples, width, hidden, placement = case
+    if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
+        return "return a pair (bytes up, bytes down)"
+    up, down = (int(value) for value in answer)
+    expected_up, expected_down = step_bytes(examples, width, hidden, placement)
+    if 4 * up == expected_up and 4 * down == expected_down:
+        return "count bytes, not numbers: float32 and int32 take 4 bytes each"
+    if (up, down) == (expected_down, expected_up):
+        return "the pair is swapped: bytes up (client to server) first"
+    if placement == "blocks" and up in (expected_up - 4 * examples, expected_up - 8 * examples):
+        return ("with the head on the server, each sequence's length and its label go up with the activations "
+                "(one int32 each)")
+    if placement == "head" and up == expected_up + 4 * examples:
+        return "with the head on the client, the labels never leave it"
+    if placement == "head" and up == expected_up - 4 * examples:
+        return "send each sequence's length (int32) with the embeddings: the server rebuilds the mask from it"
+    if placement == "head" and up == expected_up - 4 * examples * hidden:
+        return "with the head on the client, the features' gradient (examples x hidden) goes up too"
+    if placement == "head" and down == expected_down + 4 * examples * width * hidden:
+        return "nothing before the cut trains when the client keeps only the embeddings: no gradient comes down"
+    return None
+
+
+def _nearest_token_cases(seed: int) -> list[tuple]:
+    """Public activations with their token ids (a token may appear several times), and activations to invert."""
+    cases = []
+    for offset, (references, vocabulary, queries, dim) in enumerate([(40, 12, 15, 8), (25, 25, 10, 5),
+                                                                      (60, 9, 30, 16)]):
+        gen = torch.Generator().manual_seed(case_seed(seed, 290 + offset))
+        reference = torch.randn(references, dim, generator=gen) * (torch.rand(references, 1, generator=gen) * 3 + 0.2)
+        ids = torch.randint(100, 100 + vocabulary, (references,), generator=gen)
+        chosen = torch.randint(0, references, (queries,), generator=gen)
+        activations = (reference[chosen] * (torch.rand(queries, 1, generator=gen) * 2 + 0.5)
+                       + 0.3 * torch.randn(queries, dim, generator=gen))
+        cases.append((reference, ids, activations))
+    return cases
+
+
+def _hint_nearest_token(case: tuple, answer: object) -> str | None:
+    reference, ids, activations = case
+    if not isinstance(answer, Tensor) or answer.shape != (activations.shape[0],):
+        return f"return one token id per activation: a tensor of {activations.shape[0]} integers"
+    cosine = torch.nn.functional.normalize(activations, dim=1) @ torch.nn.functional.normalize(reference, dim=1).T
+    if torch.equal(answer.long(), cosine.argmax(dim=1)):
+        return "that is the position of the nearest reference: return its token id, reference_ids[position]"
+    if torch.equal(answer.long(), ids[torch.cdist(activations, reference).argmin(dim=1)]):
+        return "compare directions (cosine), not distances: scale differs from token to token"
+    if torch.equal(answer.long(), ids[(activations @ reference.T).argmax(dim=1)]):
+        return "normalise both sides before the dot product: that is the cosine"
+    if torch.equal(answer.long(), ids[cosine.argmin(dim=1)]):
+        return "the nearest neighbour has the largest cosine (argmax), not the smallest"
+    return None
+
+
 METHOD_EXERCISES: dict[str, Exercise] = {
     "fedavg_average": Exercise(
         "fedavg_average", "FedAvg (eq. 1): sum_k p_k W_k with p_k = n_k / sum_l n_l, per tensor of the state dict",
@@ -728,6 +797,18 @@ METHOD_EXERCISES: dict[str, Exercise] = {
         "dp_clip", "DP-FedAvg's clipping: the change times min(1, C / ||change||), the norm over all its tensors "
         "together",
         _clip_reference, _clip_cases, _hint_clip, chapter="part4/privacy",
+    ),
+    "cut_step_bytes": Exercise(
+        "cut_step_bytes", "split learning: the bytes up and down of one step's messages at the cut (float32 "
+        "activations, features and gradients; int32 lengths and labels)",
+        lambda examples, width, hidden, placement: step_bytes(examples, width, hidden, placement), _step_bytes_cases,
+        _hint_step_bytes, chapter="part4/split", canonical=_step_bytes_form,
+    ),
+    "nearest_token": Exercise(
+        "nearest_token", "the learned inversion: each activation gets the token id of its nearest reference "
+        "activation by cosine",
+        lambda reference, ids, activations: nearest_token_attack(reference, ids, activations), _nearest_token_cases,
+        _hint_nearest_token, chapter="part4/split",
     ),
 }
 """The exercises of Parts I, II and IV on a method's core, by name (merged into ``EXERCISES``)."""

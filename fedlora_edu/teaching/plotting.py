@@ -56,6 +56,8 @@ METHOD_COLORS: dict[str, str] = {
     "Fed-piLot": "#e6ab02",
     "FedFMSL": "#1b9e77",
     "FedRA": "#d95f02",
+    "SplitFedLoRA": "#b15928",
+    "SplitLoRA": "#6a3d9a",
     "Quantized": "#66a61e",
     "Top-k": "#a6761d",
     "CG-FedLLM": "#7570b3",
