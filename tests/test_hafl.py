@@ -1,4 +1,6 @@
-"""HAFL (survey 5.1): each client trains its most important rank-1 components; each is averaged over its trainers."""
+"""HAFL (survey 5.1): each client trains its most important rank-1 components; each is averaged over its trainers.
+
+Both of the paper's schemes: freezing (the default) and truncation (the client holds only its components)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,11 @@ import torch
 from helpers import recording
 
 from fedlora_edu.core import adapters as adapter_io
-from fedlora_edu.core.strategy import BOTH
+from fedlora_edu.core.strategy import BOTH, LocalResult, ServerState
 from fedlora_edu.efficiency.sparse import (
     HAFL,
     aggregate_rank_one,
+    aggregate_scores,
     component_importance,
     smoothed_sensitivity,
     top_components,
@@ -160,3 +163,142 @@ def test_the_first_step_scores_are_the_smoothed_sensitivity_of_the_real_layers(f
             scores.append(mean * uncertainty)
         importance = scores[0].mean(dim=1) + scores[1].mean(dim=0)
         assert state.selected[name] == top_components(importance, 2)
+
+
+# ----- the truncation scheme: a client holds, downloads, runs and uploads only its r_k components -----------------
+
+
+def test_the_servers_scores_average_each_component_over_the_clients_that_held_it():
+    g = torch.Generator().manual_seed(5)
+    previous = torch.rand(5, generator=g)
+    parts = [([0, 3], torch.rand(2, generator=g)), ([3, 4], torch.rand(2, generator=g))]
+    new = aggregate_scores(previous, parts, [0.4, 0.6])
+    assert new[0] == pytest.approx(float(parts[0][1][0]))  # one holder: its score
+    assert new[3] == pytest.approx(float(0.4 * parts[0][1][1] + 0.6 * parts[1][1][0]))
+    assert new[4] == pytest.approx(float(parts[1][1][1]))
+    assert torch.equal(new[[1, 2]], previous[[1, 2]])  # nobody held them: the server's score stays
+
+
+def _truncation_server(model, strategy, importance_seed=None):
+    server = ServerState(adapters=adapter_io.get_lora_factors(model), head=adapter_io.get_head_state(model),
+                         scaling=adapter_io.lora_scaling(model), rank=adapter_io.model_rank(model),
+                         method_state=strategy.new_state())
+    if importance_seed is not None:  # scores from an earlier round, so that the chosen ones are not the first
+        g = torch.Generator().manual_seed(importance_seed)
+        server.method_state.importance = {name: torch.rand(server.rank, generator=g) for name in server.adapters}
+    g = torch.Generator().manual_seed(7)
+    server.adapters = {name: (a, 0.1 * torch.randn(b.shape, generator=g)) for name, (a, b) in server.adapters.items()}
+    return server
+
+
+def test_a_truncated_client_holds_and_runs_only_its_components_on_a_real_model_layer(federation):
+    strategy = HAFL(0.5, scheme="truncation")
+    model = federation.fresh_model(seed=0)
+    server = _truncation_server(model, strategy, importance_seed=3)
+    state = strategy.new_client_state()
+    start = strategy.client_start(server, 0, state, 0)
+    kept = strategy.kept(0, server.rank)
+    assert kept == server.rank // 2
+    for name, (a, b) in server.adapters.items():  # down: exactly the r_k components the server ranks highest
+        chosen = top_components(server.method_state.importance[name], kept)
+        assert state.selected[name] == chosen and chosen != list(range(kept))
+        assert torch.equal(start.adapters[name][0], a[chosen]) and torch.equal(start.adapters[name][1], b[:, chosen])
+        assert start.download.tensors[f"{name}.index"].tolist() == chosen
+    serialized = sum(len(v.numpy().tobytes()) for v in start.download.tensors.values())
+    assert start.download.nbytes == serialized
+    full = sum(a.numel() + b.numel() for a, b in server.adapters.values())
+    head = sum(v.numel() for v in server.head.values())
+    assert serialized == 4 * (full * kept // server.rank + len(server.adapters) * kept + head)
+
+    adapter_io.set_lora_factors(model, start.adapters)
+    name, layer = next(iter(adapter_io.lora_layers(model).items()))
+    a, b = server.adapters[name]
+    chosen = state.selected[name]
+    x = torch.randn(3, a.shape[1], generator=torch.Generator().manual_seed(8))
+    model.eval()
+    with torch.no_grad():
+        out = layer(x)
+        base = layer.get_base_layer()(x)
+    truncated = base + server.scaling * x @ (b[:, chosen] @ a[chosen]).T
+    whole = base + server.scaling * x @ (b @ a).T
+    assert torch.allclose(out, truncated, atol=1e-5)  # the forward pass: W' x + s B[:, S] A[S] x
+    assert not torch.allclose(out, whole, atol=1e-5)  # the other components are absent, not frozen
+
+    with strategy.local_training(model, start, state, 0):
+        local_train(model, federation.clients[0], steps=3, batch_size=4, learning_rate=1e-2, rank=kept, seed=0)
+    after = adapter_io.get_lora_factors(model)
+    result = LocalResult(0, adapter_io.get_lora_factors(model, rank=kept), {}, len(federation.clients[0]), 0.0, kept)
+    payload = strategy.client_upload(result, state, 0)
+    for name, (a, b) in after.items():
+        assert not a[kept:].any() and not b[:, kept:].any()  # the padding stayed empty
+        assert payload.tensors[f"{name}.A"].shape[0] == payload.tensors[f"{name}.B"].shape[1] == kept  # up: r_k
+        assert torch.equal(payload.tensors[f"{name}.A"], a[:kept])
+        assert payload.tensors[f"{name}.index"].tolist() == state.selected[name]
+        held = state.selected[name]
+        absent = [i for i in range(server.rank) if i not in held]
+        assert not state.mean[f"{name}.A"][absent].any() and not state.mean[f"{name}.B"][:, absent].any()
+        assert state.mean[f"{name}.B"][:, held].abs().sum() > 0  # what it held, it scored
+        assert torch.allclose(payload.tensors[f"{name}.importance"], component_importance(
+            (state.mean[f"{name}.A"] * state.uncertainty[f"{name}.A"])[held],
+            (state.mean[f"{name}.B"] * state.uncertainty[f"{name}.B"])[:, held]))
+    assert payload.nbytes == sum(len(v.numpy().tobytes()) for v in payload.tensors.values())
+
+
+def test_truncation_in_the_simulator_sends_r_k_components_and_leaves_unheld_ones_unchanged(federation):
+    strategy = recording(HAFL)([1.0, 0.5, 0.25], scheme="truncation")
+    history = federation.run(strategy, rounds=2, progress=False, seed=5)
+    rank = federation.last_server.rank
+    for t, result, payload, state in strategy.sent:
+        start = strategy.starts[t][result.client_id]
+        kept = strategy.kept(result.client_id, rank)
+        before = strategy.rounds[t][0]
+        for name in before:
+            chosen = state.selected[name]
+            assert len(chosen) == kept == result.adapters[name][0].shape[0]
+            assert torch.equal(start.adapters[name][0], before[name][0][chosen])  # the server's components
+            assert payload.tensors[f"{name}.A"].shape == (kept, before[name][0].shape[1])
+            assert payload.tensors[f"{name}.index"].tolist() == start.download.tensors[f"{name}.index"].tolist()
+        assert payload.nbytes == sum(len(v.numpy().tobytes()) for v in payload.tensors.values())
+        assert start.download.nbytes == sum(len(v.numpy().tobytes()) for v in start.download.tensors.values())
+    for t in range(2):
+        assert history["bytes_up"].iloc[t] == sum(p.nbytes for s, _, p, _ in strategy.sent if s == t)
+        assert history["bytes_down"].iloc[t] == sum(s.download.nbytes for s in strategy.starts[t].values())
+    scores_after_first = {}
+    for name in strategy.rounds[0][0]:  # the second round's components are the top ones by the server's scores
+        parts = [(u.payload.tensors[f"{name}.index"].long().tolist(), u.payload.tensors[f"{name}.importance"])
+                 for u in strategy.rounds[0][1]]
+        weights = [u.num_examples / sum(v.num_examples for v in strategy.rounds[0][1]) for u in strategy.rounds[0][1]]
+        scores_after_first[name] = aggregate_scores(torch.zeros(rank), parts, weights)
+    for k, start in strategy.starts[1].items():
+        for name, scores in scores_after_first.items():
+            assert start.download.tensors[f"{name}.index"].tolist() == top_components(scores, strategy.kept(k, rank))
+
+    small = recording(HAFL)(0.25, scheme="truncation")  # everyone holds component 0 only in round 1
+    federation.run(small, rounds=1, progress=False, seed=6)
+    before, uploads = small.rounds[0]
+    total = sum(u.num_examples for u in uploads)
+    for name, (a, b) in federation.last_server.adapters.items():
+        assert torch.equal(a[1:], before[name][0][1:]) and torch.equal(b[:, 1:], before[name][1][:, 1:])
+        expected = sum(u.num_examples / total * u.payload.tensors[f"{name}.A"][0] for u in uploads)
+        assert torch.allclose(a[0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="scheme"):
+        HAFL(0.5, scheme="pruning")
+
+
+def test_with_every_budget_one_both_schemes_give_the_same_aggregate_and_freezing_stays_the_default(federation):
+    assert HAFL().scheme == "freezing"
+    freezing = recording(HAFL)(1.0)
+    frozen_history = federation.run(freezing, rounds=2, progress=False, seed=3)
+    frozen_server = federation.last_server
+    truncation = recording(HAFL)(1.0, scheme="truncation")
+    truncated_history = federation.run(truncation, rounds=2, progress=False, seed=3)
+    for name, (a, b) in federation.last_server.adapters.items():
+        assert torch.equal(a, frozen_server.adapters[name][0]) and torch.equal(b, frozen_server.adapters[name][1])
+    # freezing downloads the whole adapter as FedIT does; truncation adds the indices, and the scores go up
+    rank, layers = frozen_server.rank, len(frozen_server.adapters)
+    for start in freezing.starts[0].values():
+        assert set(start.download.tensors) == {f"{n}.{m}" for n in frozen_server.adapters for m in "AB"} | {
+            f"head.{key}" for key in frozen_server.head}
+    extra = federation.profile.clients_per_round * 4 * rank * layers
+    assert (truncated_history["bytes_down"] == frozen_history["bytes_down"] + extra).all()
+    assert (truncated_history["bytes_up"] == frozen_history["bytes_up"] + extra).all()

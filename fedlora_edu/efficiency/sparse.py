@@ -23,9 +23,10 @@ FedIT (tests/test_sparse.py checks it).
 
 HAFL (Su, Yan, Deng; arXiv 2411.06581) sparsifies by rank-1 component instead of by entry: each
 client updates only the components of B A = sum_i b_i a_i that its smoothed sensitivities rank
-highest, as many as its budget allows, and the server averages each component over the clients
-that trained it (:class:`HAFL`). FSLoRA's sketches (:class:`FSLoRA`) choose components at random
-and rescale them.
+highest, as many as its budget allows (the paper's freezing scheme; its truncation scheme, where the client
+holds and sends only those components, is ``HAFL(scheme="truncation")``), and the server averages each
+component over the clients that trained it (:class:`HAFL`). FSLoRA's sketches (:class:`FSLoRA`) choose
+components at random and rescale them.
 Taught in ``book/part4/sparse.ipynb``.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ from fedlora_edu.core.strategy import (
 
 VALUE_BYTES = 4
 INDEX_BYTES = 4
+HAFL_SCHEMES = ("freezing", "truncation")
 
 
 def _check_density(value: object, name: str) -> float:
@@ -338,6 +340,24 @@ def aggregate_rank_one(a: Tensor, b: Tensor, parts: list[tuple[list[int], Tensor
     return new_a, new_b
 
 
+def aggregate_scores(previous: Tensor, parts: list[tuple[list[int], Tensor]], weights: list[float]) -> Tensor:
+    """The server's importance of each component of one layer after a round of HAFL's truncation scheme (our choice).
+
+    ``parts[k]`` is client k's (component indices S_k, its importance of each of them) and ``weights[k]`` its p_k.
+    Component i's score becomes sum_{k: i in S_k} p_k s_i^k / sum_{k: i in S_k} p_k, the same renormalised
+    average as :func:`aggregate_rank_one`'s; a component no client held keeps its ``previous`` score.
+    """
+    total = torch.zeros(previous.numel(), dtype=torch.float64)
+    weighted = torch.zeros(previous.numel(), dtype=torch.float64)
+    for (indices, scores), p in zip(parts, weights, strict=True):
+        total[indices] += p
+        weighted[indices] += p * scores.double()
+    new = previous.clone()
+    held = (total > 0).nonzero().flatten().tolist()
+    new[held] = (weighted[held] / total[held]).to(previous)
+    return new
+
+
 class HAFL(Strategy):
     """HAFL (Su, Yan, Deng 2024, arXiv 2411.06581): each client trains only its most important rank-1 components.
 
@@ -360,10 +380,24 @@ class HAFL(Strategy):
     first step of each round from the scores that include that step (ties go to the lower index: with
     B = 0 at the start every score is 0, so a fresh adapter's first components train first); the
     component's importance is the mean score of its A row plus that of its B column; the budget is the
-    same share of every layer; factors are averaged component-wise (a_i and b_i separately). The
-    paper's weaker *truncation* scheme (the client holds only its r_k components) is not implemented.
+    same share of every layer; factors are averaged component-wise (a_i and b_i separately).
     Frozen components get a zero gradient, which leaves them exactly unchanged under the clients'
     AdamW without weight decay. Needs the gradients, so the simulator trains its clients one by one.
+
+    ``scheme="truncation"`` is the paper's other scheme, the one its abstract says degrades accuracy and
+    that freezing replaces: client k *holds* only its r_k components of each layer. It downloads A[S_k],
+    B[:, S_k] and the indices S_k (its download shrinks to r_k / r of the adapter's), its forward pass
+    applies W' x + (alpha / r) B[:, S_k] A[S_k] x (the other components are absent, not frozen: they are
+    zero-padded out of the model's rank-r slots, and the scaling stays the global adapter's), it trains
+    and uploads those components, and the server aggregates them with :func:`aggregate_rank_one` as in
+    the freezing scheme. The components must be chosen *before* the client trains, and a client never sees
+    the sensitivities of the components it does not hold; our choice: the server keeps an importance per
+    component (``server.method_state``), each client uploads with its components its own importance of
+    each (r_k float32 numbers per layer, counted in its upload), the server averages them over the
+    clients that held each component (:func:`aggregate_scores`; a component nobody held keeps its
+    score), and hands client k the r_k components it ranks highest (all scores start at 0, so the first
+    round hands out the first r_k components, as the freezing scheme's ties do). With every budget 1 the
+    two schemes train the same components from the same start, so their aggregates are equal.
     """
 
     name = "HAFL"
@@ -371,8 +405,18 @@ class HAFL(Strategy):
     chapter = "book/part4/sparse"
 
     @dataclass
+    class State:
+        """The truncation scheme's server-side importance of each component, per layer (unused by freezing)."""
+
+        importance: dict[str, Tensor] = field(default_factory=dict)
+
+    @dataclass
     class ClientState:
-        """The client's smoothed sensitivities (per factor), its budget and this round's components per layer."""
+        """The client's smoothed sensitivities (per factor), its budget and this round's components per layer.
+
+        Under truncation the sensitivities keep the full rank-r shapes, and a round updates the rows of A and
+        columns of B of the components the client holds.
+        """
 
         mean: dict[str, Tensor] | None = None
         uncertainty: dict[str, Tensor] | None = None
@@ -380,8 +424,11 @@ class HAFL(Strategy):
         selected: dict[str, list[int]] | None = None
 
     def __init__(self, budgets: float | list[float] = (1.0, 0.5, 0.25), *, beta1: float = 0.85,
-                 beta2: float = 0.85) -> None:
+                 beta2: float = 0.85, scheme: str = "freezing") -> None:
         super().__init__(None)
+        if scheme not in HAFL_SCHEMES:
+            raise ValueError(f"scheme must be one of {HAFL_SCHEMES}, got {scheme!r}")
+        self.scheme = scheme
         shares = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
         if not shares:
             raise ValueError("budgets is empty")
@@ -400,9 +447,23 @@ class HAFL(Strategy):
         return max(1, min(rank, int(round(self.share(client_id) * rank))))
 
     def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
+        """Freezing: the whole global adapter. Truncation: the r_k components the server ranks highest, with indices."""
         client_state.kept = self.kept(client_id, server.rank)
         client_state.selected = None
-        return super().client_start(server, client_id, client_state, round_index)
+        if self.scheme == "freezing":
+            return super().client_start(server, client_id, client_state, round_index)
+        scores = server.method_state.importance
+        client_state.selected = {name: top_components(scores.get(name, torch.zeros(server.rank)), client_state.kept)
+                                 for name in server.adapters}
+        adapters = {name: (a[client_state.selected[name]].clone(), b[:, client_state.selected[name]].clone())
+                    for name, (a, b) in server.adapters.items()}
+        tensors: dict[str, Tensor] = {}
+        for name, (a, b) in adapters.items():
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = a, b
+            tensors[f"{name}.index"] = torch.tensor(client_state.selected[name], dtype=torch.int32)
+        tensors.update({f"head.{key}": value for key, value in server.head.items()})
+        return ClientStart(adapters, {key: value.clone() for key, value in server.head.items()}, Payload(tensors),
+                           self.trainable(round_index))
 
     def observe(self, factors: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor]], client_state: Any) -> None:
         """Update the client's smoothed sensitivities from one step's (A, grad A, B, grad B) per layer."""
@@ -414,6 +475,30 @@ class HAFL(Strategy):
                     weight, torch.zeros_like(weight) if grad is None else grad, client_state.mean.get(key),
                     client_state.uncertainty.get(key), self.beta1, self.beta2)
 
+    def observe_held(self, factors: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor]], client_state: Any) -> None:
+        """Truncation: update the sensitivities of the held components from one step's (A, grad A, B, grad B).
+
+        The model's first r_k slots hold the components ``client_state.selected[name]`` (in that order); the
+        slots above are padding. The client's sensitivities keep the rank-r shapes (row i of A, column i of B
+        for component i); only the held components' entries change.
+        """
+        if client_state.mean is None:
+            client_state.mean, client_state.uncertainty = {}, {}
+        for name, (a, grad_a, b, grad_b) in factors.items():
+            held, kept = client_state.selected[name], len(client_state.selected[name])
+            grad_a = torch.zeros_like(a) if grad_a is None else grad_a
+            grad_b = torch.zeros_like(b) if grad_b is None else grad_b
+            # component i is row i of A and column i of B: on A and on B^T, the held components are rows
+            for key, weight, grad, transposed in ((f"{name}.A", a, grad_a, False), (f"{name}.B", b, grad_b, True)):
+                mean = client_state.mean.setdefault(key, torch.zeros(weight.shape, dtype=torch.float32))
+                uncertainty = client_state.uncertainty.setdefault(key, torch.zeros_like(mean))
+                rows_of = (lambda t: t.T) if transposed else (lambda t: t)  # noqa: E731
+                new_mean, new_uncertainty, _ = smoothed_sensitivity(
+                    rows_of(weight)[:kept].cpu(), rows_of(grad)[:kept].cpu(), rows_of(mean)[held],
+                    rows_of(uncertainty)[held], self.beta1, self.beta2)
+                rows_of(mean)[held] = new_mean
+                rows_of(uncertainty)[held] = new_uncertainty
+
     def importance(self, client_state: Any, name: str) -> Tensor:
         """The client's current importance of each component of layer ``name``."""
         score = {key: client_state.mean[key] * client_state.uncertainty[key] for key in (f"{name}.A", f"{name}.B")}
@@ -422,9 +507,16 @@ class HAFL(Strategy):
     @contextlib.contextmanager
     def local_training(self, model: torch.nn.Module, start: ClientStart, client_state: Any,
                        round_index: int) -> Iterator[None]:
-        """Before each optimiser step: update the scores, choose components (first step), zero the rest's gradients."""
+        """Before each optimiser step: update the scores, choose components (first step), zero the rest's gradients.
+
+        Truncation: only the scores of the held components change; the absent ones are padding that the
+        simulator's ``local_train`` holds at zero (its ``rank`` r_k).
+        """
         parameters = {name: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
                       for name, layer in lora_layers(model).items()}
+
+        def observe_held(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.observe_held({name: (a, a.grad, b, b.grad) for name, (a, b) in parameters.items()}, client_state)
 
         def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.observe({name: (a, a.grad, b, b.grad) for name, (a, b) in parameters.items()}, client_state)
@@ -438,27 +530,53 @@ class HAFL(Strategy):
                 if b.grad is not None:
                     b.grad[:, frozen] = 0
 
-        handle = register_optimizer_step_pre_hook(before_step)
+        handle = register_optimizer_step_pre_hook(before_step if self.scheme == "freezing" else observe_held)
         try:
             yield
         finally:
             handle.remove()
 
     def client_upload(self, result: LocalResult, client_state: Any, round_index: int) -> Payload:
-        """Per layer, the trained components' rows of A, columns of B and their indices; and the head."""
+        """Per layer, the trained components' rows of A, columns of B and their indices; and the head.
+
+        Truncation: the client's whole (rank r_k) adapter, the indices, and its importance of each component.
+        """
         if client_state.selected is None:
             raise ValueError(f"client {result.client_id} uploads without having trained a step")
         tensors: dict[str, Tensor] = {}
         for name, (a, b) in result.adapters.items():
             indices = client_state.selected[name]
-            tensors[f"{name}.A"], tensors[f"{name}.B"] = a[indices].clone(), b[:, indices].clone()
+            if self.scheme == "freezing":
+                tensors[f"{name}.A"], tensors[f"{name}.B"] = a[indices].clone(), b[:, indices].clone()
+            else:
+                if a.shape[0] != len(indices):
+                    raise ValueError(f"client {result.client_id} holds {len(indices)} components of {name} but "
+                                     f"returns {a.shape[0]}")
+                tensors[f"{name}.A"], tensors[f"{name}.B"] = a.clone(), b.clone()
             tensors[f"{name}.index"] = torch.tensor(indices, dtype=torch.int32)
+            if self.scheme == "truncation":
+                tensors[f"{name}.importance"] = self.held_importance(client_state, name).float()
         tensors.update({f"head.{key}": value for key, value in result.head.items()})
         return Payload(tensors)
 
+    def held_importance(self, client_state: Any, name: str) -> Tensor:
+        """Truncation: the client's importance of each component it holds of layer ``name``, in its order."""
+        held = client_state.selected[name]
+        if client_state.mean is None:
+            return torch.zeros(len(held))
+        score = {key: client_state.mean[key] * client_state.uncertainty[key] for key in (f"{name}.A", f"{name}.B")}
+        return component_importance(score[f"{name}.A"][held], score[f"{name}.B"][:, held])
+
     def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
-        """:func:`aggregate_rank_one` on every layer, then FedAvg of the head."""
+        """:func:`aggregate_rank_one` on every layer, then FedAvg of the head (truncation: the scores too)."""
         weights = normalized_weights(uploads)
+        if self.scheme == "truncation":
+            scores = server.method_state.importance
+            server.method_state.importance = {
+                name: aggregate_scores(scores.get(name, torch.zeros(server.rank)),
+                                       [(u.payload.tensors[f"{name}.index"].long().tolist(),
+                                         u.payload.tensors[f"{name}.importance"]) for u in uploads], weights)
+                for name in server.adapters}
         server.adapters = {
             name: aggregate_rank_one(a, b, [(u.payload.tensors[f"{name}.index"].long().tolist(),
                                              u.payload.tensors[f"{name}.A"], u.payload.tensors[f"{name}.B"])
