@@ -178,3 +178,97 @@ def test_the_client_adds_the_proximal_gradient_and_trains_the_adapter_only(probe
         torch.optim.SGD([b], lr=0.0).step()  # the client's hook runs before every optimiser step
         assert torch.allclose(b.grad, plain + 2 * 0.5 * 0.1 * torch.ones_like(b), atol=1e-6)
     assert all(layer.lora_B[adapter_io.ADAPTER].weight.requires_grad for layer in layers.values())  # restored
+
+
+# ----- re-alignment on the server (the lower level of the bi-level problem), every realign_every rounds -------------
+
+
+def _watching_emulator(cls):
+    """A FedBiOT that copies the emulator each client downloads, by round: ``emulators[t]``."""
+
+    class Watching(recording(cls)):
+        def client_start(self, server, client_id, client_state, round_index):
+            weights = server.method_state.emulator.weights
+            self.__dict__.setdefault("emulators", {})[round_index] = {
+                i: {key: value.clone() for key, value in block.items()} for i, block in weights.items()}
+            return super().client_start(server, client_id, client_state, round_index)
+
+    return Watching
+
+
+def _same(first, second):
+    return all(torch.equal(first[i][key], second[i][key]) for i in first for key in first[i])
+
+
+def test_realigning_every_other_round_changes_the_emulator_and_the_clients_download_the_new_blocks(probe_federation):
+    from fedlora_edu.core.seeds import derive_seed
+
+    strategy = _watching_emulator(FedBiOT)(distill_steps=2, public_examples=12, realign_every=2)
+    history = probe_federation.run(strategy, rounds=3, progress=False, seed=2)
+    state = probe_federation.last_server.method_state
+    emulators = strategy.emulators
+    assert _same(emulators[0], emulators[1])  # not re-aligned after round 1
+    assert not _same(emulators[1], emulators[2])  # re-aligned after round 2, before round 3
+    assert state.version == 1 and [r["round"] for r in state.realignments] == [2]
+    # the re-alignment is distill_emulator's steps from where the emulator stood, seeded by the run and the round
+    model = probe_federation.fresh_model(seed=2)
+    again = build_emulator(model, state.emulator.layers[-1] + 1, 0.2)
+    again.weights = emulators[1]
+    public = public_data("tweet_sentiment", 12, probe_federation.profile.max_length, seed=2)
+    train = public.subset(list(range(len(public) // 3, len(public))))
+    losses = distill_emulator(model, again, train, steps=2, batch_size=16, learning_rate=1e-4,
+                              seed=derive_seed(2, "FedBiOT realign", 1))
+    assert losses == pytest.approx(state.realignments[0]["losses"])
+    assert all(torch.allclose(again.weights[i][key], emulators[2][i][key], atol=1e-6)
+               for i in again.weights for key in again.weights[i])
+    # down: round 3 carries the re-aligned blocks, as serialized; round 2 only the adapter
+    blocks = [value for block in emulators[2].values() for value in block.values()]
+    assert state.update_bytes == sum(len(v.numpy().tobytes()) for v in blocks)
+    assert state.update_bytes == 4 * sum(p.numel() for i in state.emulator.kept
+                                         for name, p in _layer_module(model, i).named_parameters()
+                                         if "lora_" not in name)
+    for k, start in strategy.starts[2].items():
+        plain = sum(len(v.numpy().tobytes()) for v in start.download.tensors.values())
+        assert start.download.nbytes == plain + state.update_bytes
+        assert strategy.starts[1][k].download.nbytes == plain
+        assert strategy.starts[0][k].download.nbytes == plain + state.emulator_bytes
+    assert history["bytes_down"].tolist() == [sum(s.download.nbytes for s in strategy.starts[t].values())
+                                              for t in range(3)]
+    assert history["server_seconds"].iloc[1] >= state.realignments[0]["seconds"]  # counted as server time
+
+
+def test_without_realignment_the_emulator_stays_and_is_downloaded_once(probe_federation):
+    strategy = _watching_emulator(FedBiOT)(distill_steps=2, public_examples=12)
+    assert strategy.realign_every == 0
+    probe_federation.run(strategy, rounds=2, progress=False, seed=1)
+    state = probe_federation.last_server.method_state
+    assert _same(strategy.emulators[0], strategy.emulators[1]) and _same(strategy.emulators[1], state.emulator.weights)
+    assert state.version == 0 and not state.realignments and state.model is None
+    for k, start in strategy.starts[1].items():
+        assert start.download.nbytes == sum(len(v.numpy().tobytes()) for v in start.download.tensors.values())
+        assert strategy.starts[0][k].download.nbytes == start.download.nbytes + state.emulator_bytes
+    with pytest.raises(ValueError, match="realign_every"):
+        FedBiOT(realign_every=-1)
+
+
+def test_with_cached_bottom_blocks_a_realigned_emulator_recomputes_the_clients_inputs():
+    from fedlora_edu.efficiency.offsite import Emulator, _bottom, _classifier
+
+    federation = tiny_federation("iid", adapted_layers=2)
+    cached = [data.hidden.clone() for data in federation.clients]
+    strategy = _watching_emulator(FedBiOT)(distill_steps=2, public_examples=12, realign_every=1)
+    federation.run(strategy, rounds=2, progress=False, seed=0)
+    state = federation.last_server.method_state
+    assert [r["round"] for r in state.realignments] == [1, 2] and state.version == 2
+    assert state.hidden_version == {k: 1 for k in range(federation.num_clients)}  # round 2 read the re-aligned one
+    assert all(torch.equal(data.hidden, before) for data, before in zip(federation.clients, cached, strict=True))
+    # round 2's clients read the bottom blocks through the emulator they downloaded (re-aligned once), no dropout
+    model = federation.last_model
+    model.eval()
+    downloaded = Emulator(state.emulator.layers, state.emulator.kept, strategy.emulators[1])
+    with torch.no_grad(), emulator_installed(model, downloaded):
+        expected = [_bottom(_classifier(model), data) for data in federation.clients]
+    assert not _same(strategy.emulators[0], strategy.emulators[1])
+    for k in range(federation.num_clients):
+        assert torch.allclose(state.hidden[k], expected[k], atol=1e-6)
+        assert not torch.allclose(state.hidden[k], cached[k])

@@ -18,11 +18,16 @@ dW = B A, survey eq. 2) on its own data through the frozen emulator, with the pr
 uploads the adapter's factors only; the server averages them with the weights p_k (survey eq. 1)
 and plugs them into the **full** model, which is what is evaluated.
 
-Our choices, where the paper's schedule is unknown to us or too costly here: the emulator is aligned
-once, before round 1 (the authors' configurations pre-align it for 50 rounds of 10 steps and then
+Our choices, where the paper's schedule is unknown to us or too costly here: by default the emulator is
+aligned once, before round 1 (the authors' configurations pre-align it for 50 rounds of 10 steps and then
 re-align it on the server before every round, the lower level of their bi-level problem, so that
-their clients download the new emulator each round; we align once, so each client downloads it
-once, counted in its first download); ``distill_steps`` AdamW steps (default 20, batches of 16) at
+their clients download the new emulator each round; aligned once, each client downloads it
+once, counted in its first download). ``FedBiOT(realign_every=e)`` re-aligns it on the server after the
+aggregation of every e-th round, ``distill_steps`` more steps on the same public texts from where the
+emulator stands (a fresh optimiser each time, batches drawn anew), so that e = 1 is the authors' schedule;
+its time is part of the round's server time, and a client that holds an older emulator downloads the
+re-aligned blocks' weights before it trains (:func:`emulator_update_bytes`, counted in its download
+as the first download is); ``distill_steps`` AdamW steps (default 20, batches of 16) at
 ``distill_learning_rate`` 1e-4 (their alignment inherits their clients' 5e-4; on the tiny test
 federation 12 steps of 8 texts at 5e-4 raised the KL below, at 1e-4 lowered it) on two thirds of
 ``public_examples`` (96) texts of ``public_data`` (default the CrowdFlower sentiment tweets, which
@@ -39,6 +44,7 @@ Taught in ``book/part4/compression.ipynb``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +58,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fedlora_edu.assets.data import load_text_classification
 from fedlora_edu.assets.models import MeanPoolingClassifier, resolve_model
 from fedlora_edu.core import adapters as adapter_io
-from fedlora_edu.core.strategy import ClientStart, Payload, ServerState
+from fedlora_edu.core.seeds import derive_seed
+from fedlora_edu.core.strategy import ClientStart, Payload, ServerState, Upload
 from fedlora_edu.efficiency.layers import LayerSparseStrategy, _layer_module, _skip, layer_of
 from fedlora_edu.foundations.training import BatchSampler, ClientData, tokenize, trim_batch
 
@@ -268,6 +275,15 @@ def public_data(name: str, examples: int, max_length: int, seed: int = 0) -> Cli
     return tokenize(list(dataset["text"]), list(dataset["label"]), tokenizer, max_length)
 
 
+def emulator_update_bytes(emulator: Emulator) -> int:
+    """What a client that holds an older emulator downloads after a re-alignment: the kept blocks' weights.
+
+    Distillation changes only those (:func:`distill_emulator`); the embeddings and the adapter's blocks
+    a client already holds stay as they were. Their dense size, as serialized.
+    """
+    return adapter_io.tensor_bytes([value for block in emulator.weights.values() for value in block.values()])
+
+
 def emulator_bytes(model: nn.Module, emulator: Emulator) -> int:
     """The size of the compressed model a client downloads once: every pre-trained weight but the dropped blocks'.
 
@@ -293,9 +309,16 @@ class FedBiOT(LayerSparseStrategy):
     on the adapter, survey eq. 1) and evaluates the full model with them plugged in. The first download
     of each client carries the compressed model (:func:`emulator_bytes`), once; every round's payload
     is the adapter's factors and the head. See the module docstring for what follows the authors' code
-    and what is our choice (the emulator is aligned once, not before every round). The run's
+    and what is our choice (by default the emulator is aligned once, not before every round). The run's
     alignment is kept in ``server.method_state``: the emulator, and the distillation loss and KL
     before and after it on held-out public texts.
+
+    ``realign_every`` e >= 1 adds the authors' lower level: after the aggregation of rounds e, 2e, ...
+    the server re-aligns the emulator (:meth:`realign`; its time falls in the round's ``server_seconds``,
+    each re-alignment's round, losses and seconds are kept in ``server.method_state.realignments``), and
+    the next download of every client that holds an older emulator carries the re-aligned blocks
+    (:func:`emulator_update_bytes`). The default 0 never re-aligns (what the stored studies ran). The server
+    re-aligns after every e-th round, the last one included, since it cannot know that no round follows.
     """
 
     name = "FedBiOT"
@@ -304,7 +327,12 @@ class FedBiOT(LayerSparseStrategy):
 
     @dataclass
     class State:
-        """The emulator, the alignment's measurements, and the clients' inputs recomputed through it (if cached)."""
+        """The emulator, the alignment's measurements, and the clients' inputs recomputed through it (if cached).
+
+        With re-alignment: the server's model and public texts it re-aligns with, the emulator's ``version``
+        (0 before the first re-alignment), the size of a re-aligned download, one record per re-alignment, and
+        the version each client's recomputed inputs were taken with.
+        """
 
         emulator: Emulator | None = None
         emulator_bytes: int = 0
@@ -315,18 +343,28 @@ class FedBiOT(LayerSparseStrategy):
         kl_after: float = float("nan")
         federation: Any = None
         hidden: dict[int, Tensor] = field(default_factory=dict)
+        model: Any = None
+        public_train: Any = None
+        version: int = 0
+        update_bytes: int = 0
+        realignments: list[dict[str, Any]] = field(default_factory=list)
+        hidden_version: dict[int, int] = field(default_factory=dict)
 
     @dataclass
     class ClientState(LayerSparseStrategy.ClientState):
-        """Besides its layers: whether the client holds the emulator yet, and the server's state to reach it."""
+        """Besides its layers: whether the client holds the emulator yet, which version, and the server's state."""
 
         has_emulator: bool = False
+        emulator_version: int = 0
         server_state: Any = None
 
     def __init__(self, adapter_layers: int = 2, drop_ratio: float = 0.2, *, proximal: float = 1.0,
                  public_data: str = "tweet_sentiment", public_examples: int = 96, distill_steps: int = 20,
-                 distill_batch_size: int = 16, distill_learning_rate: float = 1e-4) -> None:
+                 distill_batch_size: int = 16, distill_learning_rate: float = 1e-4, realign_every: int = 0) -> None:
         super().__init__(None)
+        if isinstance(realign_every, bool) or not isinstance(realign_every, int) or realign_every < 0:
+            raise ValueError(f"realign_every must be an integer >= 0 (0: align once), got {realign_every!r}")
+        self.realign_every = realign_every
         if isinstance(adapter_layers, bool) or not isinstance(adapter_layers, int) or adapter_layers < 1:
             raise ValueError(f"adapter_layers must be an integer >= 1, got {adapter_layers!r}")
         kept_layers(1, drop_ratio)  # checks drop_ratio
@@ -362,6 +400,9 @@ class FedBiOT(LayerSparseStrategy):
                                                 learning_rate=self.distill_learning_rate, seed=seed)
         state.gap_after, state.kl_after = alignment(model, emulator, test)
         state.emulator, state.emulator_bytes, state.federation = emulator, emulator_bytes(model, emulator), federation
+        state.update_bytes = emulator_update_bytes(emulator)
+        if self.realign_every:
+            state.model, state.public_train = model, train
         classifier = _classifier(model)
         if classifier.frozen_layers:
             with torch.no_grad(), emulator_installed(model, emulator):
@@ -371,14 +412,44 @@ class FedBiOT(LayerSparseStrategy):
         return self.adapter_blocks(list(server.adapters))
 
     def client_start(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> ClientStart:
-        """The adapter's factors and the head; the compressed model too, the first time (counted once)."""
+        """The adapter's factors and the head; the compressed model too, the first time (counted once).
+
+        After a re-alignment, a client holding an older emulator also downloads the re-aligned blocks.
+        """
         start = super().client_start(server, client_id, client_state, round_index)
-        client_state.server_state = server.method_state
+        state = client_state.server_state = server.method_state
         if not client_state.has_emulator:
             client_state.has_emulator = True
-            start.download = Payload(start.download.tensors,
-                                     start.download.nbytes + server.method_state.emulator_bytes)
+            start.download = Payload(start.download.tensors, start.download.nbytes + state.emulator_bytes)
+        elif client_state.emulator_version < state.version:
+            start.download = Payload(start.download.tensors, start.download.nbytes + state.update_bytes)
+        client_state.emulator_version = state.version
         return start
+
+    def aggregate(self, server: ServerState, uploads: list[Upload], round_index: int) -> None:
+        """FedIT on the adapter (the layer-sparse average); then, every ``realign_every`` rounds, :meth:`realign`."""
+        super().aggregate(server, uploads, round_index)
+        if self.realign_every and (round_index + 1) % self.realign_every == 0:
+            self.realign(server, round_index)
+
+    def realign(self, server: ServerState, round_index: int) -> list[float]:
+        """The lower level of the bi-level problem: ``distill_steps`` more steps of :func:`distill_emulator`.
+
+        On the server's model and the public texts :meth:`prepare` distilled on, with batches drawn from a
+        seed derived from the run's and the round; the emulator's version goes up by one. Returns the losses.
+        """
+        state = server.method_state
+        if state.model is None or state.emulator is None:
+            raise ValueError("realign needs prepare() to have run with realign_every >= 1")
+        started = time.perf_counter()
+        losses = distill_emulator(state.model, state.emulator, state.public_train, steps=self.distill_steps,
+                                  batch_size=self.distill_batch_size, learning_rate=self.distill_learning_rate,
+                                  seed=derive_seed(server.seed, "FedBiOT realign", round_index))
+        state.version += 1
+        state.update_bytes = emulator_update_bytes(state.emulator)
+        state.realignments.append({"round": round_index + 1, "losses": losses,
+                                   "seconds": time.perf_counter() - started})
+        return losses
 
     @contextlib.contextmanager
     def local_training(self, model: nn.Module, start: ClientStart, client_state: Any,
@@ -396,6 +467,14 @@ class FedBiOT(LayerSparseStrategy):
 
         data = state.federation.clients[client_state.client_id] if state.hidden else None
         cached = None if data is None else data.hidden
+        if data is not None and state.hidden_version.get(client_state.client_id, 0) < state.version:
+            # re-aligned since this client's inputs were computed: through the new emulator, as the client would
+            classifier, training = _classifier(model), model.training
+            model.eval()
+            with torch.no_grad(), emulator_installed(model, state.emulator):
+                state.hidden[client_state.client_id] = _bottom(classifier, data)
+            model.train(training)
+            state.hidden_version[client_state.client_id] = state.version
         handle = register_optimizer_step_pre_hook(proximal_gradient) if self.proximal > 0 else None
         try:
             if data is not None:
