@@ -37,7 +37,9 @@ of the term. The emulator's blocks start as the pre-trained blocks at the kept p
 their code). The KL between the full model's and the emulator's class distributions on held-out
 public texts measures the alignment (:func:`alignment`). When the federation caches the frozen
 bottom blocks' output (the testbed), the clients' cached inputs are recomputed once through the
-emulator, since a client has no full model to compute them with.
+emulator, since a client has no full model to compute them with (in the mode the simulator's model is
+in at :meth:`FedBiOT.prepare`, training, so with dropout: kept as it is, since the stored studies ran
+it), and after each re-alignment again, in eval mode, before the client's next round.
 Taught in ``book/part4/compression.ipynb``.
 """
 
