@@ -384,8 +384,8 @@ class HAFL(Strategy):
     Frozen components get a zero gradient, which leaves them exactly unchanged under the clients'
     AdamW without weight decay. Needs the gradients, so the simulator trains its clients one by one.
 
-    ``scheme="truncation"`` is the paper's other scheme, the one its abstract says degrades accuracy and
-    that freezing replaces: client k *holds* only its r_k components of each layer. It downloads A[S_k],
+    ``scheme="truncation"`` is the paper's other scheme, the one its abstract says may degrade accuracy
+    and that freezing replaces: client k *holds* only its r_k components of each layer. It downloads A[S_k],
     B[:, S_k] and the indices S_k (its download shrinks to r_k / r of the adapter's), its forward pass
     applies W' x + (alpha / r) B[:, S_k] A[S_k] x (the other components are absent, not frozen: they are
     zero-padded out of the model's rank-r slots, and the scaling stays the global adapter's), it trains
@@ -395,9 +395,11 @@ class HAFL(Strategy):
     component (``server.method_state``), each client uploads with its components its own importance of
     each (r_k float32 numbers per layer, counted in its upload), the server averages them over the
     clients that held each component (:func:`aggregate_scores`; a component nobody held keeps its
-    score), and hands client k the r_k components it ranks highest (all scores start at 0, so the first
-    round hands out the first r_k components, as the freezing scheme's ties do). With every budget 1 the
-    two schemes train the same components from the same start, so their aggregates are equal.
+    score; the client's own smoothed sensitivities carry over its rounds as in freezing, those of the
+    components it holds updated at every step), and hands client k the r_k components it ranks highest
+    (all scores start at 0, so the first round hands out the first r_k components, as the freezing
+    scheme's ties do). With every budget 1 the two schemes train the same components from the same
+    start, so their aggregates are equal.
     """
 
     name = "HAFL"
