@@ -152,6 +152,20 @@ def test_with_cached_bottom_blocks_the_clients_read_the_emulators_output_and_the
     assert not torch.allclose(state.hidden[0], cached[0])  # the emulator's bottom differs from the full model's
 
 
+def test_the_clients_cached_inputs_are_the_emulators_bottom_without_dropout():
+    """The cached inputs are what a client's emulator gives at inference: eval mode, no dropout (as the federation)."""
+    from fedlora_edu.efficiency.offsite import _bottom, _classifier
+
+    federation = tiny_federation("iid", adapted_layers=2)
+    federation.run(FedBiOT(distill_steps=2, public_examples=12), rounds=1, progress=False, seed=0)
+    state, model = federation.last_server.method_state, federation.last_model
+    model.eval()
+    with torch.no_grad(), emulator_installed(model, state.emulator):
+        expected = [_bottom(_classifier(model), data) for data in federation.clients]
+    for k in range(federation.num_clients):
+        assert torch.allclose(state.hidden[k], expected[k], atol=1e-6), k
+
+
 def test_the_client_adds_the_proximal_gradient_and_trains_the_adapter_only(probe_federation):
     from fedlora_edu.core.strategy import ServerState
 

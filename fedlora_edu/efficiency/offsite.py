@@ -37,9 +37,8 @@ of the term. The emulator's blocks start as the pre-trained blocks at the kept p
 their code). The KL between the full model's and the emulator's class distributions on held-out
 public texts measures the alignment (:func:`alignment`). When the federation caches the frozen
 bottom blocks' output (the testbed), the clients' cached inputs are recomputed once through the
-emulator, since a client has no full model to compute them with (in the mode the simulator's model is
-in at :meth:`FedBiOT.prepare`, training, so with dropout: kept as it is, since the stored studies ran
-it), and after each re-alignment again, in eval mode, before the client's next round.
+emulator, since a client has no full model to compute them with, in eval mode (no dropout, as the
+federation computes its own cache), and after each re-alignment again before the client's next round.
 Taught in ``book/part4/compression.ipynb``.
 """
 
@@ -406,9 +405,12 @@ class FedBiOT(LayerSparseStrategy):
         if self.realign_every:
             state.model, state.public_train = model, train
         classifier = _classifier(model)
-        if classifier.frozen_layers:
+        if classifier.frozen_layers:  # in eval mode: a frozen bottom's output carries no dropout
+            training = model.training
+            model.eval()
             with torch.no_grad(), emulator_installed(model, emulator):
                 state.hidden = {k: _bottom(classifier, data) for k, data in enumerate(federation.clients)}
+            model.train(training)
 
     def client_layers(self, server: ServerState, client_id: int, client_state: Any, round_index: int) -> list[int]:
         return self.adapter_blocks(list(server.adapters))
