@@ -1,0 +1,212 @@
+"""Every method the Flower adapter accepts, through Flower's messages in one process, equals the simulator.
+
+No SuperLink and no SuperNode processes (tests/test_flower_deployment.py starts them, for a few
+methods): an in-process :class:`~flwr.serverapp.Grid` hands each message of the ServerApp's
+:func:`~fedlora_edu.flower.apps.serve` to the real ClientApp (:data:`~fedlora_edu.flower.apps.client_app`),
+serialised to Flower's wire format and back both ways, with one Flower :class:`~flwr.app.Context` per
+client, serialised too between messages, as a SuperNode keeps it. What is exercised is what a
+deployment adds to the simulator's round: serialisation, the ClientApp rebuilding its strategy for
+every message, and where each method's client state lives (on the SuperNode, or kept by the server
+and carried with the start). Two rounds on the smallest federation (two clients, one local step),
+seed 1 (a setting left at its default 0 by a missing ``prepare`` would show); the clients of a
+method that serves them their own model also score it on their own held-out data. The history
+(accuracies, losses, bytes, discordance, update size, aggregation error) and the server's aggregate
+after each round must equal :meth:`Federation.run` with the sequential engine. Skipped only when
+Flower (the ``flower`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.common.serde import (  # noqa: E402
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext  # noqa: E402
+from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from helpers import TINY, tiny_federation  # noqa: E402
+
+from fedlora_edu.core.adapters import base_weight  # noqa: E402
+from fedlora_edu.core.strategy import Strategy  # noqa: E402
+from fedlora_edu.flower.apps import (  # noqa: E402
+    RunSettings,
+    check_supported,
+    client_app,
+    save_federation,
+    serve,
+    state_placement,
+)
+from fedlora_edu.registry import METHODS, make_strategy  # noqa: E402
+
+ROUNDS = 2
+SEED = 1
+OPTIONS = {"pFedLoRA": {"rank": 4}, "FedLFC": {"groups": ["x", "y"]},
+           "FedHLT": {"paths": [["root", "G", "en"], ["root", "G", "de"]]}}
+"""What a method needs to run on this federation (its registered defaults assume another; as the methods' own tests)."""
+PROFILE = TINY.with_overrides(num_clients=2, clients_per_round=2, local_steps=1)
+"""The tests' tiny federation with two clients, both sampled, and one local step: what is tested is the adapter."""
+
+
+def accepted(name: str) -> bool:
+    try:
+        check_supported(make_strategy(name))
+    except ValueError:
+        return False
+    return True
+
+
+ACCEPTED = [name for name in METHODS if accepted(name)]
+
+
+def personalised(name: str) -> bool:
+    """Whether a client is served something other than the global model (its own ``personal_model`` or ``serving``)."""
+    strategy = type(make_strategy(name))
+    return strategy.personal_model is not Strategy.personal_model or strategy.serving is not Strategy.serving
+
+
+def wire(message: Message) -> Message:
+    """``message`` as the other side receives it: serialised to Flower's protobuf bytes and parsed back."""
+    return message_from_proto(ProtoMessage.FromString(message_to_proto(message).SerializeToString()))
+
+
+class InProcessGrid(Grid):
+    """A Grid whose SuperNodes are entries of a dict: a pushed message is answered at once by the ClientApp.
+
+    Node ``100 + k`` holds client k; each keeps its Flower Context, serialised after every message.
+    """
+
+    def __init__(self, settings: RunSettings, num_clients: int) -> None:
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
+                                          state=RecordDict(), run_config=asdict(settings))
+                         for k in range(num_clients)}
+        self.replies: dict[str, Message] = {}
+        self.delivered = 0
+
+    def set_run(self, run_id: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids number them
+            node = message.metadata.dst_node_id
+            reply = client_app(wire(message), self.contexts[node])
+            self.contexts[node] = context_from_proto(
+                ProtoContext.FromString(context_to_proto(self.contexts[node]).SerializeToString()))
+            self.replies[message.metadata.message_id] = wire(reply)
+            self.delivered += 1
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True)
+def identity(monkeypatch):
+    """The run and task a Flower process knows itself by (set by Flower's runtimes; a Message reads them)."""
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def federation_file(tmp_path_factory):
+    federation = tiny_federation(profile=PROFILE)
+    path = tmp_path_factory.mktemp("flower") / "federation.pt"
+    save_federation(federation, path)
+    return federation, path
+
+
+def simulated(federation, method, evaluate_clients):
+    """The simulator's history, and the server's adapter and head after each round's aggregation."""
+    strategy = make_strategy(method, **OPTIONS.get(method, {}))
+    after: list[dict] = []
+    aggregate = strategy.aggregate
+
+    def recorded(server, uploads, round_index):
+        aggregate(server, uploads, round_index)
+        after.append({"adapters": {n: (a.clone(), b.clone()) for n, (a, b) in server.adapters.items()},
+                      "head": {k: v.clone() for k, v in server.head.items()}})
+
+    strategy.aggregate = recorded
+    history = federation.run(strategy, rounds=ROUNDS, seed=SEED, engine="sequential", progress=False,
+                             evaluate_clients=evaluate_clients)
+    return history, after, federation.last_model
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b.to(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ACCEPTED)
+def test_every_method_through_flower_messages_equals_the_simulator(federation_file, tmp_path, method):
+    federation, path = federation_file
+    settings = RunSettings.for_federation(
+        federation, method, federation_file=path, output=tmp_path / "history.json",
+        aggregates=tmp_path / "aggregates.pt", rounds=ROUNDS, seed=SEED, round_timeout=60, connect_timeout=5,
+        evaluate_clients=personalised(method), method_options=OPTIONS.get(method))
+    grid = InProcessGrid(settings, federation.num_clients)
+    history = serve(grid, federation, settings.strategy(), settings)
+    held = torch.load(settings.aggregates, weights_only=True)
+    reference, after, model = simulated(federation, method, settings.evaluate_clients)
+    placement = state_placement(make_strategy(method))
+    # A query to each SuperNode, then each round a train message and, if clients score their model, an evaluate one.
+    assert grid.delivered == federation.num_clients * (1 + (1 + settings.evaluate_clients) * ROUNDS)
+    assert len(history) == ROUNDS
+    for t in range(ROUNDS):
+        row, expected = history.iloc[t], reference.iloc[t]
+        for name, (a, b) in after[t]["adapters"].items():
+            got_a, got_b = held[t]["adapters"][name]
+            assert close(got_a, a) and close(got_b, b), (method, t, name)
+        for key, value in after[t]["head"].items():
+            assert close(held[t]["head"][key], value), (method, t, key)
+        for column in ("accuracy", "client_accuracy", "test_loss", "train_loss"):
+            if column == "client_accuracy" and not settings.evaluate_clients:
+                assert math.isnan(row[column]) and math.isnan(expected[column]), (method, t)
+                continue
+            assert math.isfinite(row[column]), (method, t, column)
+            assert math.isclose(row[column], expected[column], rel_tol=1e-5), (method, t, column)
+        assert (row["bytes_up"], row["bytes_down"]) == (expected["bytes_up"], expected["bytes_down"]), (method, t)
+        for column in ("discordance", "update_size", "aggregation_error"):
+            assert math.isclose(row[column], expected[column], rel_tol=1e-4, abs_tol=1e-9), (method, t, column)
+        assert (row["clients"], row["excluded"], row["dropped"]) == (expected["clients"], 0, {}), (method, t)
+        # Flower carried at least what the method counts; but FedBiOT counts its compressed model in its first
+        # download, most of which (the embeddings, the kept blocks' weights) every Flower process loads itself.
+        assert row["flower_bytes_up"] >= row["bytes_up"], (method, t)
+        assert row["flower_bytes_down"] >= row["bytes_down"] or method == "FedBiOT", (method, t)
+        # State crosses the network only where the server keeps it for the client, and is counted apart.
+        carried = (row["flower_state_bytes_down"], row["flower_state_bytes_up"])
+        if placement == "server":
+            assert min(carried) > 0, (method, t, carried)
+        else:
+            assert carried == (0, 0), (method, t, carried)
+    # W' as the method left it (FLoRA's merges, FedEx-LoRA's residual...), after the last round.
+    for name, weight in held[-1]["base"].items():
+        assert close(weight, base_weight(model, name)), (method, name)
