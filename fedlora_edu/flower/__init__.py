@@ -16,6 +16,9 @@ tensors (as Flower arrays) and the round's settings.
 - :mod:`~fedlora_edu.flower.localhost`: Flower's deployment engine on one machine (a SuperLink and
   one SuperNode per client, each a separate process, the run submitted with ``flwr run``), stopped
   whatever happens.
+- :mod:`~fedlora_edu.flower.simulation`: Flower's simulation engine (the same apps, with Ray actors
+  as virtual SuperNodes, in one process; :func:`~fedlora_edu.flower.simulation.simulate`), Ray
+  stopped whatever happens.
 
 Flower is an optional extra: ``pip install fedlora-edu[flower]``. The rest of the package never
 imports it, so Colab and the book stay light.

@@ -1,0 +1,146 @@
+"""Flower's simulation engine (Ray actors as virtual SuperNodes) runs the deployment's apps to the simulator's numbers.
+
+Each run is :func:`fedlora_edu.flower.simulation.simulate` on the tiny federation, two rounds, one
+virtual SuperNode per client: FedIT (only the adapter changes), FedEx-LoRA (which also folds its
+residual into W', which the server must carry to the clients) and FedSA-LoRA (a personal B kept in
+each virtual SuperNode's context between rounds; its clients also score their personal models on
+their own held-out data). Round by round they must equal :meth:`Federation.run` (the sequential
+engine), as on the deployment engine (``tests/test_flower_deployment.py``), and every run must leave
+no Ray process behind and the calling process as it found it. Skipped when Flower, or Ray (which
+its simulation engine needs), is not installed: both come with ``pip install fedlora-edu[flower]``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
+
+from flower_equality import assert_equals_simulator  # noqa: E402
+
+from fedlora_edu.flower import simulation  # noqa: E402
+from fedlora_edu.flower.apps import RunSettings, error_path, read_aggregates, save_federation  # noqa: E402
+
+needs_ray = pytest.mark.skipif(not simulation.ray_available(),
+                               reason="Flower's simulation engine needs Ray: pip install fedlora-edu[flower]")
+
+ROUNDS = 2
+METHODS = ("FedIT", "FedEx-LoRA", "FedSA-LoRA")
+EVALUATE_CLIENTS = {"FedSA-LoRA"}
+RAY_NAMES = (b"ray::", b"raylet", b"gcs_server", b"ray/_private", b"ray/dashboard", b"ray/autoscaler")
+
+
+def ray_processes() -> set[int]:
+    """This machine's live (not zombie) processes that are Ray's: its workers, raylet, GCS and helpers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if state != "Z" and any(name in command for name in RAY_NAMES):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def federation_file(federation, tmp_path_factory):
+    return save_federation(federation, tmp_path_factory.mktemp("simulation") / "federation.pt")
+
+
+@needs_ray
+@pytest.mark.parametrize("method", METHODS)
+def test_the_simulation_engine_equals_the_simulator_round_by_round(federation, federation_file, method):
+    import ray
+
+    directory = federation_file.parent
+    settings = RunSettings.for_federation(
+        federation, method, federation_file=federation_file, output=directory / f"{method}.json",
+        aggregates=directory / f"{method}.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120,
+        evaluate_clients=method in EVALUATE_CLIENTS)
+    before, environment = ray_processes(), dict(os.environ)
+    history = simulation.simulate(settings, progress=False)
+    assert ray_processes() - before == set(), "a Ray process outlived the simulation"
+    assert not ray.is_initialized() and dict(os.environ) == environment
+    print(f"{method} on Flower's simulation engine: round seconds {history['round_seconds'].round(2).tolist()}")
+    aggregates = read_aggregates(settings.aggregates)
+    if method == "FedEx-LoRA":
+        assert all(held["base"] for held in aggregates), "FedEx-LoRA folds its residual into W': the server changed it"
+    if method == "FedSA-LoRA":  # B is personal: the server's stays the initial one (zero)
+        assert all(not b.any() for held in aggregates for _, b in held["adapters"].values())
+    assert_equals_simulator(history, aggregates, federation, method, ROUNDS, method in EVALUATE_CLIENTS)
+
+
+def test_without_ray_simulate_names_the_install_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(simulation, "ray_available", lambda: False)
+    settings = RunSettings("FedIT", str(tmp_path / "federation.pt"), str(tmp_path / "out.json"), 1, 1, 1, 1, 0.1)
+    with pytest.raises(ImportError, match=r"pip install fedlora-edu\[flower\]"):
+        simulation.simulate(settings)
+
+
+@pytest.mark.parametrize(("arguments", "named"), [
+    ({"num_supernodes": 0}, "num_supernodes"),
+    ({"num_supernodes": 2.5}, "num_supernodes"),
+    ({"num_supernodes": 3, "cpus": 0}, "cpus"),
+    ({"num_supernodes": 3, "backend_config": {"resources": {}}}, "'resources'"),
+    ({"num_supernodes": 3, "backend_config": {"init_args": 2}}, "init_args"),
+    ({"num_supernodes": 3, "cpus": 1, "backend_config": {"client_resources": {"num_cpus": 2}}}, "CPUs per client"),
+])
+def test_a_bad_backend_setting_is_refused_by_name(arguments, named):
+    with pytest.raises(ValueError, match=named):
+        simulation.backend_settings(**arguments)
+
+
+def test_the_default_backend_is_cpu_only_and_fits_the_machine():
+    config = simulation.backend_settings(3)
+    assert config["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert config["init_args"]["num_gpus"] == 0 and config["init_args"]["address"] == "local"
+    assert 1 <= config["init_args"]["num_cpus"] <= min(3, os.cpu_count() or 1)
+    overridden = simulation.backend_settings(3, cpus=1, backend_config={"init_args": {"log_to_driver": True}})
+    assert overridden["init_args"]["num_cpus"] == 1 and overridden["init_args"]["log_to_driver"] is True
+
+
+@needs_ray
+def test_a_bad_run_fails_before_ray_starts(federation_file, tmp_path):
+    """A missing federation file and an unknown method are refused by name, and no Ray process is started."""
+    before = ray_processes()
+    missing = RunSettings("FedIT", str(tmp_path / "nowhere.pt"), str(tmp_path / "out.json"), 1, 1, 1, 1, 0.1)
+    with pytest.raises(ValueError, match="settings.federation"):
+        simulation.simulate(missing)
+    unknown = RunSettings("No-Such-LoRA", str(federation_file), str(tmp_path / "out.json"), 1, 1, 1, 1, 0.1)
+    with pytest.raises(ValueError, match="No-Such-LoRA"):
+        simulation.simulate(unknown, progress=False)
+    assert ray_processes() == before
+
+
+@needs_ray
+def test_a_run_that_fails_under_way_leaves_nothing_running(federation, federation_file, tmp_path):
+    """Flower's runtime fails after the ServerApp started (every client asks for a GPU that Ray does not have).
+
+    The error reaches the caller; Ray, its processes and the ServerApp's thread are stopped, and no history is
+    written (the ServerApp, stopped, records why next to it).
+    """
+    import ray
+
+    settings = RunSettings.for_federation(federation, "FedIT", federation_file=federation_file,
+                                          output=tmp_path / "history.json", rounds=1, connect_timeout=120)
+    before, environment, threads = ray_processes(), dict(os.environ), set(threading.enumerate())
+    with pytest.raises(RuntimeError) as failure:
+        simulation.simulate(settings, cpus=1, backend_config={"client_resources": {"num_gpus": 1.0}}, progress=False)
+    causes, error = [], failure.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__
+    assert any("ActorPool is empty" in cause for cause in causes), causes
+    assert "SimulationStopped" in error_path(settings.output).read_text(), "the ServerApp thread was not stopped"
+    assert ray_processes() - before == set(), "a Ray process outlived the failed simulation"
+    assert not ray.is_initialized() and dict(os.environ) == environment
+    assert not [t.name for t in set(threading.enumerate()) - threads if t.is_alive()]
+    assert not (tmp_path / "history.json").exists()
