@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.serde import (  # noqa: E402
     context_from_proto,
     context_to_proto,
@@ -51,6 +51,7 @@ from fedlora_edu.flower.apps import (  # noqa: E402
     state_placement,
 )
 from fedlora_edu.registry import METHODS, make_strategy  # noqa: E402
+from fedlora_edu.simulation.federation import Federation  # noqa: E402
 
 ROUNDS = 2
 SEED = 1
@@ -92,10 +93,13 @@ class InProcessGrid(Grid):
     """A Grid whose SuperNodes are entries of a dict: a pushed message is answered at once by the ClientApp.
 
     Node ``100 + k`` holds client k; each keeps its Flower Context, serialised after every message.
+    ``faults`` (client -> a fault of :data:`~fedlora_edu.flower.apps.FAULTS`) is each node's ``fault``
+    setting; a ClientApp that raises is answered with an error reply, as a SuperNode answers.
     """
 
-    def __init__(self, settings: RunSettings, num_clients: int) -> None:
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
+    def __init__(self, settings: RunSettings, num_clients: int, faults: dict[int, str] | None = None) -> None:
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k,
+                                          node_config={"partition-id": k, "fault": (faults or {}).get(k, "")},
                                           state=RecordDict(), run_config=asdict(settings))
                          for k in range(num_clients)}
         self.replies: dict[str, Message] = {}
@@ -119,7 +123,10 @@ class InProcessGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids number them
             node = message.metadata.dst_node_id
-            reply = client_app(wire(message), self.contexts[node])
+            try:
+                reply = client_app(wire(message), self.contexts[node])
+            except Exception as error:  # noqa: BLE001 (what a SuperNode does with a ClientApp that raises)
+                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
             self.contexts[node] = context_from_proto(
                 ProtoContext.FromString(context_to_proto(self.contexts[node]).SerializeToString()))
             self.replies[message.metadata.message_id] = wire(reply)
@@ -215,3 +222,31 @@ def test_every_method_through_flower_messages_equals_the_simulator(federation_fi
     # W' as the method left it (FLoRA's merges, FedEx-LoRA's residual...), after the last round.
     for name, weight in held[-1]["base"].items():
         assert close(weight, base_weight(model, name)), (method, name)
+
+
+def test_a_client_that_crashes_leaves_the_state_the_server_keeps_for_the_others_intact(federation_file, tmp_path):
+    """FLoRA (its client state kept by the server): client 1's ClientApp raises every round.
+
+    The rounds complete with client 0 alone and say who dropped; what the server holds after each
+    round is what the simulator holds with client 0 alone (its state, returned and stored in round
+    1, drives its round-2 start); only client 0's state comes back.
+    """
+    federation, path = federation_file
+    settings = RunSettings.for_federation(
+        federation, "FLoRA", federation_file=path, output=tmp_path / "history.json",
+        aggregates=tmp_path / "aggregates.pt", rounds=ROUNDS, seed=SEED, round_timeout=60, connect_timeout=5)
+    history = serve(InProcessGrid(settings, federation.num_clients, faults={1: "crash"}), federation,
+                    settings.strategy(), settings)
+    held = torch.load(settings.aggregates, weights_only=True)
+    alone = Federation(federation.base_model, federation.clients[:1], federation.test, profile=federation.profile)
+    reference, after, model = simulated(alone, "FLoRA", evaluate_clients=False)
+    for t in range(ROUNDS):
+        row = history.iloc[t]
+        assert list(row["dropped"]) == [1] and "crashes on purpose" in row["dropped"][1], row["dropped"]
+        for name, (a, b) in after[t]["adapters"].items():
+            assert close(held[t]["adapters"][name][0], a) and close(held[t]["adapters"][name][1], b), (t, name)
+        assert math.isclose(row["accuracy"], reference.iloc[t]["accuracy"], rel_tol=1e-5), t
+        assert row["bytes_up"] == reference.iloc[t]["bytes_up"], t
+        assert 0 < row["flower_state_bytes_up"] < row["flower_state_bytes_down"], t  # sent to both, back from one
+    for name, weight in held[-1]["base"].items():
+        assert close(weight, base_weight(model, name)), name

@@ -57,9 +57,10 @@ Where a client's state lives. A method whose clients keep something between roun
   federation's data is sent as a name that each process resolves to its own copy
   (:func:`federation_references`). What this simulates faithfully is each method's arithmetic and
   its own bytes (``bytes_up``, ``bytes_down``, counted as in the simulator), not where the state
-  sits: in a real deployment of these papers the client keeps its state and its own computations
-  (FedDPA's local adapter, pFedLoRA's local model, the layers FedRA gives it) and the server keeps
-  its own, so what crosses only because of this mode is counted apart, in
+  sits: in a real deployment of these papers the client keeps its state (FedDPA's local adapter,
+  pFedLoRA's local model, PerFIT's masks, FLoRA's count of the merges it has applied), and where a
+  paper has the server decide part of it (the layers FedRA assigns, FedMoE's sub-mixture) the server
+  sends only that decision. What crosses only because of this mode is counted apart, in
   ``flower_state_bytes_down`` and ``flower_state_bytes_up`` (arrays and layout; also part of
   ``flower_bytes_*``, which count every array Flower carried). What a client's hooks write into the
   strategy object itself stays on the client (DP-FedAvg's ``update_norms``: the server's list stays
