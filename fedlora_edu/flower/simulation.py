@@ -199,7 +199,9 @@ def simulate(settings: RunSettings, num_supernodes: int | None = None, *, cpus: 
     for stale in (settings.output, error_path(settings.output), settings.aggregates):
         if stale and Path(stale).is_file():
             Path(stale).unlink()
-    work = Path(tempfile.mkdtemp(prefix="fedlora-sim-"))
+    # Short, under /tmp where there is one: Ray's socket paths inside must stay under the OS's limit (about 107
+    # characters), which a long TMPDIR (macOS's) would break.
+    work = Path(tempfile.mkdtemp(prefix="fedlora-sim-", dir="/tmp" if os.path.isdir("/tmp") else None))
     token = uuid.uuid4().hex
     saved_environment = dict(os.environ)
     saved_identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
