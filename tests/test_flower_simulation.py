@@ -13,6 +13,8 @@ its simulation engine needs), is not installed: both come with ``pip install fed
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -31,23 +33,39 @@ needs_ray = pytest.mark.skipif(not simulation.ray_available(),
 ROUNDS = 2
 METHODS = ("FedIT", "FedEx-LoRA", "FedSA-LoRA")
 EVALUATE_CLIENTS = {"FedSA-LoRA"}
-RAY_NAMES = (b"ray::", b"raylet", b"gcs_server", b"ray/_private", b"ray/dashboard", b"ray/autoscaler")
 
 
-def ray_processes() -> set[int]:
-    """This machine's live (not zombie) processes that are Ray's: its workers, raylet, GCS and helpers."""
+def started_here() -> set[int]:
+    """The live (not zombie) processes, other than this one, started while this test runs (by it or its children).
+
+    Every process inherits pytest's ``PYTEST_CURRENT_TEST`` (this test's id, the only one running in this
+    process), which Ray's processes and workers keep: another test's processes, of another pytest worker
+    running at the same time, do not count.
+    """
+    mark = f"PYTEST_CURRENT_TEST={os.environ['PYTEST_CURRENT_TEST']}".encode()
     found = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or another user's
             continue
-        if state != "Z" and any(name in command for name in RAY_NAMES):
+        if state != "Z" and mark in environment:
             found.add(int(entry.name))
     return found
+
+
+def test_started_here_sees_a_child_process():
+    """The check the runs rely on finds a process this test started, and not once it has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert child.pid in started_here()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in started_here()
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +83,9 @@ def test_the_simulation_engine_equals_the_simulator_round_by_round(federation, f
         federation, method, federation_file=federation_file, output=directory / f"{method}.json",
         aggregates=directory / f"{method}.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120,
         evaluate_clients=method in EVALUATE_CLIENTS)
-    before, environment = ray_processes(), dict(os.environ)
+    environment = dict(os.environ)
     history = simulation.simulate(settings, progress=False)
-    assert ray_processes() - before == set(), "a Ray process outlived the simulation"
+    assert started_here() == set(), "a process of the simulation outlived it"
     assert not ray.is_initialized() and dict(os.environ) == environment
     print(f"{method} on Flower's simulation engine: round seconds {history['round_seconds'].round(2).tolist()}")
     aggregates = read_aggregates(settings.aggregates)
@@ -110,14 +128,13 @@ def test_the_default_backend_is_cpu_only_and_fits_the_machine():
 @needs_ray
 def test_a_bad_run_fails_before_ray_starts(federation_file, tmp_path):
     """A missing federation file and an unknown method are refused by name, and no Ray process is started."""
-    before = ray_processes()
     missing = RunSettings("FedIT", str(tmp_path / "nowhere.pt"), str(tmp_path / "out.json"), 1, 1, 1, 1, 0.1)
     with pytest.raises(ValueError, match="settings.federation"):
         simulation.simulate(missing)
     unknown = RunSettings("No-Such-LoRA", str(federation_file), str(tmp_path / "out.json"), 1, 1, 1, 1, 0.1)
     with pytest.raises(ValueError, match="No-Such-LoRA"):
         simulation.simulate(unknown, progress=False)
-    assert ray_processes() == before
+    assert started_here() == set()
 
 
 @needs_ray
@@ -131,7 +148,7 @@ def test_a_run_that_fails_under_way_leaves_nothing_running(federation, federatio
 
     settings = RunSettings.for_federation(federation, "FedIT", federation_file=federation_file,
                                           output=tmp_path / "history.json", rounds=1, connect_timeout=120)
-    before, environment, threads = ray_processes(), dict(os.environ), set(threading.enumerate())
+    environment, threads = dict(os.environ), set(threading.enumerate())
     with pytest.raises(RuntimeError) as failure:
         simulation.simulate(settings, cpus=1, backend_config={"client_resources": {"num_gpus": 1.0}}, progress=False)
     causes, error = [], failure.value
@@ -140,7 +157,7 @@ def test_a_run_that_fails_under_way_leaves_nothing_running(federation, federatio
         error = error.__cause__
     assert any("ActorPool is empty" in cause for cause in causes), causes
     assert "SimulationStopped" in error_path(settings.output).read_text(), "the ServerApp thread was not stopped"
-    assert ray_processes() - before == set(), "a Ray process outlived the failed simulation"
+    assert started_here() == set(), "a process of the failed simulation outlived it"
     assert not ray.is_initialized() and dict(os.environ) == environment
     assert not [t.name for t in set(threading.enumerate()) - threads if t.is_alive()]
     assert not (tmp_path / "history.json").exists()
