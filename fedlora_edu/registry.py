@@ -39,7 +39,7 @@ from fedlora_edu.efficiency.layers import FedFMSL, FedPiLot, FedRA, FibecFed
 from fedlora_edu.efficiency.offsite import FedBiOT
 from fedlora_edu.efficiency.privacy import DPFedAvg
 from fedlora_edu.efficiency.sparse import FLASC, HAFL, FSLoRA
-from fedlora_edu.efficiency.split import SplitFederatedLoRA, SplitLoRA
+from fedlora_edu.efficiency.split import SplitFederatedLoRA, SplitLoRA, SplitMethod
 from fedlora_edu.heterogeneity.clustering import FLTAC
 from fedlora_edu.heterogeneity.experts import FedLEASE, FedMoE
 from fedlora_edu.heterogeneity.hypernetwork import HyperFloRA
@@ -89,6 +89,15 @@ def make_strategy(name: str, **kwargs: object) -> Strategy:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](**kwargs)  # type: ignore[arg-type]
+
+
+def own_loop(strategy: Strategy) -> str | None:
+    """The function a method runs in when ``Federation.run`` cannot play its round, None when it can.
+
+    Split learning exchanges activations and gradients every local step, so it runs in
+    :func:`fedlora_edu.efficiency.split.run_split`; every other registered method runs in the simulator's round.
+    """
+    return "fedlora_edu.efficiency.split.run_split" if isinstance(strategy, SplitMethod) else None
 
 
 def methods_in(module: ModuleType | str) -> dict[str, type[Strategy]]:

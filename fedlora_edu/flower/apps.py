@@ -121,7 +121,6 @@ from fedlora_edu.core.strategy import (
     Upload,
     all_finite,
 )
-from fedlora_edu.efficiency.split import SplitMethod
 from fedlora_edu.flower.records import (
     decode_value,
     encode_value,
@@ -131,7 +130,7 @@ from fedlora_edu.flower.records import (
     tensors_to_record,
 )
 from fedlora_edu.foundations.training import evaluate
-from fedlora_edu.registry import make_strategy
+from fedlora_edu.registry import make_strategy, own_loop
 from fedlora_edu.simulation.federation import (
     HISTORY_COLUMNS,
     Federation,
@@ -270,10 +269,11 @@ def state_placement(strategy: Strategy) -> str:
 
 def check_supported(strategy: Strategy) -> None:
     """Refuse a strategy this adapter cannot run (see the module docstring), naming it and why."""
-    if isinstance(strategy, SplitMethod):
+    loop = own_loop(strategy)
+    if loop is not None:
         raise ValueError(
             f"strategy {strategy.name} is split learning: it runs in its own loop, "
-            f"fedlora_edu.efficiency.split.run_split (the simulator's Federation.run refuses it too), where "
+            f"{loop} (the simulator's Federation.run refuses it too), where "
             f"activations and gradients cross the cut every local step; this adapter plays Federation.run's "
             f"round, whose history is not run_split's, so it refuses the method rather than run it wrongly")
 
