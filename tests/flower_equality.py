@@ -1,8 +1,8 @@
 """A Flower run's history and aggregates against the simulator's, round by round (for the Flower engines' tests).
 
-The same checks as ``tests/test_flower_deployment.py``'s equality test: every round's global adapter,
-head and changed frozen weight W' within float tolerance, the same accuracy, losses, bytes and
-diagnostics, and no client dropped.
+The checks the deployment and simulation-engine tests share: every round's global adapter, head and
+changed frozen weight W' within float tolerance, the same accuracy, losses, bytes and diagnostics,
+and no client dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def simulated(federation, method: str, rounds: int, evaluate_clients: bool = Fal
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b.to(a), rtol=1e-5, atol=1e-6)
+    """Same shape and equal within float tolerance (a tensor that crossed Flower against the simulator's)."""
+    return a.shape == b.shape and torch.allclose(a, b.to(a), rtol=1e-5, atol=1e-6)
 
 
 def assert_equals_simulator(history, aggregates, federation, method: str, rounds: int,

@@ -27,6 +27,7 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
 
+from flower_equality import close  # noqa: E402
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.serde import (  # noqa: E402
     context_from_proto,
@@ -171,10 +172,6 @@ def simulated(federation, method, evaluate_clients):
     history = federation.run(strategy, rounds=ROUNDS, seed=SEED, engine="sequential", progress=False,
                              evaluate_clients=evaluate_clients)
     return history, after, federation.last_model
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b.to(a), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ACCEPTED)
