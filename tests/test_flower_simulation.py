@@ -16,9 +16,12 @@ when Flower, or Ray (which its simulation engine needs), is not installed: both 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,7 @@ from flower_equality import assert_equals_simulator  # noqa: E402
 
 from fedlora_edu.flower import simulation  # noqa: E402
 from fedlora_edu.flower.apps import RunSettings, error_path, read_aggregates, save_federation  # noqa: E402
+from fedlora_edu.flower.localhost import MARKER, kill_marked, marked_processes  # noqa: E402
 
 needs_ray = pytest.mark.skipif(not simulation.ray_available(),
                                reason="Flower's simulation engine needs Ray: pip install fedlora-edu[flower]")
@@ -68,6 +72,35 @@ def test_started_here_sees_a_child_process():
         child.kill()
         child.wait()
     assert child.pid not in started_here()
+
+
+RESPAWNER = """
+import subprocess, sys, time
+while True:  # starts a new child every 20 ms, as a raylet starts workers, until it is killed
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.02)
+"""
+
+
+def test_kill_marked_ends_a_process_that_keeps_starting_others_and_spares_the_unmarked():
+    """Every process carrying the token dies, children started while the first ones were killed too; others live."""
+    token = uuid.uuid4().hex
+    marked = subprocess.Popen([sys.executable, "-c", RESPAWNER], env={**os.environ, MARKER: token})
+    unmarked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(marked_processes(token)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(marked_processes(token)) >= 4, "the respawner did not start its children"
+        assert kill_marked(token) == []
+        assert marked_processes(token) == [] and marked.wait(timeout=5) == -signal.SIGKILL
+        assert unmarked.poll() is None, "a process without the token was killed"
+    finally:
+        for process in (marked, unmarked):
+            process.kill()
+            process.wait()
+        for pid in marked_processes(token):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

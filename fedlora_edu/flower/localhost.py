@@ -88,6 +88,38 @@ def marked_processes(token: str) -> list[int]:
     return found
 
 
+def kill_marked(token: str, patience: float = 20.0) -> list[int]:
+    """SIGKILL every process carrying ``token`` until none is left or ``patience`` s pass; those still found.
+
+    The processes are looked up again and killed again every 0.1 s: a process one of them started
+    just before it died (a Ray worker its raylet was forking, say) carries the token too and would
+    outlive a single pass; and on a loaded machine a killed process can take seconds to leave.
+    """
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        left = marked_processes(token)
+        if not left:  # none now, and none a moment later (one could have been starting)
+            time.sleep(0.2)
+            if not (left := marked_processes(token)):
+                return []
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return marked_processes(token)
+
+
+def describe_process(pid: int) -> str:
+    """``pid``, its state, parent and command line as /proc shows them (for an error message)."""
+    try:
+        status = dict(line.split(":\t", 1) for line in (Path("/proc") / str(pid) / "status").read_text().splitlines()
+                      if ":\t" in line)
+        command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    state, parent = status.get("State", "?").strip(), status.get("PPid", "?").strip()
+    return f"{pid} (state {state}, parent {parent}: {command[:160]})"
+
+
 class LocalDeployment:
     """A SuperLink and ``num_clients`` SuperNodes on localhost, in ``directory``; a context manager.
 
@@ -256,8 +288,7 @@ class LocalDeployment:
         while time.monotonic() < deadline and (marked_processes(self.token)
                                               or any(p.poll() is None for p in self.processes.values())):
             time.sleep(0.1)
-        for pid in marked_processes(self.token):
-            _signal(pid, signal.SIGKILL)
+        kill_marked(self.token)
         for process in self.processes.values():
             if process.poll() is None:
                 _signal(process.pid, signal.SIGKILL)

@@ -31,9 +31,10 @@ Resources. Every virtual SuperNode runs on the CPU (``num_gpus=0``): Ray starts 
 Clean-up. Ray is started for the run only (``address="local"``: a new local instance, never an
 existing cluster), before Flower starts the ``ServerApp``'s thread (a start that misses Ray's
 deadline on a loaded machine is tried once more), and shut down afterwards, whatever happens.
-Every process it started carries an environment variable with a token of the run (as a
-deployment's processes do, :data:`~fedlora_edu.flower.localhost.MARKER`), and those still alive
-after ``ray.shutdown()`` are ended (SIGTERM, then SIGKILL). If Flower's runtime fails while the
+Every process Ray starts carries an environment variable with a token of the run (as a
+deployment's processes do, :data:`~fedlora_edu.flower.localhost.MARKER`; the calling process holds
+it only while ``ray.init`` runs), and those still alive after ``ray.shutdown()`` are ended (SIGTERM,
+then SIGKILL until none is left). If Flower's runtime fails while the
 ``ServerApp`` thread runs, that thread is stopped too (it would otherwise wait out its timeouts and
 could write a history later). Ray's session files and the Flower App live in a temporary directory
 removed at the end, and the calling process's environment is restored.
@@ -80,7 +81,7 @@ from fedlora_edu.flower.apps import (
     server_app,
     write_app,
 )
-from fedlora_edu.flower.localhost import MARKER, marked_processes
+from fedlora_edu.flower.localhost import MARKER, describe_process, kill_marked, marked_processes
 
 INSTALL_LINE = "pip install fedlora-edu[flower]"
 
@@ -221,6 +222,10 @@ def simulate(settings: RunSettings, num_supernodes: int | None = None, *, cpus: 
         # Ray starts here, before Flower starts the ServerApp's thread: Flower would start it only after that
         # thread, which it cannot stop if Ray then fails. Flower's backend finds it running and uses it.
         _start_ray(ray, config["init_args"], token)
+        # From here on only Ray's processes (and the workers its raylet starts, from the raylet's environment)
+        # carry the token: a short-lived process this process starts later (a library calling a command-line
+        # tool) would otherwise be taken for one of the simulation's and killed, or counted as left behind.
+        del os.environ[MARKER]
         run_config = get_fused_config_from_dir(app, {})
         run = Run.create_empty(run_id=int.from_bytes(os.urandom(7), "big"))
         run.primary_task_id = int.from_bytes(os.urandom(7), "big")
@@ -258,7 +263,8 @@ def simulate(settings: RunSettings, num_supernodes: int | None = None, *, cpus: 
         os.environ.update(saved_environment)
         shutil.rmtree(work, ignore_errors=True)
         if left and sys.exc_info()[0] is None:
-            raise RuntimeError(f"processes of the simulation still running after SIGKILL: {left}")
+            raise RuntimeError("processes of the simulation still running after SIGKILL: "
+                               + "; ".join(describe_process(pid) for pid in left))
 
 
 class SimulationStopped(Exception):
@@ -313,12 +319,7 @@ def _end_processes(token: str, grace: float = 5.0) -> list[int]:
     deadline = time.monotonic() + grace
     while marked_processes(token) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in marked_processes(token):
-        _signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while marked_processes(token) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return marked_processes(token)
+    return kill_marked(token)
 
 
 def _signal(pid: int, sig: int) -> None:
