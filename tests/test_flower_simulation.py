@@ -99,8 +99,7 @@ def test_kill_marked_ends_a_process_that_keeps_starting_others_and_spares_the_un
         for process in (marked, unmarked):
             process.kill()
             process.wait()
-        for pid in marked_processes(token):
-            os.kill(pid, signal.SIGKILL)
+        kill_marked(token)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,19 @@ def kill_marked(token: str, patience: float = 20.0) -> list[int]:
     return marked_processes(token)
 
 
+def end_marked(token: str, grace: float = 5.0) -> list[int]:
+    """End the processes that carry ``token``: SIGTERM, up to ``grace`` s to leave, then :func:`kill_marked`.
+
+    Returns those still found afterwards.
+    """
+    for pid in marked_processes(token):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while marked_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return kill_marked(token)
+
+
 def describe_process(pid: int) -> str:
     """``pid``, its state, parent and command line as /proc shows them (for an error message)."""
     try:

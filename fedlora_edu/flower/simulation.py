@@ -48,11 +48,9 @@ import ctypes
 import importlib.util
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
-import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -81,7 +79,7 @@ from fedlora_edu.flower.apps import (
     server_app,
     write_app,
 )
-from fedlora_edu.flower.localhost import MARKER, describe_process, kill_marked, marked_processes
+from fedlora_edu.flower.localhost import MARKER, describe_process, end_marked
 
 INSTALL_LINE = "pip install fedlora-edu[flower]"
 
@@ -257,7 +255,7 @@ def simulate(settings: RunSettings, num_supernodes: int | None = None, *, cpus: 
                 _interrupt(thread)
         if ray.is_initialized():
             ray.shutdown()
-        left = _end_processes(token)
+        left = end_marked(token)
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved_identity
         os.environ.clear()
         os.environ.update(saved_environment)
@@ -298,7 +296,7 @@ def _start_ray(ray: Any, init_args: dict[str, Any], token: str, attempts: int = 
         except Exception as error:
             if ray.is_initialized():
                 ray.shutdown()
-            _end_processes(token)
+            end_marked(token)
             if attempt == attempts:
                 raise RuntimeError(f"Ray did not start ({attempts} tries): {error}") from error
 
@@ -310,21 +308,3 @@ def _show_progress(metrics: _CountingMetrics, total: int, method: str, stop: thr
                 bar.update(metrics.handled - bar.n)
         if metrics.handled > bar.n:
             bar.update(metrics.handled - bar.n)
-
-
-def _end_processes(token: str, grace: float = 5.0) -> list[int]:
-    """End the processes that carry ``token`` (SIGTERM, then SIGKILL after ``grace`` s); those still left."""
-    for pid in marked_processes(token):
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while marked_processes(token) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return kill_marked(token)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
