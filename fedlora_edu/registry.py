@@ -96,6 +96,7 @@ def own_loop(strategy: Strategy) -> str | None:
 
     Split learning exchanges activations and gradients every local step, so it runs in
     :func:`fedlora_edu.efficiency.split.run_split`; every other registered method runs in the simulator's round.
+    On Flower the same split loop runs as messages (:func:`fedlora_edu.flower.split.serve_split`).
     """
     return "fedlora_edu.efficiency.split.run_split" if isinstance(strategy, SplitMethod) else None
 

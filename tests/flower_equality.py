@@ -54,3 +54,30 @@ def assert_equals_simulator(history, aggregates, federation, method: str, rounds
         assert (row["clients"], row["excluded"], row["dropped"]) == (expected["clients"], 0, {}), (method, t)
         assert row["engine"] == "flower", (method, t)
         assert row["flower_bytes_down"] >= row["bytes_down"] and row["flower_bytes_up"] >= row["bytes_up"]
+
+
+SPLIT_COUNTS = ("bytes_up", "bytes_down", "cut_bytes_up", "cut_bytes_down", "adapter_bytes_up", "adapter_bytes_down",
+                "cut_examples", "clients")
+"""What a split run on Flower must count exactly as run_split does."""
+
+
+def assert_equals_run_split(history, aggregates, federation, method: str, rounds: int, seed: int,
+                            options: dict | None = None) -> None:
+    """Fail, naming the method, round and quantity, where a split run on Flower differs from ``run_split``."""
+    from fedlora_edu.efficiency.split import run_split
+
+    assert len(history) == rounds and len(aggregates) == rounds, (method, len(history), len(aggregates))
+    for t in range(rounds):
+        reference = run_split(federation, make_strategy(method, **(options or {})), rounds=t + 1, seed=seed)
+        server = run_split.last_server
+        row, expected, held = history.iloc[t], reference.iloc[t], aggregates[t]
+        for name, (a, b) in server.adapters.items():
+            assert close(held["adapters"][name][0], a) and close(held["adapters"][name][1], b), (method, t, name)
+        for key, value in server.head.items():
+            assert close(held["head"][key], value), (method, t, key)
+        assert row["accuracy"] == expected["accuracy"], (method, t)
+        assert math.isclose(row["test_loss"], expected["test_loss"], rel_tol=1e-5), (method, t)
+        assert math.isclose(row["train_loss"], expected["train_loss"], rel_tol=1e-5), (method, t)
+        for column in SPLIT_COUNTS:
+            assert row[column] == expected[column], (method, t, column)
+        assert row["engine"] == "flower" and row["dropped"] == {}, (method, t)

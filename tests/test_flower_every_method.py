@@ -1,4 +1,4 @@
-"""Every method the Flower adapter accepts, through Flower's messages in one process, equals the simulator.
+"""Every method of the simulator's round, through Flower's messages in one process, equals the simulator.
 
 No SuperLink and no SuperNode processes (tests/test_flower_deployment.py starts them, for a few
 methods): an in-process :class:`~flwr.serverapp.Grid` hands each message of the ServerApp's
@@ -18,9 +18,6 @@ Flower (the ``flower`` extra) is not installed.
 from __future__ import annotations
 
 import math
-import uuid
-from collections.abc import Iterable
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -28,30 +25,18 @@ import torch
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
 
 from flower_equality import close  # noqa: E402
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.common.serde import (  # noqa: E402
-    context_from_proto,
-    context_to_proto,
-    message_from_proto,
-    message_to_proto,
-)
-from flwr.proto.message_pb2 import Context as ProtoContext  # noqa: E402
-from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from helpers import TINY, tiny_federation  # noqa: E402
 
 from fedlora_edu.core.adapters import base_weight  # noqa: E402
 from fedlora_edu.core.strategy import Strategy  # noqa: E402
 from fedlora_edu.flower.apps import (  # noqa: E402
     RunSettings,
-    check_supported,
-    client_app,
     save_federation,
     serve,
     state_placement,
 )
-from fedlora_edu.registry import METHODS, make_strategy  # noqa: E402
+from fedlora_edu.flower.inprocess import InProcessGrid, flower_identity  # noqa: E402
+from fedlora_edu.registry import METHODS, make_strategy, own_loop  # noqa: E402
 from fedlora_edu.simulation.federation import Federation  # noqa: E402
 
 ROUNDS = 2
@@ -68,15 +53,8 @@ PROFILE = TINY.with_overrides(num_clients=2, clients_per_round=2, local_steps=1,
 What is tested is the adapter, not learning; CI runs this file for every method."""
 
 
-def accepted(name: str) -> bool:
-    try:
-        check_supported(make_strategy(name))
-    except ValueError:
-        return False
-    return True
-
-
-ACCEPTED = [name for name in METHODS if accepted(name)]
+ACCEPTED = [name for name in METHODS if own_loop(make_strategy(name)) is None]
+"""Every method that plays the simulator's round (split learning's are tests/test_flower_split.py's)."""
 
 
 def personalised(name: str) -> bool:
@@ -85,68 +63,10 @@ def personalised(name: str) -> bool:
     return strategy.personal_model is not Strategy.personal_model or strategy.serving is not Strategy.serving
 
 
-def wire(message: Message) -> Message:
-    """``message`` as the other side receives it: serialised to Flower's protobuf bytes and parsed back."""
-    return message_from_proto(ProtoMessage.FromString(message_to_proto(message).SerializeToString()))
-
-
-class InProcessGrid(Grid):
-    """A Grid whose SuperNodes are entries of a dict: a pushed message is answered at once by the ClientApp.
-
-    Node ``100 + k`` holds client k; each keeps its Flower Context, serialised after every message.
-    ``faults`` (client -> a fault of :data:`~fedlora_edu.flower.apps.FAULTS`) is each node's ``fault``
-    setting; a ClientApp that raises is answered with an error reply, as a SuperNode answers.
-    """
-
-    def __init__(self, settings: RunSettings, num_clients: int, faults: dict[int, str] | None = None) -> None:
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k,
-                                          node_config={"partition-id": k, "fault": (faults or {}).get(k, "")},
-                                          state=RecordDict(), run_config=asdict(settings))
-                         for k in range(num_clients)}
-        self.replies: dict[str, Message] = {}
-        self.delivered = 0
-
-    def set_run(self, run_id: int) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids number them
-            node = message.metadata.dst_node_id
-            try:
-                reply = client_app(wire(message), self.contexts[node])
-            except Exception as error:  # noqa: BLE001 (what a SuperNode does with a ClientApp that raises)
-                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            self.contexts[node] = context_from_proto(
-                ProtoContext.FromString(context_to_proto(self.contexts[node]).SerializeToString()))
-            self.replies[message.metadata.message_id] = wire(reply)
-            self.delivered += 1
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
-
-
 @pytest.fixture(autouse=True)
-def identity(monkeypatch):
-    """The run and task a Flower process knows itself by (set by Flower's runtimes; a Message reads them)."""
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+def identity():
+    with flower_identity():
+        yield
 
 
 @pytest.fixture(scope="module")

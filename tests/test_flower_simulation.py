@@ -28,7 +28,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
 
-from flower_equality import assert_equals_simulator  # noqa: E402
+from flower_equality import assert_equals_run_split, assert_equals_simulator  # noqa: E402
 
 from fedlora_edu.flower import simulation  # noqa: E402
 from fedlora_edu.flower.apps import RunSettings, error_path, read_aggregates, save_federation  # noqa: E402
@@ -125,6 +125,20 @@ def test_the_simulation_engine_equals_the_simulator_round_by_round(federation, f
     if method == "FedSA-LoRA":  # B is personal: the server's stays the initial one (zero)
         assert all(not b.any() for held in aggregates for _, b in held["adapters"].values())
     assert_equals_simulator(history, aggregates, federation, method, ROUNDS)
+
+
+@needs_ray
+def test_split_learning_on_the_simulation_engine_equals_run_split(federation, federation_file):
+    """SplitLoRA across Ray's worker processes: its clients keep their side in the Context between messages."""
+    directory = federation_file.parent
+    settings = RunSettings.for_federation(
+        federation, "SplitLoRA", federation_file=federation_file, output=directory / "SplitLoRA.json",
+        aggregates=directory / "SplitLoRA.pt", rounds=ROUNDS, seed=0, round_timeout=300, connect_timeout=120)
+    history = simulation.simulate(settings, progress=False)
+    assert started_here() == set(), "a process of the simulation outlived it"
+    print(f"SplitLoRA on Flower's simulation engine: {history['messages'].tolist()} messages, round seconds "
+          f"{history['round_seconds'].round(2).tolist()}")
+    assert_equals_run_split(history, read_aggregates(settings.aggregates), federation, "SplitLoRA", ROUNDS, seed=0)
 
 
 def test_without_ray_simulate_names_the_install_line(monkeypatch, tmp_path):

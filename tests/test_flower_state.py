@@ -3,8 +3,9 @@
 In-process and quick (no deployment): the round trip of a client state through a Flower RecordDict
 (what ``Context.state`` is) and of any value a strategy keeps through
 :func:`~fedlora_edu.flower.records.encode_value`, and :func:`check_supported`'s and
-:func:`state_placement`'s answer for every registered method. That every accepted method's history
-equals the simulator's through Flower's messages is tests/test_flower_every_method.py; that a
+:func:`state_placement`'s answer for every registered method. That every method's history equals
+the simulator's through Flower's messages is tests/test_flower_every_method.py (split learning's,
+run_split's: tests/test_flower_split.py); that a
 deployment keeps the state between rounds, tests/test_flower_deployment.py. Skipped only when
 Flower (the ``flower`` extra) is not installed.
 """
@@ -142,18 +143,18 @@ def test_a_value_that_cannot_cross_is_named_where_it_sits():
     assert load_client_state(Holding(), stored).count == 1  # a failed save leaves the stored state as it was
 
 
-def test_every_method_is_accepted_but_split_learning_which_names_run_split():
+def test_every_method_is_accepted_and_split_learning_refuses_only_client_evaluation():
     refused = []
     for name in METHODS:
         strategy = make_strategy(name)
-        placement = state_placement(strategy)
-        if name in ("SplitFedLoRA", "SplitLoRA"):
-            with pytest.raises(ValueError, match="run_split") as error:
-                check_supported(strategy)
-            assert str(error.value).startswith(f"strategy {name} "), error.value
+        check_supported(strategy)
+        try:
+            check_supported(strategy, evaluate_clients=True)
+        except ValueError as error:
+            assert str(error).startswith(f"strategy {name} is split learning"), error
             refused.append(name)
             continue
-        check_supported(strategy)
+        placement = state_placement(strategy)
         assert placement == ("none" if not keeps_client_state(strategy)
                              else "supernode" if name in CLIENT_STATE_METHODS else "server"), (name, placement)
     assert refused == ["SplitFedLoRA", "SplitLoRA"]

@@ -63,6 +63,12 @@ def notebook_problems(notebook: dict) -> list[str]:
         problems.append("metadata.language_info is missing or not python")
     if "widgets" in metadata:
         problems.append("metadata.widgets holds saved widget state (an output)")
+    # nbformat 4.5 gives every cell an id (nbformat warns without one today and will refuse later)
+    ids = [cell.get("id") for cell in notebook.get("cells", [])]
+    if (notebook.get("nbformat"), notebook.get("nbformat_minor", 0)) >= (4, 5):
+        problems += [f"cell {index} has no id" for index, cell_id in enumerate(ids) if not cell_id]
+        problems += [f"cell id {cell_id!r} is used twice" for cell_id in sorted({i for i in ids if i})
+                     if ids.count(cell_id) > 1]
     for index, cell in enumerate(notebook.get("cells", [])):
         if cell.get("cell_type") == "markdown":
             source = "".join(cell.get("source", ""))
@@ -112,8 +118,8 @@ def page_path(name: str) -> Path | None:
 
 CLEAN_NOTEBOOK = {
     "cells": [
-        {"cell_type": "markdown", "metadata": {}, "source": "# A chapter"},
-        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+        {"cell_type": "markdown", "id": "title", "metadata": {}, "source": "# A chapter"},
+        {"cell_type": "code", "execution_count": None, "id": "first", "metadata": {}, "outputs": [],
          "source": "x = 1"},
     ],
     "metadata": {
@@ -144,6 +150,17 @@ def test_checker_flags_outputs_counts_and_missing_metadata() -> None:
     ]
     dirty["metadata"].pop("kernelspec")
     assert any("kernelspec" in problem for problem in notebook_problems(dirty))
+
+
+def test_checker_flags_cells_without_an_id_or_with_the_same_id() -> None:
+    unnamed = json.loads(json.dumps(CLEAN_NOTEBOOK))
+    del unnamed["cells"][1]["id"]
+    assert notebook_problems(unnamed) == ["cell 1 has no id"]
+    unnamed["cells"][1]["id"] = "title"
+    assert notebook_problems(unnamed) == ["cell id 'title' is used twice"]
+    unnamed["nbformat_minor"] = 4  # before nbformat 4.5 cells had no ids
+    del unnamed["cells"][1]["id"]
+    assert notebook_problems(unnamed) == []
 
 
 def test_checker_flags_placeholders_in_prose() -> None:

@@ -47,7 +47,9 @@ shares everything else with the simulator: the federation's data (the testbed, c
 included), the model (``federation.fresh_model``, the same LoRA start), the clients' batches and
 sampling (the same seeds), AdamW (:func:`~fedlora_edu.foundations.training.adamw`), the Strategy's
 ``aggregate`` and :class:`~fedlora_edu.core.strategy.ServerState`, and
-:func:`~fedlora_edu.foundations.training.evaluate`; its history has the simulator's columns.
+:func:`~fedlora_edu.foundations.training.evaluate`; its history has the simulator's columns. On Flower the
+same loop runs with the client's half of every step in its ClientApp, two messages a step
+(:mod:`fedlora_edu.flower.split`, equal to :func:`run_split` to float tolerance, tested).
 
 What a split client pays in compute and memory is counted by :func:`split_client_costs`, the package's cost
 accounting (:mod:`fedlora_edu.efficiency.costs`, the same :class:`~fedlora_edu.efficiency.costs.ClientCost`) on

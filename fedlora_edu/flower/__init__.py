@@ -13,6 +13,12 @@ tensors (as Flower arrays) and the round's settings.
   one client's step (:func:`~fedlora_edu.flower.apps.client_step`), the ``ServerApp`` and
   ``ClientApp`` objects ``flwr run`` loads, and :func:`~fedlora_edu.flower.apps.write_app`, which
   writes the Flower App directory for a run;
+- :mod:`~fedlora_edu.flower.split`: split learning's own loop as messages, two per local step (the
+  cut's activations up, their gradient down; :func:`~fedlora_edu.flower.split.serve_split`, which
+  the ``ServerApp`` calls for a split method, and the ClientApp's ``train.split_*`` actions);
+- :mod:`~fedlora_edu.flower.inprocess`: a Grid whose SuperNodes live in the calling process, every
+  message serialised to Flower's wire format (:func:`~fedlora_edu.flower.inprocess.run_in_process`:
+  a run in seconds, for the tests and the chapter);
 - :mod:`~fedlora_edu.flower.localhost`: Flower's deployment engine on one machine (a SuperLink and
   one SuperNode per client, each a separate process, the run submitted with ``flwr run``), stopped
   whatever happens.

@@ -69,11 +69,14 @@ Where a client's state lives. A method whose clients keep something between roun
 Any value a state holds crosses as named tensors and a JSON layout
 (:func:`~fedlora_edu.flower.records.encode_value`: tensors bit for bit, containers, the package's
 dataclasses and modules, functions by name); a value it cannot carry raises a TypeError naming where
-it sits. :func:`check_supported` refuses only the split-learning methods (SplitFedLoRA, SplitLoRA),
-which run in their own loop (:func:`~fedlora_edu.efficiency.split.run_split`), not in the round this
-adapter plays. ``tests/test_flower_every_method.py`` checks every accepted method equal to the
-simulator through Flower's messages in one process; ``tests/test_flower_deployment.py`` a few across
-real processes.
+it sits. The split-learning methods (SplitFedLoRA, SplitLoRA) run in their own loop
+(:func:`~fedlora_edu.efficiency.split.run_split`), not in the round :func:`serve` plays: the
+ServerApp runs them with :func:`fedlora_edu.flower.split.serve_split`, which sends every local
+step's activations and gradients as messages (the ClientApp's ``train.split_*`` actions,
+:data:`SPLIT_ACTIONS`); :func:`check_supported` refuses them only with ``evaluate_clients``.
+``tests/test_flower_every_method.py`` checks every method equal to the simulator (or to
+``run_split``) through Flower's messages in one process; ``tests/test_flower_deployment.py`` a few
+across real processes.
 
 Evaluation: the server scores the global model on the test set, as the simulator does. With
 ``evaluate_clients`` every client also scores the model it is served (the strategy's
@@ -267,15 +270,15 @@ def state_placement(strategy: Strategy) -> str:
     return "supernode"
 
 
-def check_supported(strategy: Strategy) -> None:
-    """Refuse a strategy this adapter cannot run (see the module docstring), naming it and why."""
+def check_supported(strategy: Strategy, evaluate_clients: bool = False) -> None:
+    """Refuse what the ServerApp cannot run, naming the method and why: every registered method runs, but a
+    split-learning one (:func:`~fedlora_edu.registry.own_loop`) has no client evaluation."""
     loop = own_loop(strategy)
-    if loop is not None:
+    if loop is not None and evaluate_clients:
         raise ValueError(
-            f"strategy {strategy.name} is split learning: it runs in its own loop, "
-            f"{loop} (the simulator's Federation.run refuses it too), where "
-            f"activations and gradients cross the cut every local step; this adapter plays Federation.run's "
-            f"round, whose history is not run_split's, so it refuses the method rather than run it wrongly")
+            f"strategy {strategy.name} is split learning: on Flower it plays {loop}'s steps as messages "
+            f"(fedlora_edu.flower.split.serve_split), which, like run_split, has no client evaluation; "
+            f"run it with evaluate_clients=False")
 
 
 # ----- a client's state, kept in its Flower context ---------------------------------------------------
@@ -443,9 +446,12 @@ def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunS
 
     The same steps, in the same order, as :meth:`Federation.run` with ``engine="sequential"``,
     except that local training happens on the SuperNodes (:func:`client_step`). With the same
-    federation and seed the history is the simulator's to float tolerance.
+    federation and seed the history is the simulator's to float tolerance. A split-learning method
+    runs in :func:`fedlora_edu.flower.split.serve_split` instead (the ServerApp picks it).
     """
-    check_supported(strategy)
+    if own_loop(strategy) is not None:
+        raise ValueError(f"strategy {strategy.name} is split learning: serve plays Federation.run's round, "
+                         f"fedlora_edu.flower.split.serve_split plays {own_loop(strategy)}'s steps")
     if settings.evaluate_clients and federation.client_tests is None:
         raise ValueError("evaluate_clients needs a federation built with client_tests")
     num_clients = federation.num_clients
@@ -682,7 +688,8 @@ def read_history(path: str | Path) -> pd.DataFrame:
     rows = json.loads(Path(path).read_text())["history"]
     for row in rows:
         row["dropped"] = {int(k): reason for k, reason in row["dropped"].items()}
-    return pd.DataFrame(rows, columns=FLOWER_COLUMNS)
+    # A split run's rows have their own columns (fedlora_edu.flower.split.SPLIT_FLOWER_COLUMNS), in order.
+    return pd.DataFrame(rows, columns=list(rows[0]) if rows else FLOWER_COLUMNS)
 
 
 def error_path(output: str | Path) -> Path:
@@ -699,7 +706,14 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     try:
-        history = serve(grid, load_federation(settings.federation), settings.strategy(), settings)
+        strategy = settings.strategy()
+        check_supported(strategy, settings.evaluate_clients)
+        if own_loop(strategy) is not None:
+            from fedlora_edu.flower.split import serve_split  # it imports this module
+
+            history = serve_split(grid, load_federation(settings.federation), strategy, settings)
+        else:
+            history = serve(grid, load_federation(settings.federation), strategy, settings)
         write_json(settings.output, {"history": history.to_dict(orient="records")})
     except BaseException:
         error_path(settings.output).write_text(traceback.format_exc())
@@ -886,6 +900,28 @@ def _client_evaluate(message: Message, context: Context) -> Message:
     content = client_evaluation(federation, strategy, message.content, int(context.node_config["partition-id"]),
                                 settings, client_state=client_state)
     return Message(content, reply_to=message)
+
+
+def _split_step(action: str):
+    """The ClientApp's function for a split-learning ``train.<action>`` message (:mod:`fedlora_edu.flower.split`)."""
+
+    def handle(message: Message, context: Context) -> Message:
+        from fedlora_edu.flower.split import CLIENT_HANDLERS  # it imports this module
+
+        settings = RunSettings.from_run_config(dict(context.run_config))
+        content = CLIENT_HANDLERS[action](load_federation(settings.federation), settings.strategy(), message.content,
+                                          int(context.node_config["partition-id"]), settings, context.state)
+        return Message(content, reply_to=message)
+
+    handle.__name__ = f"_client_{action}"
+    return handle
+
+
+SPLIT_ACTIONS = ("split_forward", "split_head", "split_backward", "split_upload")
+"""The ``train.<action>`` messages of a split-learning run (:mod:`fedlora_edu.flower.split`)."""
+
+for _action in SPLIT_ACTIONS:
+    client_app.train(_action)(_split_step(_action))
 
 
 # ----- the Flower App directory -----------------------------------------------------------------------

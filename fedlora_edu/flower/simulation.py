@@ -80,6 +80,8 @@ from fedlora_edu.flower.apps import (
     write_app,
 )
 from fedlora_edu.flower.localhost import MARKER, describe_process, end_marked
+from fedlora_edu.flower.split import split_messages
+from fedlora_edu.registry import own_loop
 
 INSTALL_LINE = "pip install fedlora-edu[flower]"
 
@@ -149,8 +151,12 @@ def expected_messages(settings: RunSettings, num_supernodes: int, num_clients: i
     """How many messages the ServerApp sends the ClientApps in a healthy run (for the progress bar).
 
     One query per SuperNode (which client it holds), one train message per sampled client and
-    round, and, with ``evaluate_clients``, one evaluate message per client and round.
+    round, and, with ``evaluate_clients``, one evaluate message per client and round; for a
+    split-learning method, its step messages (:func:`~fedlora_edu.flower.split.split_messages`).
     """
+    strategy = settings.strategy()
+    if own_loop(strategy) is not None:
+        return num_supernodes + split_messages(strategy, settings, num_clients)
     per_round = min(settings.clients_per_round, num_clients)
     if settings.evaluate_clients:
         per_round += num_clients
@@ -192,7 +198,7 @@ def simulate(settings: RunSettings, num_supernodes: int | None = None, *, cpus: 
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process; simulate starts and stops its own local Ray "
                            "instance: call ray.shutdown() first")
-    check_supported(settings.strategy())  # an unknown or unsupported method fails here, before Ray starts
+    check_supported(settings.strategy(), settings.evaluate_clients)  # a method it cannot run fails before Ray starts
 
     # What an earlier run left at the run's paths goes first: a history read afterwards is this run's.
     for stale in (settings.output, error_path(settings.output), settings.aggregates):
