@@ -9,6 +9,8 @@ runs the package's local training and the strategy's ``client_upload``; Flower o
 tensors (as Flower arrays) and the round's settings.
 
 - :mod:`~fedlora_edu.flower.records`: tensors and payloads as Flower records, and back;
+- :mod:`~fedlora_edu.flower.messaging`: what every run shares, its settings (``RunSettings``), its
+  federation file, and the server's exchange of messages with the SuperNodes;
 - :mod:`~fedlora_edu.flower.apps`: the round on the server (:func:`~fedlora_edu.flower.apps.serve`),
   one client's step (:func:`~fedlora_edu.flower.apps.client_step`), the ``ServerApp`` and
   ``ClientApp`` objects ``flwr run`` loads, and :func:`~fedlora_edu.flower.apps.write_app`, which

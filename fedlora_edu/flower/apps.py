@@ -87,7 +87,7 @@ client state the client assembles its personal model itself, from the server's g
 state, as it does its start.
 
 A limit: every process loads the whole simulated federation from one file
-(:func:`save_federation`), where a real SuperNode would load only its own data.
+(:func:`~fedlora_edu.flower.messaging.save_federation`), where a real SuperNode would load only its own data.
 
 Taught in ``book/flower/real_federation.ipynb`` (the simulator's round: ``book/part1/federated_learning.ipynb``).
 """
@@ -100,7 +100,7 @@ import os
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,14 @@ from fedlora_edu.core.strategy import (
     Upload,
     all_finite,
 )
+from fedlora_edu.flower.messaging import (  # the run's settings and federation file, re-exported here
+    RunSettings,
+    array_bytes,
+    discover_clients,
+    exchange,
+    load_federation,
+    save_federation,  # noqa: F401
+)
 from fedlora_edu.flower.records import (
     decode_value,
     encode_value,
@@ -132,8 +140,9 @@ from fedlora_edu.flower.records import (
     tensors_to_factors,
     tensors_to_record,
 )
+from fedlora_edu.flower.split import CLIENT_HANDLERS, serve_split
 from fedlora_edu.foundations.training import evaluate
-from fedlora_edu.registry import make_strategy, own_loop
+from fedlora_edu.registry import own_loop
 from fedlora_edu.simulation.federation import (
     HISTORY_COLUMNS,
     Federation,
@@ -151,89 +160,6 @@ server sends and gets back only because it keeps that state for the client (modu
 FAULTS = ("", "nan", "crash", "silent")
 """Faults a SuperNode can be told to play (its node config ``fault``), for the failure tests and the chapter:
 ``"nan"`` uploads NaN, ``"crash"`` raises inside the ClientApp, ``"silent"`` never answers."""
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything a Flower run needs to know, carried in its run config (the same on server and clients).
-
-    ``federation`` is the file :func:`save_federation` wrote; ``output`` the file the server writes
-    the history to (:func:`read_history`); ``method_options`` the JSON of ``make_strategy``'s
-    keyword arguments. ``round_timeout`` (seconds) is how long the server waits for a round's
-    replies before it goes on without the missing clients; ``connect_timeout`` how long it waits
-    for the SuperNodes to connect. ``aggregates``, if set, is a file where the server saves what it
-    held after each round (global adapter, head, changed W'; :func:`read_aggregates`), for a
-    round-by-round comparison. ``evaluate_clients`` has every client score its served model on its
-    own held-out data after each round (``client_accuracy``, as ``Federation.run(evaluate_clients=True)``).
-    """
-
-    method: str
-    federation: str
-    output: str
-    rounds: int
-    clients_per_round: int
-    local_steps: int
-    batch_size: int
-    learning_rate: float
-    seed: int = 0
-    method_options: str = "{}"
-    evaluate: bool = True
-    round_timeout: float = 120.0
-    connect_timeout: float = 120.0
-    aggregates: str = ""
-    evaluate_clients: bool = False
-
-    @classmethod
-    def for_federation(cls, federation: Federation, method: str, *, federation_file: str | Path,
-                       output: str | Path, rounds: int | None = None, clients_per_round: int | None = None,
-                       local_steps: int | None = None, batch_size: int | None = None,
-                       learning_rate: float | None = None, seed: int = 0, method_options: dict | None = None,
-                       evaluate: bool = True, round_timeout: float = 120.0,
-                       connect_timeout: float = 120.0, aggregates: str | Path = "",
-                       evaluate_clients: bool = False) -> RunSettings:
-        """Settings with unset values taken from the federation's profile, as :meth:`Federation.run` takes them.
-
-        Paths are made absolute: Flower's processes run in other folders.
-        """
-        p = federation.profile
-        return cls(
-            method=method, federation=str(Path(federation_file).resolve()), output=str(Path(output).resolve()),
-            rounds=p.rounds if rounds is None else rounds,
-            clients_per_round=min(p.clients_per_round, federation.num_clients) if clients_per_round is None
-            else clients_per_round,
-            local_steps=p.local_steps if local_steps is None else local_steps,
-            batch_size=p.batch_size if batch_size is None else batch_size,
-            learning_rate=float(p.learning_rate if learning_rate is None else learning_rate),
-            seed=seed, method_options=json.dumps(method_options or {}), evaluate=evaluate,
-            round_timeout=float(round_timeout), connect_timeout=float(connect_timeout),
-            aggregates=str(Path(aggregates).resolve()) if aggregates else "",
-            evaluate_clients=bool(evaluate_clients),
-        )
-
-    @classmethod
-    def from_run_config(cls, config: dict) -> RunSettings:
-        """The settings of a Flower run config (``Context.run_config``); unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in config.items() if key in names})
-
-    def strategy(self) -> Strategy:
-        """The registered method these settings name, built with their options."""
-        return make_strategy(self.method, **json.loads(self.method_options))
-
-
-def save_federation(federation: Federation, path: str | Path) -> Path:
-    """Write ``federation`` (model, clients' data, test set) to one file every Flower process loads."""
-    path = Path(path)
-    torch.save(federation, path)
-    return path
-
-
-def load_federation(path: str | Path) -> Federation:
-    """The federation :func:`save_federation` wrote (a file of this run, so unpickling it is trusted).
-
-    Memory-mapped: a ClientApp process, started afresh for every message, reads only what it uses.
-    """
-    return torch.load(path, weights_only=False, mmap=True)
 
 
 CLIENT_STATE_METHODS = ("FedSA-LoRA", "LoRA-A2", "FLASC", "FSLoRA", "HAFL", "Quantized", "Top-k", "DP-FedAvg")
@@ -346,45 +272,6 @@ def state_bytes(record: ArrayRecord, layout: str) -> int:
 # ----- server -----------------------------------------------------------------------------------------
 
 
-def exchange(grid: Grid, messages: dict[int, Message], timeout: float, poll: float = 0.5) -> dict[int, Message]:
-    """Send ``messages`` (by a key of the caller's: a client id) and return the replies that came within ``timeout``.
-
-    A reply is matched to its message by ``reply_to_message_id``, not by its sender: an error reply
-    the SuperLink writes for a node it lost comes from the SuperLink itself.
-    """
-    keys = list(messages)
-    ids = list(grid.push_messages([messages[key] for key in keys]))
-    key_of = {message_id: key for message_id, key in zip(ids, keys, strict=True)}
-    pending, replies = set(key_of), {}
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            answered = reply.metadata.reply_to_message_id
-            if answered in pending:
-                replies[key_of[answered]] = reply
-                pending.discard(answered)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll)
-    return replies
-
-
-def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """Client id -> Flower node id: wait for the SuperNodes, then ask each which client it holds.
-
-    A SuperNode says its client in its node config (``partition-id``); a node that does not reply
-    within ``timeout`` is left out (its client then drops out of every round it is sampled in).
-    """
-    deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < num_clients and time.monotonic() < deadline:
-        time.sleep(0.5)
-        node_ids = list(grid.get_node_ids())
-    questions = {node: Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids}
-    replies = exchange(grid, questions, timeout=max(1.0, deadline - time.monotonic()))
-    return {int(reply.content["node"]["partition_id"]): node for node, reply in replies.items() if reply.has_content()}
-
-
 def train_message_content(start: ClientStart, base_weights: dict[str, Tensor], client_id: int,
                           round_index: int, server: ServerState | None = None,
                           carried: dict[str, tuple[ArrayRecord, str]] | None = None) -> RecordDict:
@@ -434,11 +321,6 @@ def strategy_attributes(strategy: Strategy) -> dict[str, Any]:
     state the server keeps sends them with each start, so the client's strategy is the server's.
     """
     return dict(vars(strategy))
-
-
-def array_bytes(content: RecordDict) -> int:
-    """The bytes of every array in a message's content (what Flower serialises of the tensors)."""
-    return sum(record.count_bytes() for record in content.array_records.values())
 
 
 def serve(grid: Grid, federation: Federation, strategy: Strategy, settings: RunSettings) -> pd.DataFrame:
@@ -709,8 +591,6 @@ def _server_main(grid: Grid, context: Context) -> None:
         strategy = settings.strategy()
         check_supported(strategy, settings.evaluate_clients)
         if own_loop(strategy) is not None:
-            from fedlora_edu.flower.split import serve_split  # it imports this module
-
             history = serve_split(grid, load_federation(settings.federation), strategy, settings)
         else:
             history = serve(grid, load_federation(settings.federation), strategy, settings)
@@ -906,8 +786,6 @@ def _split_step(action: str):
     """The ClientApp's function for a split-learning ``train.<action>`` message (:mod:`fedlora_edu.flower.split`)."""
 
     def handle(message: Message, context: Context) -> Message:
-        from fedlora_edu.flower.split import CLIENT_HANDLERS  # it imports this module
-
         settings = RunSettings.from_run_config(dict(context.run_config))
         content = CLIENT_HANDLERS[action](load_federation(settings.federation), settings.strategy(), message.content,
                                           int(context.node_config["partition-id"]), settings, context.state)
@@ -917,7 +795,7 @@ def _split_step(action: str):
     return handle
 
 
-SPLIT_ACTIONS = ("split_forward", "split_head", "split_backward", "split_upload")
+SPLIT_ACTIONS = tuple(CLIENT_HANDLERS)
 """The ``train.<action>`` messages of a split-learning run (:mod:`fedlora_edu.flower.split`)."""
 
 for _action in SPLIT_ACTIONS:

@@ -17,7 +17,7 @@ between processes, so the history equals the simulator's as the deployment's doe
 :func:`simulate` does what Flower's own ``flwr-simulation`` process does once a SuperLink has
 handed it a run (``flwr.simulation.app.run_simulation_process``): it calls Flower's
 ``_run_simulation`` with the Flower App's directory, whose run config carries the
-:class:`~fedlora_edu.flower.apps.RunSettings`. That function is private to Flower (its public
+:class:`~fedlora_edu.flower.messaging.RunSettings`. That function is private to Flower (its public
 ``run_simulation`` cannot pass a run config, which both apps read their settings from), so this
 module is tied to the pinned ``flwr`` version (``constraints.txt``); skipping the SuperLink saves
 starting it and ``flwr run``.

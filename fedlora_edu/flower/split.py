@@ -89,12 +89,7 @@ from fedlora_edu.efficiency.split import (
     run_blocks,
     split_classifier,
 )
-from fedlora_edu.flower.apps import (
-    RunSettings,
-    array_bytes,
-    discover_clients,
-    exchange,
-)
+from fedlora_edu.flower.messaging import RunSettings, array_bytes, discover_clients, exchange
 from fedlora_edu.flower.records import record_to_tensors, tensors_to_record
 from fedlora_edu.foundations.training import BatchSampler, adamw, evaluate, trim_batch
 from fedlora_edu.simulation.federation import Federation
@@ -301,7 +296,8 @@ def client_upload(federation: Federation, strategy: SplitMethod, content: Record
 
 CLIENT_HANDLERS = {"split_forward": client_forward, "split_head": client_head, "split_backward": client_backward,
                    "split_upload": client_upload}
-"""The ClientApp's function for each action of :data:`~fedlora_edu.flower.apps.SPLIT_ACTIONS`."""
+"""The ClientApp's function for each ``train.<action>`` of a split run (:data:`~fedlora_edu.flower.apps.client_app`
+registers them)."""
 
 
 # ----- the server's side ------------------------------------------------------------------------------------------
