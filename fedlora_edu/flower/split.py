@@ -90,7 +90,7 @@ from fedlora_edu.efficiency.split import (
     split_classifier,
 )
 from fedlora_edu.flower.messaging import RunSettings, array_bytes, discover_clients, exchange
-from fedlora_edu.flower.records import record_to_tensors, tensors_to_record
+from fedlora_edu.flower.records import factors_to_tensors, record_to_tensors, tensors_to_record
 from fedlora_edu.foundations.training import BatchSampler, adamw, evaluate, trim_batch
 from fedlora_edu.simulation.federation import Federation
 
@@ -146,10 +146,8 @@ def _rng_record(state: Tensor | None = None) -> ArrayRecord:
     return tensors_to_record({"state": torch.get_rng_state() if state is None else state})
 
 
-def _set_rng(content: RecordDict) -> Tensor:
-    state = record_to_tensors(content["rng"])["state"]
-    torch.set_rng_state(state)
-    return state
+def _set_rng(content: RecordDict) -> None:
+    torch.set_rng_state(record_to_tensors(content["rng"])["state"])
 
 
 # ----- the client's side ------------------------------------------------------------------------------------------
@@ -285,12 +283,9 @@ def client_upload(federation: Federation, strategy: SplitMethod, content: Record
     """``train.split_upload`` (SplitLoRA's average): the client's client-side factors (``<layer>.A``, ``.B``)."""
     side = _ClientSide(federation, strategy, content, client_id, settings, records)
     side.load()
-    layers = adapter_io.lora_layers(side.model)
-    tensors = {}
-    for name in client_layers(side.model, strategy, side.cut):
-        tensors[f"{name}.A"] = layers[name].lora_A[adapter_io.ADAPTER].weight.detach().clone()
-        tensors[f"{name}.B"] = layers[name].lora_B[adapter_io.ADAPTER].weight.detach().clone()
-    return RecordDict({"upload": tensors_to_record(tensors),
+    mine = set(client_layers(side.model, strategy, side.cut))
+    factors = {name: pair for name, pair in adapter_io.get_lora_factors(side.model).items() if name in mine}
+    return RecordDict({"upload": tensors_to_record(factors_to_tensors(factors)),
                        "meta": ConfigRecord({"num_examples": side.num_examples})})
 
 
@@ -370,7 +365,7 @@ class _Stream:
         self.state = torch.get_rng_state()
 
     def record(self) -> ArrayRecord:
-        return tensors_to_record({"state": self.state})
+        return _rng_record(self.state)
 
     def returned(self, reply: RecordDict) -> None:
         self.state = record_to_tensors(reply["rng"])["state"]
@@ -431,8 +426,7 @@ def _head_round(talk: _Round, federation: Federation, strategy: SplitMethod, mod
         losses.append(float(np.mean(client_losses)))
         head = record_to_tensors(reply["upload"])
         talk.adapter_up += head_bytes
-        tensors = {f"{name}.{side}": tensor for name, pair in adapter_io.get_lora_factors(model).items()
-                   for side, tensor in zip("AB", pair, strict=True)}
+        tensors = factors_to_tensors(adapter_io.get_lora_factors(model))
         tensors |= {f"head.{key}": value for key, value in head.items()}
         # The adapter copies never leave the server: only the head is a network upload.
         uploads.append(Upload(k, int(reply["meta"]["num_examples"]), Payload(tensors, nbytes=head_bytes), server.rank))
@@ -451,7 +445,7 @@ def _block_round(talk: _Round, federation: Federation, strategy: SplitMethod, mo
         server_parameters = _lora_parameters(model, server_names) + list(adapter_io.head_parameters(model).values())
         shared["server_optimizer"] = adamw(server_parameters, settings.learning_rate)
     server_optimizer = shared["server_optimizer"]
-    client_factor_bytes = tensor_bytes([t for name in client_names for t in server.adapters[name]])
+    client_factor_bytes = tensor_bytes([tensor for name in client_names for tensor in server.adapters[name]])
     pending = set(sampled)  # clients whose next forward message carries the averaged client-side factors
     talk.adapter_down += client_factor_bytes * len(sampled)
     stream = _Stream(derive_seed(settings.seed, "split dropout", t))
