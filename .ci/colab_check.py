@@ -476,12 +476,11 @@ def run_chapter(chapter: Path, cell_index: int, cell: str, cells: int | None, py
 # --- the check ------------------------------------------------------------------------------
 
 
-def run_unit_tests(python: Path, env: Mapping[str, str]) -> int:
-    cmd = [str(python), "-m", "pytest", "tests", "-n", "2", "-q", "-p", "no:cacheprovider",
-           *(f"--deselect={path}" for path in UNIT_TESTS_LEFT_OUT)]
-    say("$ " + " ".join(cmd))
+def run_unit_tests(python: Path, env: Mapping[str, str], folder: Path) -> int:
+    # the same two runs side by side as the main environment's (tasks.unit_tests); the log is the check's own
+    options = ["-q", "-p", "no:cacheprovider", *(f"--deselect={path}" for path in UNIT_TESTS_LEFT_OUT)]
     started = time.monotonic()
-    code = subprocess.run(cmd, cwd=ROOT, env=dict(env), check=False).returncode
+    code = tasks.unit_tests(env, python, options, waiting_log=folder / "waiting-tests.log")
     say(f"unit tests at the floor: exit code {code} after {time.monotonic() - started:.0f} s")
     return code
 
@@ -574,7 +573,7 @@ def check(chapter: Path, cells: int | None, plant: str | None, unit_tests: bool,
     unit_env = {**os.environ, "FEDLORA_PROFILE": "smoke", **tasks.OFFLINE_ENV, "MPLBACKEND": "Agg",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONNOUSERSITE": "1"}
     unit_env.pop("PYTHONPATH", None)
-    code = run_unit_tests(python, unit_env)
+    code = run_unit_tests(python, unit_env, folder)
     if code != 0:
         problems.append(f"the unit tests fail at the floor (pytest exit code {code}; see above)")
     return problems

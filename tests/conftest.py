@@ -16,6 +16,12 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "waits: the test mostly waits (process starts, timeouts) rather than computes; "
+                   "`python3 tasks.py test` runs these in a pytest run of their own beside the others")
+
+
 @pytest.fixture(scope="module")
 def federation():
     """The tiny profile's federation with IID clients (:func:`helpers.tiny_federation`)."""

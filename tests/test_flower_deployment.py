@@ -23,6 +23,9 @@ import ssl
 import pytest
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
+# The deployment mostly waits (a ClientApp process per message, the SuperNode's 3 s poll): `python3 tasks.py
+# test` runs the tests marked so in a pytest run of their own beside the others (see tasks.py's unit_tests).
+pytestmark = pytest.mark.waits
 
 from flower_equality import assert_equals_simulator  # noqa: E402
 from helpers import tiny_federation  # noqa: E402
