@@ -379,13 +379,14 @@ def unit_tests(env: Mapping[str, str], python: Path | str = PYTHON, options: Seq
                waiting_log: Path = WAITING_LOG) -> int:
     """The unit tests as two pytest runs side by side; return the first non-zero exit code (0 when both pass).
 
-    The tests marked ``waits`` (Flower's localhost deployments, the failure tests, the grading timeout)
+    The tests marked ``waits`` (Flower's localhost deployments and failure test, the grading timeout)
     run in one pytest run of two workers, one file per worker (``--dist loadfile``, so a deployment
     started for a module serves all its tests), while the rest runs in a second run of two workers
-    beside it. Measured on the 2-core EPYC without AVX-512 (2026-12-05): one run of two workers 698 s;
-    the rest alone 311 s and the waiting tests alone 329 s (their deployments start a ClientApp process
-    per message, which imports torch: they wait, but not only); the two side by side 565 s. ``python``
-    and ``options`` let the Colab check run the same split at the floor; the waiting run's output goes
+    beside it. They wait on timeouts and polls, but they also compute: every Flower message starts a
+    ClientApp process that imports torch and the package. Measured on the 2-core EPYC without AVX-512
+    (2026-12-05): one run of two workers 698 s; the rest alone 311 s; the marked tests alone 288 s
+    with 540 s of the machine's CPU busy; the two side by side 565 s (600 s in a CI run). ``python``
+    and ``options`` let the Colab check run the same split at the floor; the marked run's output goes
     to ``waiting_log`` and is printed after the main run's, so the two never interleave.
     """
     pytest = [str(python), "-m", "pytest", "tests", "-n", "2", *options]

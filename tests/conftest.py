@@ -18,7 +18,7 @@ if os.environ.get("CI"):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "waits: the test mostly waits (process starts, timeouts) rather than computes; "
+        "markers", "waits: the test starts processes and waits on them (Flower deployments, timeouts); "
                    "`python3 tasks.py test` runs these in a pytest run of their own beside the others")
 
 

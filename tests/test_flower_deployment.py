@@ -23,8 +23,8 @@ import ssl
 import pytest
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
-# The deployment mostly waits (a ClientApp process per message, the SuperNode's 3 s poll): `python3 tasks.py
-# test` runs the tests marked so in a pytest run of their own beside the others (see tasks.py's unit_tests).
+# The deployment starts a ClientApp process per message and waits on polls: `python3 tasks.py test` runs the
+# tests marked so in a pytest run of their own beside the others (see tasks.py's unit_tests).
 pytestmark = pytest.mark.waits
 
 from flower_equality import assert_equals_simulator  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install fedlora-edu[flower]")
-# Mostly waiting (on the silent client's timeout, on process starts): run beside the others, see tasks.py.
+# Waits on the silent client's timeout and on process starts: run beside the others, see tasks.py.
 pytestmark = pytest.mark.waits
 
 from helpers import TINY, tiny_federation  # noqa: E402
