@@ -398,10 +398,10 @@ def unit_tests(env: Mapping[str, str], python: Path | str = PYTHON, options: Seq
         waiting = subprocess.Popen(waiting_cmd, cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
         try:
             main_code = run([*pytest, "-m", "not waits"], dict(env))
-        except BaseException:
-            # Ctrl-C reached it too (same process group); otherwise ask it to stop as Ctrl-C would, so that its
-            # deployments are stopped by the tests' own clean-up
-            if waiting.poll() is None:
+        except BaseException as error:
+            # A Ctrl-C reached it too (same process group), and a second one would cut its clean-up short; on any
+            # other error ask it to stop as Ctrl-C would, so that the tests' own clean-up stops its deployments
+            if not isinstance(error, KeyboardInterrupt) and waiting.poll() is None:
                 waiting.send_signal(signal.SIGINT)
             try:
                 waiting.wait(timeout=120)
